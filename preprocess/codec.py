@@ -1,0 +1,29 @@
+"""Decoding of shard members back into arrays (the inverse of ``variants.MEMBER_ENCODERS``)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    # allow_pickle=False: an .npy member must never be able to run code
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_image(members: dict[str, bytes]) -> np.ndarray:
+    """A sample's image as float32 HWC on the [0, 1] scale, whichever encoding stored it."""
+    if "png" in members:
+        return decode_png(members["png"]).astype(np.float32) / 255.0
+    if "npy" in members:
+        return decode_npy(members["npy"]).astype(np.float32)
+    if "u.npy" in members:
+        u, s, v = (decode_npy(members[k]).astype(np.float32) for k in ("u.npy", "s.npy", "v.npy"))
+        return np.einsum("chk,ck,cwk->hwc", u, s, v)
+    raise KeyError(f"sample has no image member (found {sorted(members)})")

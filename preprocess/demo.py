@@ -1,0 +1,43 @@
+"""``rankshard-preprocess demo``: the whole materialization job on embedded, offline data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .cifar import ARCHIVE, write_cifar10_archive
+from .errors import RankshardError
+from .preview import write_previews
+from .verify import print_report, verify_tree
+from .synth import labelled_images
+
+
+def build_demo_archive(folder: Path, per_class: int = 100, test_per_class: int = 20, seed: int = 0) -> Path:
+    """A CIFAR-10-python-format archive of synthetic natural-looking images (deterministic)."""
+    train = labelled_images(per_class, seed=seed)
+    test = labelled_images(test_per_class, seed=seed + 1)
+    return write_cifar10_archive(folder / ARCHIVE, train, test)
+
+
+def run_demo(out: Path, per_class: int = 100, workers: int = 1) -> None:
+    """Build the archive, run the real ``cifar10`` command on it, verify, preview, say where things are."""
+    from .cli import main
+
+    out = Path(out)
+    archive = build_demo_archive(out / "source", per_class)
+    click.echo(f"demo source: {archive} ({per_class * 10} train + 200 test images, synthetic, not the real "
+               "CIFAR-10, so --no-verify-md5)")
+    shards = out / "shards"
+    args = ["cifar10", "--source", str(archive), "--out", str(shards), "--no-verify-md5", "--ranks", "5,10,20",
+            "--high", "2,5", "--factors", "8", "--shard-size", "250", "--workers", str(workers)]
+    click.echo(f"\n$ rankshard-preprocess {' '.join(args)}")
+    main.main(args, standalone_mode=False)
+    click.echo(f"\n$ rankshard-preprocess verify {shards}")
+    report = verify_tree(shards)
+    print_report(report)
+    if not report.ok:
+        raise RankshardError("the demo's own shards failed verification; please report this as a bug")
+    click.echo(f"\n$ rankshard-preprocess preview {shards}")
+    for path in write_previews(shards):
+        click.echo(f"wrote {path}")
+    click.echo(f"\nDone. Shards: {shards}/cifar10/<split>/<variant>/ ; previews: {shards}/cifar10/*/preview*.png")

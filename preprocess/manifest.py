@@ -1,0 +1,79 @@
+"""``manifest.json`` per variant folder, assembled from the per-shard records once all shards exist."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RankshardError
+from .spec import FORMAT, Layout
+from .variants import Variant
+
+VERSION = "0.1.0"
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RankshardError(f"{path}: unreadable ({exc}); delete it and rerun the command that made it") from exc
+
+
+def _shard_record(layout: Layout, variant: Variant, index: int, digest: str) -> dict:
+    path = layout.record_path(variant, index)
+    shard = layout.shard_path(variant, index)
+    if not shard.exists():
+        raise RankshardError(f"{shard}: missing; rerun the same command to write it")
+    if path.exists():
+        record = read_json(path)
+        if record.get("config_hash") == digest and record["bytes"] == shard.stat().st_size:
+            return record
+    raise RankshardError(f"{shard}: no matching record in {path.parent}; rerun the same command to rewrite it")
+
+
+def _aggregate(records: list[dict], num_classes: int, n: int) -> dict:
+    counts = np.sum([r["stats"]["class_counts"] for r in records], axis=0)
+    energy = np.sum([r["stats"]["energy_sum"] for r in records], axis=0) / max(n, 1)
+    return {
+        "class_counts": [int(c) for c in counts] if len(counts) else [0] * num_classes,
+        "energy_mean": [round(float(e), 6) for e in np.atleast_1d(energy)],
+        "clip_fraction_mean": sum(r["stats"]["clip_fraction_sum"] for r in records) / max(n, 1),
+        "leak_mean": sum(r["stats"]["leak_sum"] for r in records) / max(n, 1),
+        "leak_max": max((r["stats"]["leak_max"] for r in records), default=0.0),
+    }
+
+
+def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int, source, cfg: dict, digest: str,
+                       svd: dict, stats: dict, num_samples: int, image_size: tuple[int, int],
+                       errors: list | None = None) -> dict[str, dict]:
+    """Write ``manifest.json`` into every variant folder (idempotent; any process may call it)."""
+    manifests = {}
+    for v in variants:
+        records = [_shard_record(layout, v, i, digest) for i in range(num_shards)]
+        agg = _aggregate(records, len(source.classes), num_samples)
+        if sum(r["num_samples"] for r in records) != num_samples:
+            raise RankshardError(f"{layout.variant_dir(v)}: shard sample counts do not add up to {num_samples}")
+        manifest = {
+            "format": FORMAT, "dataset": layout.dataset, "split": layout.split, "variant": v.name,
+            "mode": v.mode, "rank": v.rank, "encoding": v.encoding,
+            "png_compress_level": cfg["png_level"] if v.encoding == "png" else None,
+            "image_size": list(image_size), "num_samples": num_samples, "classes": list(source.classes),
+            "class_counts": agg.pop("class_counts"),
+            "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in records],
+            "source": dict(source.info), "config": cfg, "config_hash": digest, "svd": svd,
+            "quantization": agg, "errors": list(errors or []), "stats": stats, "version": VERSION,
+            "host": {"python": platform.python_version(), "machine": platform.machine()},
+        }
+        write_json(layout.variant_dir(v) / "manifest.json", manifest)
+        manifests[v.name] = manifest
+    return manifests

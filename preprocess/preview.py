@@ -1,0 +1,101 @@
+"""``rankshard-preprocess preview``: the same images across every variant (the paper's Figure 3)
+and the mean retained energy vs rank computed from the stored spectra."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .codec import decode_image, decode_npy
+from .errors import RankshardError
+from .manifest import read_json
+from .shards import read_shard
+
+
+def _first_samples(folder: Path, count: int) -> list[tuple[str, dict]]:
+    manifest = read_json(folder / "manifest.json")
+    return read_shard(folder / manifest["shards"][0]["name"])[:count]
+
+
+def _split_dirs(root: Path) -> list[Path]:
+    return sorted({p.parent.parent for p in root.rglob("manifest.json")})
+
+
+def _displayable(folder: Path, members: dict) -> np.ndarray:
+    img = decode_image(members)
+    if folder.name.startswith("high-"):
+        # high-rank images are small and centred on zero: mid-grey plus contrast stretched to max |value|
+        return 0.5 + 0.5 * img / max(float(np.abs(img).max()), 1e-6)
+    return np.clip(img, 0, 1)
+
+
+def variant_grid(split_dir: Path, count: int, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folders = [f for f in sorted(split_dir.iterdir()) if (f / "manifest.json").exists() and
+               f.name != "spectra"]
+    order = {"full": 0, "rank": 1, "high": 2, "factors": 3}
+    folders.sort(key=lambda f: (order.get(f.name.split("-")[0], 4), f.name))
+    fig, axes = plt.subplots(count, len(folders), figsize=(1.3 * len(folders), 1.3 * count + 0.4), squeeze=False)
+    for col, folder in enumerate(folders):
+        for row, (key, members) in enumerate(_first_samples(folder, count)):
+            ax = axes[row, col]
+            ax.imshow(_displayable(folder, members), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(folder.name, fontsize=8)
+            if col == 0:
+                ax.set_ylabel(key, fontsize=6)
+    fig.suptitle(f"{split_dir.parent.name}/{split_dir.name}: same images per variant (high rank: grey = 0, stretched to max |value|)",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def energy_plot(split_dir: Path, out: Path) -> Path | None:
+    """Mean share of squared singular values kept by rank k, per channel, from the spectra variant."""
+    folder = split_dir / "spectra"
+    if not (folder / "manifest.json").exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spectra = np.stack([decode_npy(m["s.npy"]).astype(np.float64) for _, m in _first_samples(folder, 512)])
+    energy = np.cumsum(spectra**2, axis=-1) / np.maximum((spectra**2).sum(-1, keepdims=True), 1e-300)
+    mean = energy.mean(axis=0)  # [C, n]
+    ranks = np.arange(1, mean.shape[-1] + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for c, colour in zip(range(mean.shape[0]), ("tab:red", "tab:green", "tab:blue")):
+        ax.plot(ranks, mean[c], color=colour, label=f"channel {c}")
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("mean energy retained")
+    ax.set_title(f"{split_dir.parent.name}/{split_dir.name}: {len(spectra)} images", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_previews(root: str | Path, count: int = 6, out: Path | None = None) -> list[Path]:
+    """Grid and energy plot per split below ``root``; returns the files written."""
+    root = Path(root)
+    splits = _split_dirs(root) or ([root.parent] if (root / "manifest.json").exists() else [])
+    if not splits:
+        raise RankshardError(f"{root}: no materialized variants (manifest.json) below it")
+    written = []
+    for split_dir in splits:
+        base = out if (out and len(splits) == 1) else split_dir / "preview.png"
+        written.append(variant_grid(split_dir, count, base))
+        energy = energy_plot(split_dir, base.with_name(base.stem + "-energy.png"))
+        if energy:
+            written.append(energy)
+    return written

@@ -1,0 +1,62 @@
+"""A dependency-free progress bar with rate and ETA, quiet enough for log files."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """``Progress(total, "train")``; ``update(n)`` as work completes; ``close()`` prints the final line.
+
+    On a terminal the bar redraws in place; in a log file it prints a line every ``log_every`` seconds.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "img", stream=None, log_every: float = 10.0,
+                 enabled: bool = True):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = 0.2 if self.tty else log_every
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._draw(now)
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        frac = self.done / self.total if self.total else 1.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        return (f"{self.desc} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
+                f"{rate:,.0f} {self.unit}/s elapsed {_fmt(elapsed)} eta {_fmt(eta)}")
+
+    def _draw(self, now: float) -> None:
+        if not self.enabled:
+            return
+        end = "\r" if self.tty else "\n"
+        self.stream.write(self._line(now) + end)
+        self.stream.flush()
+
+    def close(self) -> float:
+        """Print the final line and return the elapsed seconds."""
+        now = time.perf_counter()
+        if self.enabled:
+            self.stream.write(self._line(now) + "\n")
+            self.stream.flush()
+        return now - self.start
+
+
+def _fmt(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"

@@ -1,0 +1,86 @@
+"""The variants of a materialization and how each one encodes a sample into tar members."""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .pngenc import encode_png_batch
+
+ENCODINGS = ("png", "npy")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One output folder: ``full``, ``rank-005``, ``high-002``, ``factors-020`` or ``spectra``."""
+
+    mode: str            # "full" | "low" | "high" | "factors" | "spectra"
+    rank: int | None     # k for low/high/factors; None for full/spectra
+    encoding: str        # "png" | "npy" | "factors" | "spectra"
+
+    @property
+    def name(self) -> str:
+        prefix = {"low": "rank", "high": "high", "factors": "factors"}
+        if self.mode in prefix:
+            return f"{prefix[self.mode]}-{self.rank:03d}"
+        return self.mode
+
+
+def variants_for(ranks, high, factors, spectra, encoding) -> list[Variant]:
+    """All variants of one materialization, in a fixed order. High rank can be negative, so it is npy."""
+    out = [Variant("full", None, encoding)]
+    out += [Variant("low", k, encoding) for k in sorted(set(ranks))]
+    out += [Variant("high", k, "npy") for k in sorted(set(high))]
+    if factors:
+        out.append(Variant("factors", int(factors), "factors"))
+    if spectra:
+        out.append(Variant("spectra", None, "spectra"))
+    return out
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``np.save`` output in memory (its header is deterministic for a given dtype and shape)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _image_members(payload: dict, level: int) -> list[dict[str, bytes]]:
+    images = payload["image"]
+    if images.dtype == np.uint8:
+        return [{"png": png} for png in encode_png_batch(images, level)]
+    return [{"npy": npy_bytes(img)} for img in images]
+
+
+def _factors_members(payload: dict, level: int) -> list[dict[str, bytes]]:
+    return [{"u.npy": npy_bytes(u), "s.npy": npy_bytes(s), "v.npy": npy_bytes(v)}
+            for u, s, v in zip(payload["u"], payload["s"], payload["v"])]
+
+
+def _spectra_members(payload: dict, level: int) -> list[dict[str, bytes]]:
+    return [{"s.npy": npy_bytes(s)} for s in payload["s"]]
+
+
+# How a variant's payload arrays become the data members of each sample, for a whole shard at once.
+MEMBER_ENCODERS: dict[str, Callable[[dict, int], list[dict[str, bytes]]]] = {
+    "png": _image_members, "npy": _image_members, "factors": _factors_members, "spectra": _spectra_members,
+}
+
+
+def shard_samples(variant: Variant, payload: dict, meta: dict, png_level: int):
+    """``(key, members)`` for every sample of one shard of one variant: data members, ``cls`` and ``json``."""
+    data = MEMBER_ENCODERS[variant.encoding](payload, png_level)
+    for i, members in enumerate(data):
+        members["cls"] = str(int(meta["label"][i])).encode()
+        record = {
+            "index": int(meta["index"][i]), "source": meta["source"][i], "label": int(meta["label"][i]),
+            "class_name": meta["class_name"][i], "rank": variant.rank, "mode": variant.mode,
+            "height": int(meta["height"]), "width": int(meta["width"]),
+            "energy": [round(float(e), 6) for e in payload["energy"][i]],
+            "clip_fraction": round(float(payload["clip_fraction"][i]), 6),
+        }
+        members["json"] = json.dumps(record, sort_keys=True).encode()
+        yield meta["key"][i], members

@@ -1,0 +1,141 @@
+"""``rankshard-preprocess verify``: check shards against their manifests and ranks against float64 SVD."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .codec import decode_image, decode_npy
+from .engine import reference_low_rank
+from .errors import RankshardError
+from .manifest import read_json
+from .shards import read_shard, sha256_file
+
+# Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
+TOLERANCE = {"png": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
+
+
+@dataclass
+class VariantCheck:
+    folder: Path
+    samples: int = 0
+    shards: int = 0
+    max_error: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyReport:
+    checks: list[VariantCheck]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and not any(c.problems for c in self.checks)
+
+
+def _check_shards(folder: Path, manifest: dict, check: VariantCheck) -> dict[str, dict[str, bytes]]:
+    """Hash, parse and decode every shard; returns the first samples for the reference check."""
+    listed = {s["name"] for s in manifest["shards"]}
+    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
+        check.problems.append(f"{folder / extra}: shard not in the manifest")
+    head: dict[str, dict[str, bytes]] = {}
+    expected_index = None
+    for shard in manifest["shards"]:
+        path = folder / shard["name"]
+        if not path.exists():
+            check.problems.append(f"{path}: missing; rerun the preprocess command to rewrite it")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            check.problems.append(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); "
+                                  "rerun the preprocess command after deleting this file")
+            continue
+        samples = read_shard(path)
+        check.shards += 1
+        if len(samples) != shard["num_samples"]:
+            check.problems.append(f"{path}: {len(samples)} samples, manifest says {shard['num_samples']}")
+        for key, members in samples:
+            expected_index = _check_sample(path, key, members, expected_index, check)
+            if len(head) < 64:
+                head[key] = members
+        check.samples += len(samples)
+    if check.samples != manifest["num_samples"]:
+        check.problems.append(f"{folder}: {check.samples} samples in shards, manifest says {manifest['num_samples']}")
+    return head
+
+
+def _check_sample(path: Path, key: str, members: dict, previous: int | None, check: VariantCheck) -> int:
+    try:
+        record = json.loads(members["json"])
+        int(members["cls"])
+        if "s.npy" in members and "u.npy" not in members:
+            decode_npy(members["s.npy"])
+        else:
+            decode_image(members)
+    except Exception as exc:  # any decode failure is a finding, not a crash
+        check.problems.append(f"{path}: sample {key} does not decode ({type(exc).__name__}: {exc})")
+        return previous or 0
+    if record["index"] != int(key) or (previous is not None and int(key) <= previous):
+        check.problems.append(f"{path}: sample {key} out of order or mislabelled (index {record['index']})")
+    return int(key)
+
+
+def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: VariantCheck) -> None:
+    """Recompute low/high rank (or spectra) from the full variant with float64 numpy and compare."""
+    mode, k = manifest["mode"], manifest["rank"]
+    errors = []
+    for key in list(head)[:count]:
+        if key not in full:
+            continue
+        x = decode_image(full[key]).transpose(2, 0, 1)[None].astype(np.float64)
+        if mode == "spectra":
+            s_ref = np.linalg.svd(x[0], compute_uv=False)
+            s = decode_npy(head[key]["s.npy"]).astype(np.float64)
+            errors.append(float(np.max(np.abs(s - s_ref)) / max(s_ref.max(), 1e-12)))
+            continue
+        ref = reference_low_rank(x, k)[0]
+        if mode == "high":
+            ref = x[0] - ref
+        elif manifest["encoding"] == "png":
+            ref = np.clip(ref, 0, 1)
+        stored = decode_image(head[key]).transpose(2, 0, 1)
+        errors.append(float(np.max(np.abs(stored - ref))))
+    if not errors:
+        return
+    check.max_error = max(errors)
+    # spectra are compared relative to s1; a float16 full variant itself carries ~5e-4 of rounding
+    spectra_tol = 1e-4 if manifest["config"]["encoding"] == "png" else 2e-3
+    tol = spectra_tol if mode == "spectra" else TOLERANCE[manifest["encoding"]]
+    if check.max_error > tol:
+        check.problems.append(f"{check.folder}: max error {check.max_error:.2e} against the float64 "
+                              f"reference exceeds {tol:.1e}")
+
+
+def verify_tree(root: str | Path, reference_samples: int = 16) -> VerifyReport:
+    """Verify every variant folder (one holding ``manifest.json``) below ``root``."""
+    folders = sorted(p.parent for p in Path(root).rglob("manifest.json"))
+    if not folders:
+        raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
+    checks, heads, manifests = [], {}, {}
+    for folder in folders:
+        check = VariantCheck(folder)
+        manifests[folder] = read_json(folder / "manifest.json")
+        heads[folder] = _check_shards(folder, manifests[folder], check)
+        checks.append(check)
+    for check in checks:
+        manifest = manifests[check.folder]
+        full = heads.get(check.folder.parent / "full")
+        if manifest["mode"] in ("low", "high", "spectra", "factors") and full and reference_samples:
+            _reference_check(manifest, heads[check.folder], full, reference_samples, check)
+    return VerifyReport(checks)
+
+
+def print_report(report: VerifyReport) -> None:
+    for c in report.checks:
+        status = "ok" if not c.problems else "FAILED"
+        err = f"max err {c.max_error:.1e}" if c.max_error is not None else ""
+        print(f"{status:6} {c.folder}  {c.shards} shards  {c.samples} samples  {err}")
+        for p in c.problems:
+            print(f"       - {p}")
+    print("all variants verified" if report.ok else "verification FAILED")

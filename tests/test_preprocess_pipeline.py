@@ -1,0 +1,211 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from preprocess.cli import main
+from preprocess.engine import reference_low_rank
+from preprocess.errors import ConfigMismatchError, LockedError
+from preprocess.locking import exclusive_lock
+from preprocess.pipeline import ArraySource, materialize_split
+from preprocess.spec import ShardSpec
+from preprocess.synth import labelled_images
+from preprocess.verify import verify_tree
+from preprocess.cifar import write_cifar10_archive
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _source(per_class=10, seed=0):
+    images, labels = labelled_images(per_class, seed=seed)
+    info = {"kind": "test", "path": "memory", "fingerprint": f"synth-{per_class}-{seed}", "checksum_verified": False}
+    return ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
+
+
+def _spec(**kw):
+    base = dict(dataset="cifar10", split="train", ranks=(1, 5), high=(2,), factors=4, shard_size=30, workers=0)
+    return ShardSpec(**{**base, **kw})
+
+
+def _tar_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    result = materialize_split(_source(), _spec(), out, show_progress=False)
+    return out, result
+
+
+def test_layout_and_manifest(built):
+    out, result = built
+    split = out / "cifar10" / "train"
+    assert sorted(p.name for p in split.iterdir() if p.is_dir()) == [
+        "factors-004", "full", "high-002", "rank-001", "rank-005", "spectra"]
+    m = json.loads((split / "rank-005" / "manifest.json").read_text())
+    assert m["format"] == "rankshard/1" and m["num_samples"] == 100 and m["rank"] == 5 and m["mode"] == "low"
+    assert [s["name"] for s in m["shards"]] == [f"train-{i:06d}.tar" for i in range(4)]
+    assert [s["num_samples"] for s in m["shards"]] == [30, 30, 30, 10]
+    assert m["class_counts"] == [10] * 10 and m["image_size"] == [32, 32]
+    assert m["encoding"] == "png" and m["png_compress_level"] == 1
+    assert 0 < m["quantization"]["leak_mean"] < 0.05 and m["svd"]["backend"] != "auto"
+    assert len(m["config_hash"]) == 16 and m["config"]["ranks"] == [1, 5]
+
+
+def test_plain_webdataset_and_tarfile_read_the_same_samples(built):
+    out, _ = built
+    folder = out / "cifar10" / "train" / "rank-005"
+    urls = [str(p) for p in sorted(folder.glob("*.tar"))]
+    ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb")
+    samples = list(ds)
+    assert len(samples) == 100
+    first = samples[0]
+    with tarfile.open(urls[0]) as tar:
+        png = tar.extractfile(f"{first['__key__']}.png").read()
+    import io
+    pil = np.asarray(Image.open(io.BytesIO(png))).astype(np.float32) / 255
+    assert np.allclose(first["png"], pil)
+    assert first["json"]["rank"] == 5 and int(first["cls"]) == first["json"]["label"]
+
+
+def test_keys_join_across_variants_and_values_match_reference(built):
+    out, _ = built
+    split = out / "cifar10" / "train"
+    by_variant = {v: {s["__key__"]: s for s in wds.WebDataset(str(split / v / "train-000000.tar"),
+                                                              shardshuffle=False).decode("rgb")}
+                  for v in ("full", "rank-005", "high-002", "factors-004")}
+    keys = list(by_variant["full"])
+    assert all(list(d) == keys for d in by_variant.values())
+    key = keys[3]
+    x = by_variant["full"][key]["png"].transpose(2, 0, 1)[None].astype(np.float64)
+    low = np.clip(reference_low_rank(x, 5)[0], 0, 1).transpose(1, 2, 0)
+    assert np.abs(by_variant["rank-005"][key]["png"] - low).max() <= 0.5 / 255 + 1e-4
+    high = (x - reference_low_rank(x, 2))[0].transpose(1, 2, 0)
+    assert np.abs(by_variant["high-002"][key]["npy"].astype(np.float64) - high).max() < 1.5e-3
+    f = by_variant["factors-004"][key]
+    assert f["u.npy"].shape == (3, 32, 4) and f["s.npy"].shape == (3, 4) and f["v.npy"].shape == (3, 32, 4)
+
+
+def test_train_order_is_a_seeded_mix_and_test_keeps_source_order(built, tmp_path):
+    out, _ = built
+    labels = [s["json"]["label"] for s in wds.WebDataset(
+        str(out / "cifar10/train/full/train-000000.tar"), shardshuffle=False).decode()]
+    assert len(set(labels)) >= 8 and labels != sorted(labels)
+    materialize_split(_source(2), _spec(split="test", shuffle=False, ranks=(1,), high=(), factors=None),
+                      tmp_path, show_progress=False)
+    test = list(wds.WebDataset(str(tmp_path / "cifar10/test/full/test-000000.tar"), shardshuffle=False).decode())
+    assert [s["json"]["source"] for s in test] == [f"mem:{i}" for i in range(20)]
+
+
+def test_rerun_is_byte_identical_and_verify_passes(built, tmp_path):
+    out, _ = built
+    materialize_split(_source(), _spec(workers=1), tmp_path, show_progress=False)
+    assert _tar_bytes(tmp_path) == _tar_bytes(out)
+    report = verify_tree(tmp_path)
+    assert report.ok, [c.problems for c in report.checks]
+
+
+def test_verify_detects_corruption(built, tmp_path):
+    import shutil
+
+    shutil.copytree(built[0], tmp_path / "copy")
+    shard = tmp_path / "copy/cifar10/train/rank-001/train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[3000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify_tree(tmp_path / "copy")
+    assert not report.ok
+    assert any("sha256 mismatch" in p for c in report.checks for p in c.problems)
+
+
+def test_resume_after_partial_run_with_stale_files(built, tmp_path):
+    out, _ = built
+    materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    folder = tmp_path / "cifar10/train/rank-005"
+    (folder / "train-000002.tar").unlink()                      # never written
+    (folder / ".progress/train-000001.tar.json").unlink()        # killed between rename and record
+    (folder / ".train-000003.tar.partial").write_bytes(b"junk")  # killed mid-write
+    result = materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    assert result["stats"]["shards_written"] == 2 and result["stats"]["shards_skipped"] == 2
+    assert _tar_bytes(tmp_path) == _tar_bytes(out)
+    assert not list(folder.glob(".*.partial"))
+
+
+def test_different_config_is_refused_then_overwritten(built, tmp_path):
+    materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    with pytest.raises(ConfigMismatchError, match=r"(?s)ranks: \[1, 5\] -> \[1, 7\].*--overwrite"):
+        materialize_split(_source(), _spec(ranks=(1, 7)), tmp_path, show_progress=False)
+    materialize_split(_source(), _spec(ranks=(1, 7)), tmp_path, overwrite=True, show_progress=False)
+    assert (tmp_path / "cifar10/train/rank-007/manifest.json").exists()
+    assert not (tmp_path / "cifar10/train/rank-005").exists()
+
+
+def test_second_concurrent_run_refuses(tmp_path):
+    split = tmp_path / "cifar10" / "train"
+    split.mkdir(parents=True)
+    with exclusive_lock(split / ".lock"):
+        with pytest.raises(LockedError, match="being written by another run"):
+            materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+
+
+def _cli_args(archive, out, workers="0"):
+    return ["cifar10", "--source", str(archive), "--out", str(out), "--no-verify-md5", "--ranks", "2,5",
+            "--high", "3", "--shard-size", "10", "--workers", workers, "--split", "train"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src")
+    return write_cifar10_archive(folder / "cifar-10-python.tar.gz", labelled_images(12), labelled_images(2, seed=1))
+
+
+def test_resume_after_kill_9_is_byte_identical(archive, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert CliRunner().invoke(main, _cli_args(archive, whole)).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *_cli_args(archive, killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    shards = killed / "cifar10/train/rank-005"
+    while time.time() < deadline and len(list(shards.glob("*.tar"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (shards / "manifest.json").exists(), "the run finished before it could be killed"
+    result = CliRunner().invoke(main, _cli_args(archive, killed))
+    assert result.exit_code == 0, result.output
+    assert _tar_bytes(killed) == _tar_bytes(whole)
+    assert verify_tree(killed).ok
+
+
+def test_cli_reports_user_errors_without_traceback(archive, tmp_path):
+    result = CliRunner().invoke(main, ["cifar10", "--source", str(archive), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "md5" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["cifar10", "--source", str(archive), "--out", str(tmp_path),
+                                       "--ranks", "5,x"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+
+
+def test_cli_verify_and_preview(archive, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(main, _cli_args(archive, tmp_path)).exit_code == 0
+    result = runner.invoke(main, ["verify", str(tmp_path)])
+    assert result.exit_code == 0 and "all variants verified" in result.output
+    result = runner.invoke(main, ["preview", str(tmp_path)])
+    assert result.exit_code == 0
+    grid = tmp_path / "cifar10/train/preview.png"
+    assert Image.open(grid).size[0] > 300 and (tmp_path / "cifar10/train/preview-energy.png").exists()
+    (tmp_path / "cifar10/train/rank-002/train-000000.tar").unlink()
+    result = runner.invoke(main, ["verify", str(tmp_path)])
+    assert result.exit_code == 1 and "missing" in result.output
