@@ -563,26 +563,25 @@ def _allocate(x4: torch.Tensor, low: list[int], high: list[int], kf: int | None,
 
 def _fill_chunk(out: RankOutputs, sl: slice, f: _Factors | None, a: torch.Tensor, inner: list[int]) -> None:
     """Write one chunk's share (matrices ``sl`` of the flattened batch) of every requested output."""
-    h, w = a.shape[-2:]
-    n = min(h, w)
+    n = min(a.shape[-2:])
     if out.spectra is not None:
         exact = f is not None and f.s.shape[-1] == n
         s = f.s if exact else torch.linalg.svdvals(a.to(torch.float64))  # spectra only, or an approximate backend
-        out.spectra.view(-1, n)[sl] = s
+        out.spectra.flatten(0, 1)[sl] = s
     if out.factors is not None:
         kf = out.factors[1].shape[-1]
         u, s, vh = _singular_vectors(f, kf)
         for dst, src in zip(out.factors, (u, s, vh.mT)):
-            dst.view(-1, *dst.shape[-2:] if dst.ndim == 4 else dst.shape[-1:])[sl] = src
+            dst.flatten(0, 1)[sl] = src  # outputs are contiguous [N, C, ...]: flatten is a view
     if not inner:
         return
     left, right = f.pair()
     base = a.to(left.dtype)
     for k, xk in _incremental(left, right, inner):
         if k in out.low:
-            out.low[k].view(-1, h, w)[sl] = xk
+            out.low[k].flatten(0, 1)[sl] = xk
         if k in out.high:
-            out.high[k].view(-1, h, w)[sl] = base - xk
+            out.high[k].flatten(0, 1)[sl] = base - xk
 
 
 def _squeeze(out: RankOutputs) -> RankOutputs:
