@@ -248,6 +248,9 @@ def _as_batch(x) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"expected images shaped [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("input images contain NaN or inf; the SVD of such a matrix is undefined")
+    # contiguous: outputs are allocated like x and filled through flattened views, which a permuted
+    # (e.g. channels-last, as from an HWC uint8 array) tensor would silently turn into copies
+    x = x.contiguous()
     return (x[None], True) if x.ndim == 3 else (x, False)
 
 
@@ -543,12 +546,12 @@ def _allocate(x4: torch.Tensor, low: list[int], high: list[int], kf: int | None,
     """Output tensors; ranks 0 and >= n are filled exactly here (zeros or a float32 copy of x)."""
     n_img, c, h, w = x4.shape
     n = min(h, w)
-    x32 = x4.float()
+    x32 = x4.float().contiguous()
 
     def trivial(k: int, keep_x: bool) -> torch.Tensor:
         if k == 0 or k >= n:
             return x32.clone() if keep_x else torch.zeros_like(x32)
-        return torch.empty_like(x32)
+        return torch.empty_like(x32, memory_format=torch.contiguous_format)
 
     factors = None
     if kf is not None:

@@ -280,3 +280,16 @@ def test_low_rank_meets_bar_on_more_224_images(backend):
     x = natural_batch(6, size=(224, 224), seed=21)
     ref = _references(x, _all_ranks(224))
     assert _max_err(RankEngine(backend, "cpu").low_rank(torch.from_numpy(x), list(ref)), ref) <= ACCURACY_BAR
+
+
+def test_channels_last_input_from_hwc_arrays():
+    """Images decoded as HWC uint8 and permuted to NCHW are not contiguous; results must not depend on it."""
+    from preprocess.synth import labelled_images
+
+    images, _ = labelled_images(2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    out = RankEngine("gram64", "cpu").materialize(x, low=[2, 5], high=[3], factors=4, spectra=True)
+    ref = reference_low_rank(x.double().numpy(), 5)
+    assert np.abs(out.low[5].double().numpy() - ref).max() < 1e-4
+    high = x.double().numpy() - reference_low_rank(x.double().numpy(), 3)
+    assert np.abs(out.high[3].double().numpy() - high).max() < 1e-4
