@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from preprocess.synth import natural_batch
-from train.models import ARCHS, IMAGENET_MEAN, ModelSpec, ResNet, build_model, resnet18, resnet50
+from train.models import ARCHS, CIFAR10_MEAN, IMAGENET_MEAN, IMAGENET_STD, ModelSpec, ResNet, build_model, resnet18, resnet50
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Published torchvision parameter counts (torchvision.models docs, "Params" column).
@@ -50,7 +50,7 @@ def test_normalization_buffers_are_not_in_state_dict():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("variant,size", [("imagenet", 64), ("cifar", 32)])
+@pytest.mark.parametrize("variant,size", [("imagenet", 48), ("cifar", 32)])
 def test_forward_shapes(arch, variant, size):
     model = build_model(arch, variant, num_classes=7, width=8).eval()
     x = torch.from_numpy(natural_batch(2, size=(size, size))).float()
@@ -101,3 +101,6 @@ def test_arch_shortcuts_and_spec_validation():
         ModelSpec("resnet18", variant="mnist")
     with pytest.raises(ValueError, match="std > 0"):
         build_model("resnet18", std=(0.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="3 values"):
+        build_model("resnet18", mean=(0.5,), std=(0.5,))
+    assert ModelSpec("resnet18", "cifar").mean == CIFAR10_MEAN and ModelSpec("resnet18").std == IMAGENET_STD

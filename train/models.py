@@ -111,14 +111,15 @@ ARCHS: dict[str, ArchSpec] = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild a model (checkpoints store these fields)."""
+    """Everything needed to rebuild a model (checkpoints store these fields). ``mean``/``std`` default to
+    ``default_normalization(variant)``: ImageNet statistics for the imagenet stem, CIFAR-10's for cifar."""
 
     arch: str
     variant: str = "imagenet"
     num_classes: int = 1000
     width: int = 64  # base channels: torchvision's 64; tests use 4-8 to train on CPU in seconds
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
@@ -128,8 +129,18 @@ class ModelSpec:
             raise ValueError(f"unknown variant {self.variant!r}; choose one of {list(VARIANTS)}")
         if self.num_classes < 1 or self.width < 1:
             raise ValueError(f"num_classes and width must be >= 1, got {self.num_classes}, {self.width}")
-        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean/std must have equal length and std > 0, got {self.mean}, {self.std}")
+        dmean, dstd = default_normalization(self.variant)
+        mean = tuple(float(v) for v in (dmean if self.mean is None else self.mean))
+        std = tuple(float(v) for v in (dstd if self.std is None else self.std))
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean/std need 3 values (RGB) and std > 0, got {mean}, {std}")
+        object.__setattr__(self, "mean", mean)  # frozen: resolve the defaults once, here
+        object.__setattr__(self, "std", std)
+
+
+def default_normalization(variant: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std conventionally paired with a stem: ImageNet's for ``imagenet``, CIFAR-10's for ``cifar``."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if variant == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
 
 
 def _stem(variant: str, width: int) -> tuple[nn.Conv2d, nn.Module]:
@@ -203,20 +214,12 @@ class ResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-def default_normalization(variant: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean/std conventionally paired with a stem: ImageNet's for ``imagenet``, CIFAR-10's for ``cifar``."""
-    return (IMAGENET_MEAN, IMAGENET_STD) if variant == "imagenet" else (CIFAR10_MEAN, CIFAR10_STD)
-
-
 def build_model(arch: str, variant: str = "imagenet", num_classes: int = 1000, width: int = 64,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 zero_init_residual: bool = False) -> ResNet:
     """Build a ResNet; ``mean``/``std`` default to ``default_normalization(variant)``."""
-    dmean, dstd = default_normalization(variant)
-    spec = ModelSpec(arch, variant, num_classes, width,
-                     tuple(float(v) for v in (dmean if mean is None else mean)),
-                     tuple(float(v) for v in (dstd if std is None else std)), zero_init_residual)
-    return ResNet(spec)
+    return ResNet(ModelSpec(arch, variant, num_classes, width, None if mean is None else tuple(mean),
+                            None if std is None else tuple(std), zero_init_residual))
 
 
 def _arch_builder(arch: str) -> Callable[..., ResNet]:
