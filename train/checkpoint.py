@@ -1,0 +1,324 @@
+"""Checkpoints: the ``rankshard-checkpoint/1`` format (SPEC.md "Checkpoints"), safe loading, foreign formats.
+
+A checkpoint is ``torch.save`` of a dict holding only tensors, numbers, strings, lists and dicts, so that
+``torch.load(weights_only=True)`` reads it without running any code from the file. Pickles can execute
+arbitrary code on load, and checkpoints are routinely downloaded, so full unpickling is opt-in
+(``trust=True``, the CLIs' ``--trust-checkpoint``) and the refusal names the global the file wanted.
+
+Foreign files are normalized into the same dict on load, with the model description inferred from the
+state dict itself (block type, blocks per stage, stem kernel, width, classifier rows):
+
+* plain torchvision ResNet state dicts (``conv1.weight`` ... ``fc.bias``), optionally with DDP
+  ``module.`` prefixes or wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``;
+* MadryLab ``robustness`` checkpoints: ``{"model": {"module.model.*", "module.normalizer.new_mean",
+  "module.attacker.*", ...}, "epoch": ...}``; their CIFAR ResNets name ``shortcut``/``linear`` what
+  torchvision calls ``downsample``/``fc``, and their normalizer buffers ([C, 1, 1]) give mean/std.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from train.models import ARCHS, INPUT_SIZE, ArchSpec, ResNet, build_model, default_normalization
+
+FORMAT = "rankshard-checkpoint/1"
+REQUIRED_KEYS = ("format", "arch", "variant", "num_classes", "normalization", "state_dict")
+OPTIONAL_KEYS = ("input_size", "optimizer", "scheduler", "epoch", "step", "rng", "config", "data", "metrics")
+TRUST_HINT = ("rerun with --trust-checkpoint (trust=True) to allow full unpickling, "
+              "but only for files you trust: unpickling can run arbitrary code")
+
+# Leaf types torch.load(weights_only=True) rebuilds without custom code (checked by round-trip tests).
+_SAFE_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.Size, torch.dtype, torch.device)
+_SAFE_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written, read or understood; the message names the file and the fix."""
+
+
+def check_weights_only_safe(obj: Any, where: str = "payload") -> None:
+    """Raise ``CheckpointError`` naming the first entry ``torch.load(weights_only=True)`` could not rebuild."""
+    # Exact types: numpy.float64 subclasses float yet needs a numpy global to unpickle.
+    if type(obj) in _SAFE_TENSORS or type(obj) in _SAFE_LEAVES:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where}: dict key {key!r} of type {type(key).__name__} is not "
+                                      "weights_only-safe; use str or int keys")
+            check_weights_only_safe(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_weights_only_safe(value, f"{where}[{i}]")
+        return
+    raise CheckpointError(
+        f"{where}: {type(obj).__module__}.{type(obj).__qualname__} is not weights_only-safe; store tensors, "
+        "numbers, strings, lists or dicts (numpy arrays as torch.from_numpy(a) or a.tolist(), numpy scalars "
+        "as float(x)/int(x), dataclasses as dataclasses.asdict(c))")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inferring the model from a state dict
+
+
+def infer_spec(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, Any]:
+    """``{"arch", "variant", "num_classes", "width"}`` read off torchvision-named ResNet keys and shapes."""
+    for key in ("conv1.weight", "fc.weight"):
+        if key not in state_dict:
+            sample = ", ".join(list(state_dict)[:5])
+            raise CheckpointError(f"{source}: no {key!r}, so not a torchvision-style ResNet state dict "
+                                  f"(first keys: {sample})")
+    stem = state_dict["conv1.weight"]
+    variants = {7: "imagenet", 3: "cifar"}
+    if stem.shape[-1] not in variants:
+        raise CheckpointError(f"{source}: conv1 kernel {tuple(stem.shape)} is neither 7x7 (imagenet) nor 3x3 (cifar)")
+    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
+    layers = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    arch = next((name for name, a in ARCHS.items() if a == ArchSpec(block, layers)), None)
+    if arch is None:
+        raise CheckpointError(f"{source}: {block} blocks per stage {layers} match no known arch {sorted(ARCHS)}")
+    return {"arch": arch, "variant": variants[stem.shape[-1]], "num_classes": int(state_dict["fc.weight"].shape[0]),
+            "width": int(stem.shape[0])}
+
+
+def _check_consistent(payload: Mapping[str, Any], source: str) -> None:
+    """The declared arch/variant/num_classes/classes must describe the weights actually stored."""
+    found = infer_spec(payload["state_dict"], source)
+    for key in ("arch", "variant", "num_classes"):
+        if payload[key] != found[key]:
+            raise CheckpointError(f"{source}: declares {key}={payload[key]!r} but its state_dict holds "
+                                  f"{key}={found[key]!r} (fc.weight {tuple(payload['state_dict']['fc.weight'].shape)}, "
+                                  f"conv1.weight {tuple(payload['state_dict']['conv1.weight'].shape)}); "
+                                  "fix the declaration or pick the matching checkpoint")
+    classes = (payload.get("data") or {}).get("classes")
+    if classes is not None and len(classes) != payload["num_classes"]:
+        raise CheckpointError(f"{source}: data['classes'] lists {len(classes)} names but num_classes="
+                              f"{payload['num_classes']}; the checkpoint does not match this dataset")
+
+
+def validate_payload(payload: Mapping[str, Any], source: str = "payload") -> None:
+    """Check keys, format tag, weights_only safety and that the declared model matches the weights."""
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"{source}: a checkpoint is a dict, got {type(payload).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    unknown = sorted(set(payload) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if missing or unknown:
+        raise CheckpointError(f"{source}: missing keys {missing}, unknown keys {unknown}; "
+                              f"allowed: {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(f"{source}: format {payload['format']!r} is not {FORMAT!r}; this version cannot read it")
+    norm = payload["normalization"]
+    if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
+        raise CheckpointError(f"{source}: normalization must be {{'mean': [...], 'std': [...]}}, got {norm!r}")
+    check_weights_only_safe(dict(payload), source)
+    _check_consistent(payload, source)
+
+
+def checkpoint_payload(model: ResNet, **fields: Any) -> dict[str, Any]:
+    """The checkpoint dict for ``model`` (arch, variant, classes, normalization, weights) plus ``fields``
+    (optimizer, scheduler, epoch, step, rng, config, data, metrics, input_size)."""
+    unknown = sorted(set(fields) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise CheckpointError(f"checkpoint_payload: unknown fields {unknown}; allowed: {list(OPTIONAL_KEYS)}")
+    spec = model.spec
+    payload = {"format": FORMAT, "arch": spec.arch, "variant": spec.variant, "num_classes": spec.num_classes,
+               "normalization": model.normalization, "input_size": INPUT_SIZE[spec.variant],
+               "state_dict": model.state_dict()}
+    payload.update(fields)
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing and reading files
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Validate ``payload`` and write it atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    Readers (an evaluation polling for new checkpoints, a resumed run) thus see either the old file or the
+    complete new one, never a torn write, even if the process dies mid-save.
+    """
+    path = Path(path)
+    validate_payload(payload, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); not possible on every platform, so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_file(path: str | os.PathLike, trust: bool = False) -> Any:
+    """``torch.load`` on CPU, ``weights_only=not trust``, with errors that say what went wrong and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (an interrupted copy?)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        if trust or "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{path}: cannot unpickle ({exc}); the file is corrupt or not a torch checkpoint") from exc
+        wanted = _GLOBAL.search(str(exc))
+        what = f"needs the global {wanted.group(1)}" if wanted else "cannot be read with weights_only=True"
+        raise CheckpointError(f"{path}: refusing to load: the pickle {what}, which weights_only loading does "
+                              f"not allow (it could run code); {TRUST_HINT}") from None
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "the file is truncated or corrupt: copy or save it again") from exc
+
+
+def load_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[str, Any]:
+    """Read a checkpoint (ours or a foreign one) and return it as a validated ``rankshard-checkpoint/1`` dict."""
+    return normalize_checkpoint(read_file(path, trust), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Foreign formats
+
+
+def _strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Drop ``prefix`` when every key carries it (DataParallel/DDP add ``module.``)."""
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def _cifar_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """MadryLab/kuangliu CIFAR ResNet names -> torchvision's: ``shortcut`` -> ``downsample``, ``linear`` -> ``fc``."""
+    out = {}
+    for key, value in state_dict.items():
+        parts = ["downsample" if p == "shortcut" else p for p in key.split(".")]
+        if parts[0] == "linear":
+            parts[0] = "fc"
+        out[".".join(parts)] = value
+    return out
+
+
+def _madry_split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]] | None]:
+    """MadryLab ``AttackerModel`` state: keep ``model.*`` (the attacker holds a second copy of the same
+    weights), and turn ``normalizer.new_mean/new_std`` ([C, 1, 1]) into the normalization dict."""
+    weights = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+    if "normalizer.new_mean" not in state_dict:
+        return weights, None
+    norm = {"mean": state_dict["normalizer.new_mean"].flatten().tolist(),
+            "std": state_dict["normalizer.new_std"].flatten().tolist()}
+    return weights, norm
+
+
+def _unwrap(obj: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """``{"model"|"state_dict": sd, "epoch": ...}`` -> (sd, extras); a bare state dict passes through."""
+    for key in ("model", "state_dict"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            extras = {"epoch": obj["epoch"]} if isinstance(obj.get("epoch"), int) else {}
+            return inner, extras
+    return obj, {}
+
+
+def _is_tensor_map(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _from_foreign(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A torchvision/MadryLab/DDP/wrapped state dict -> our checkpoint dict (spec inferred from weights)."""
+    raw, extras = _unwrap(obj)
+    if not _is_tensor_map(raw):
+        raise CheckpointError(f"{source}: not a rankshard checkpoint and no state dict of tensors found "
+                              f"(top-level keys: {list(obj)[:8]})")
+    sd = _strip_prefix(raw, "module.")
+    kind, norm = "torchvision-state-dict", None
+    if any(k.startswith(("model.", "normalizer.", "attacker.")) for k in sd):
+        kind = "madrylab-robustness"
+        sd, norm = _madry_split(sd)
+    sd = _cifar_names(sd)
+    spec = infer_spec(sd, source)
+    assumed = norm is None
+    if assumed:  # the file carries no normalization: use the one conventionally paired with its stem
+        mean, std = default_normalization(spec["variant"])
+        norm = {"mean": list(mean), "std": list(std)}
+    return {"format": FORMAT, "arch": spec["arch"], "variant": spec["variant"], "num_classes": spec["num_classes"],
+            "normalization": norm, "input_size": INPUT_SIZE[spec["variant"]], "state_dict": sd,
+            "config": {"source": {"format": kind, "path": source, "normalization_assumed": assumed}}, **extras}
+
+
+def normalize_checkpoint(obj: Any, source: str = "<object>") -> dict[str, Any]:
+    """Ours (validated as is) or a foreign format (converted), as a ``rankshard-checkpoint/1`` dict."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a dict (checkpoint or state dict), got {type(obj).__name__}")
+    payload = dict(obj) if "format" in obj else _from_foreign(obj, source)
+    validate_payload(payload, source)
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the model
+
+_OVERRIDES: dict[str, Callable[[dict[str, Any], Any], None]] = {
+    "arch": lambda p, v: p.__setitem__("arch", v),
+    "variant": lambda p, v: p.__setitem__("variant", v),
+    "num_classes": lambda p, v: p.__setitem__("num_classes", int(v)),
+    "input_size": lambda p, v: p.__setitem__("input_size", int(v)),
+    "normalization": lambda p, v: p.__setitem__("normalization", {"mean": list(v["mean"]), "std": list(v["std"])}),
+    "mean": lambda p, v: p.__setitem__("normalization", {**p["normalization"], "mean": [float(x) for x in v]}),
+    "std": lambda p, v: p.__setitem__("normalization", {**p["normalization"], "std": [float(x) for x in v]}),
+}
+
+
+def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any], trust: bool = False,
+                          **overrides: Any) -> tuple[ResNet, dict[str, Any]]:
+    """Build the model of a checkpoint (path or already loaded dict) in eval mode, weights loaded strictly.
+
+    ``overrides`` (``arch``, ``variant``, ``num_classes``, ``input_size``, ``normalization``, ``mean``,
+    ``std``) replace declared fields before validation: e.g. ``mean``/``std`` for a plain CIFAR state dict
+    trained with other statistics, or ``num_classes=10`` to assert the evaluation dataset's class count
+    (a mismatch with the classifier raises ``CheckpointError``). Returns ``(model, payload)``.
+    """
+    name = "<dict>" if isinstance(source, Mapping) else str(source)
+    payload = normalize_checkpoint(source, name) if isinstance(source, Mapping) else load_checkpoint(source, trust)
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise CheckpointError(f"model_from_checkpoint: unknown overrides {unknown}; allowed: {sorted(_OVERRIDES)}")
+    for key, value in overrides.items():
+        _OVERRIDES[key](payload, value)
+    validate_payload(payload, name)
+    width = infer_spec(payload["state_dict"], name)["width"]
+    norm = payload["normalization"]
+    model = build_model(payload["arch"], payload["variant"], payload["num_classes"], width, norm["mean"], norm["std"])
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval(), payload
