@@ -1,0 +1,1 @@
+"""One module per ``rankshard-evaluate`` subcommand, each exposing ``command``."""
