@@ -211,3 +211,116 @@ def test_attributions_need_eval_mode(images):
     model = SmoothNet().double().train()
     with pytest.raises(ValueError, match="eval"):
         vanilla_gradient(model, images[0], 0)
+
+
+# -- sanity-check machinery ----------------------------------------------------------------------------
+
+
+def test_spearman_matches_scipy_with_ties():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 5, size=200).astype(float)  # many ties
+    b = a + rng.normal(0, 2, size=200)
+    from evaluate.rig_check import spearman
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_randomization_stages_leave_the_model_alone():
+    from evaluate.rig_check import randomized_models
+    from train.models import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet18", "cifar", 10, width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stages = [(name, {k: v.clone() for k, v in m.state_dict().items()}) for name, m in randomized_models(model)]
+    assert [s for s, _ in stages][:3] == ["cascade:fc", "cascade:layer4", "cascade:layer3"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    fc_changed = not torch.equal(stages[0][1]["fc.weight"], before["fc.weight"])
+    conv1_kept_at_first = torch.equal(stages[0][1]["conv1.weight"], before["conv1.weight"])
+    assert fc_changed and conv1_kept_at_first
+    assert not torch.equal(stages[-1][1]["conv1.weight"], before["conv1.weight"])  # cumulative down to the stem
+    again = [m.state_dict()["fc.weight"].clone() for _, m in randomized_models(model, seed=0)][0]
+    assert torch.equal(again, stages[0][1]["fc.weight"])  # seeded
+
+
+# -- the CLI on demo shards ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from preprocess.pipeline import ArraySource, materialize_split
+    from preprocess.spec import ShardSpec
+    from preprocess.synth import labelled_images
+    from train.checkpoint import checkpoint_payload, save_checkpoint
+    from train.models import build_model
+
+    out = tmp_path_factory.mktemp("rig")
+    images, labels = labelled_images(1, seed=1)
+    src = ArraySource(images, labels, [f"m:{i}" for i in range(len(labels))], tuple("abcdefghij"),
+                      {"kind": "test", "path": "memory", "fingerprint": "rig", "checksum_verified": False})
+    spec = ShardSpec(dataset="cifar10", split="val", ranks=(), spectra=False, shuffle=False, shard_size=4, workers=0)
+    materialize_split(src, spec, out / "shards", show_progress=False)
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(save_checkpoint(out / f"net{seed}.pt", checkpoint_payload(build_model("resnet18", "cifar", 10,
+                                                                                          width=8))))
+    return out, ckpts
+
+
+def _invoke(args):
+    from click.testing import CliRunner
+    from evaluate.cli import main
+    return CliRunner().invoke(main, ["rig", *map(str, args)], catch_exceptions=False)
+
+
+def test_cli_maps_figures_and_summary(demo, tmp_path):
+    out, ckpts = demo
+    res = _invoke([*ckpts, "--data", out / "shards", "--keys", "00000005,00000002", "--out", tmp_path / "r",
+                   "--methods", "vanilla,rig,ig,smoothgrad,rank-path", "--stride", "4", "--ig-steps", "3",
+                   "--sg-samples", "2", "--svd-backend", "torch"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["inputs"]["names"] == ["00000005", "00000002"] and summary["inputs"]["labels"] == [5, 2]
+    for ck in summary["checkpoints"]:
+        for method, path in ck["maps"].items():
+            arr = np.load(path)
+            assert arr.shape == (2, 32, 32) and arr.dtype == np.float32 and np.isfinite(arr).all()
+        assert (tmp_path / "r" / ck["name"] / "maps.png").stat().st_size > 1000
+        assert ck["rank_path"]["per_image"][0]["knots"] == 9  # 0, 4, ..., 28, 32
+    assert (tmp_path / "r" / "compare.png").exists()
+    # the CLI's RIG equals the library call on the same shard image and checkpoint
+    from evaluate.rig_run import load_checkpoints
+    model = load_checkpoints([str(ckpts[0])], False, torch.device("cpu"))[0].model
+    x = torch.from_numpy(np.load(tmp_path / "r" / "images.npy")[0])
+    direct = rig(model, x, RIGConfig(stride=4), RankEngine("torch", device="cpu")).map.numpy()
+    np.testing.assert_allclose(np.load(summary["checkpoints"][0]["maps"]["rig"])[0], direct, rtol=1e-4, atol=1e-7)
+
+
+def test_cli_check_reports_randomization_and_delta(demo, tmp_path):
+    out, ckpts = demo
+    res = _invoke([ckpts[0], "--data", out / "shards", "--index", "0:1", "--out", tmp_path / "c", "--check",
+                   "--randomization", "all", "--stride", "8", "--svd-backend", "torch"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "c" / "net0" / "check.json").read_text())
+    assert set(report["spearman"]) == {"vanilla", "rig"}
+    assert report["spearman"]["rig"][0]["stage"] == "all"
+    assert -1 <= report["spearman"]["rig"][0]["spearman_mean"] <= 1
+    assert np.isfinite(report["rank_path"]["max_abs_delta"])
+    assert "randomization rig: Spearman all=" in res.output
+
+
+def test_cli_images_and_clear_errors(demo, tmp_path):
+    from PIL import Image
+    out, ckpts = demo
+    img = tmp_path / "photo.png"
+    Image.fromarray((natural_batch(1, size=(40, 56))[0].transpose(1, 2, 0) * 255).astype(np.uint8)).save(img)
+    res = _invoke([ckpts[0], "--images", img, "--out", tmp_path / "i", "--stride", "8", "--svd-backend", "torch"])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "i" / "images.npy").shape == (1, 3, 32, 32)
+    bad = _invoke([ckpts[0], "--data", out / "shards", "--keys", "99999999", "--out", tmp_path / "x"])
+    assert bad.exit_code == 2 and "99999999" in bad.output
+    both = _invoke([ckpts[0], "--data", out / "shards", "--index", "0:1", "--keys", "00000001", "--out", tmp_path / "y"])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    unknown = _invoke([ckpts[0], "--images", img, "--methods", "rig,gradcam", "--out", tmp_path / "z"])
+    assert unknown.exit_code == 2 and "gradcam" in unknown.output
