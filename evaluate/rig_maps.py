@@ -7,7 +7,7 @@ explained classes and the rank-path convergence deltas.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,9 +40,6 @@ class MapConfig:
     def rank_path(self) -> RankPathConfig:
         r = self.rig
         return RankPathConfig(r.output, r.stride, self.rank_path_rule, self.rank_path_steps, r.batch_size)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -51,12 +51,11 @@ def _report(summary: dict) -> None:
     for ck in summary["checkpoints"]:
         click.echo(f"{ck['name']}: {len(ck['targets'])} images in {ck['seconds']:.2f} s "
                    f"({ck['images_per_s']:.2f} images/s); classes {ck['targets']}")
-        if ck.get("rank_path"):
-            rp = ck["rank_path"]
+        rp = ck.get("rank_path") or ck.get("check_result", {}).get("rank_path")
+        if rp:
             click.echo(f"  rank path: max |delta| {rp['max_abs_delta']:.3g} "
                        f"(max relative {rp['max_relative_delta']:.3g})")
-        for stage_rows in ck.get("check_result", {}).get("spearman", {}).items():
-            method, rows = stage_rows
+        for method, rows in ck.get("check_result", {}).get("spearman", {}).items():
             cells = ", ".join(f"{r['stage']}={r['spearman_mean']:.2f}" for r in rows)
             click.echo(f"  randomization {method}: Spearman {cells}")
         click.echo(f"  maps: {Path(ck['figure']).parent}/*.npy; figure: {ck['figure']}")
