@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import SourceError
+from .errors import RankshardError, SourceError
 from .images import BadImage, Geometry, decode
 
 LISTING_VERSION = 1
@@ -99,7 +99,11 @@ def cached_listing(cache_dir: Path | None, signature: dict, build: Callable[[], 
     """
     if cache_dir is None:
         return build(), False
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RankshardError(f"{cache_dir}: cannot create the output folder ({exc.strerror}); choose another "
+                             "--out or fix its permissions") from exc
     key = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"listing-{key}.npz"
     fd = os.open(cache_dir / f".listing-{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -110,7 +110,7 @@ def write_flat_val(folder: Path, classes: int = 3, count: int = 9, size=(48, 40)
     """``ILSVRC2012_val_%08d.JPEG`` files; returns each image's class (0-based wnid position)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    labels = [(3 * i + 1) % classes for i in range(count)]
+    labels = [(2 * i + 1) % classes for i in range(count)]
     for i, label in enumerate(labels):
         img = class_images(label, 1, size, seed + i, num_classes=len(WNIDS))[0]
         (folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG").write_bytes(jpeg_bytes(img))
