@@ -52,11 +52,15 @@ def shard_options(fn):
         click.option("--factors", type=int, default=None, help="Also store the top-K SVD factors (factors-K)."),
         click.option("--spectra/--no-spectra", default=True, show_default=True, help="Store singular values."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training-order shuffle."),
-        click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard."),
+        click.option("--shard-size", type=int, default=None,
+                     help="Samples per shard (default: 1000 for cifar10, 500 for image datasets: a 224x224 shard "
+                          "job holds ~150 KB per image per variant in memory)."),
         click.option("--backend", default="auto", show_default=True,
-                     help="SVD backend: auto, numpy, torch, gram64, cupy, ... (auto = fastest that meets 1e-4)."),
+                     help="SVD backend: auto, numpy, torch, gram64, cupy, ... (auto = fastest that meets 1e-4); "
+                          "'none' disables the SVD (benchmark baseline: outputs are NOT rank-k)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)."),
-        click.option("--batch-size", type=int, default=1000, show_default=True, help="Images per SVD call."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
         click.option("--workers", type=int, default=None, help="Encode/write processes (default: cores - 1; 0: none)."),
         click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
     ]
@@ -74,6 +78,11 @@ def _resolve_device(device: str | None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sized(options: dict, **defaults) -> dict:
+    """Options with per-command defaults filled in where the user gave none."""
+    return {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
 
 
 @main.command("cifar10")
@@ -101,8 +110,16 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
                 "checksum_verified": data.checksum_verified}
         src = ArraySource(data.images, data.labels, data.source_ids, data.classes, info)
         spec = ShardSpec(dataset="cifar10", split=split, shuffle=(split == "train"), device=_resolve_device(device),
-                         workers=default_workers() if workers is None else workers, **options)
+                         workers=default_workers() if workers is None else workers,
+                         **_sized(options, shard_size=1000, batch_size=1000))
         print_summary(materialize_split(src, spec, out, overwrite=overwrite))
+
+
+from .cli_images import folder_command, imagenet_command, wds_command  # noqa: E402  (they use main's options)
+
+main.add_command(imagenet_command)
+main.add_command(folder_command)
+main.add_command(wds_command)
 
 
 @main.command("verify")

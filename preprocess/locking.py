@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from pathlib import Path
 
 from .errors import LockedError
@@ -30,3 +31,87 @@ def exclusive_lock(path: Path):
         yield
     finally:
         os.close(fd)
+
+
+def group_id(rank: int, world: int) -> str:
+    """What identifies the processes of one run: torchrun's rendezvous (run id, master, world size).
+
+    A single-process run is its own group (its pid), so two independent runs never share a folder.
+    """
+    if world == 1:
+        return f"single:{socket.gethostname()}:{os.getpid()}"
+    env = os.environ
+    run = env.get("RANKSHARD_RUN_ID") or env.get("TORCHELASTIC_RUN_ID", "")
+    return f"world{world}:{run}:{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
+class RunLock:
+    """Lets the ranks of ONE run share an output folder and refuses any other run.
+
+    Every member holds a shared ``flock`` on ``.lock`` and an exclusive one on ``.lock.rank-R``; the first
+    member to arrive (it gets ``.lock`` exclusively: nobody else holds it) records its group id in
+    ``.lock.group``. Arrivals are serialized by ``.lock.gate``, which also guards setup and finalization
+    (``with lock.gate(): ...``). Like ``exclusive_lock``, everything vanishes with the processes.
+    """
+
+    def __init__(self, folder: Path, rank: int = 0, world: int = 1):
+        self.folder, self.rank, self.world = Path(folder), rank, world
+        self.group = group_id(rank, world)
+        self._fds: list[int] = []
+
+    def _open(self, name: str) -> int:
+        fd = os.open(self.folder / name, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fds.append(fd)
+        return fd
+
+    @contextlib.contextmanager
+    def gate(self):
+        """Serialize a critical section across the members (blocking)."""
+        fd = os.open(self.folder / ".lock.gate", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _refuse(self, holder: str) -> None:
+        raise LockedError(f"{self.folder} is being written by another run ({holder or 'unknown'}). Wait for it "
+                          "to finish, or stop it; a killed run releases the lock by itself.")
+
+    def acquire(self) -> None:
+        with self.gate():
+            main = self._open(".lock")
+            group_file = self.folder / ".lock.group"
+            try:
+                fcntl.flock(main, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                group_file.write_text(self.group)
+                fcntl.flock(main, fcntl.LOCK_SH | fcntl.LOCK_NB)   # downgrade: let this run's ranks in
+            except BlockingIOError:
+                holder = group_file.read_text() if group_file.exists() else ""
+                if holder != self.group or self.world == 1:
+                    self._refuse(holder or os.pread(main, 64, 0).decode(errors="replace").strip())
+                try:
+                    fcntl.flock(main, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    self._refuse(holder)
+            mine = self._open(f".lock.rank-{self.rank}")
+            try:
+                fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._refuse(f"another process already runs as rank {self.rank} of {self.group}")
+
+    def release(self) -> None:
+        for fd in reversed(self._fds):
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.acquire()
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,28 +1,42 @@
 """Materialization: source images -> one SVD pass per batch -> every variant's shards + manifests.
 
-The main process reads the source and runs the SVD in large batches (on the GPU when there is one);
-worker processes encode and write the tars, so SVD and encoding overlap. Every shard is a pure function
-of (source, config, shard index), which is what makes resume and multi-process runs byte-identical.
+Stages, each sized so memory stays flat:
+
+1. read + decode: in worker processes for file sources (``DecodeJob`` per chunk of ``batch_size`` images,
+   a bounded number in flight), in this process for in-memory arrays;
+2. SVD: this process, one ``RankEngine.materialize`` per chunk (on the GPU when there is one);
+3. encode + write: worker processes, one job per shard, a bounded number in flight.
+
+Every shard is a pure function of (source, config, shard index): a chunk never crosses a shard boundary,
+so shard ``i`` is computed identically whichever process (or ``torchrun`` rank) writes it and whatever
+else runs. That is what makes resume after ``kill -9`` and multi-process runs byte-identical.
+
+Skipped inputs (corrupt, truncated, bombs, non-images) keep that property: a sample's key is its position
+in the (seeded) output order, decided before anything is decoded, and a bad file simply leaves a gap in
+the keys of its shard (recorded in the shard's record and in the manifest's ``errors``).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import multiprocessing as mp
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from .engine import RankEngine, energy_retained
-from .errors import ConfigMismatchError, RankshardError
-from .locking import exclusive_lock
+from .engine import RankEngine, RankOutputs, energy_retained
+from .errors import ConfigMismatchError, RankshardError, SourceError
+from .listing import Loaded, run_job
+from .locking import RunLock
 from .manifest import finalize_manifests, read_json, write_json
 from .progress import Progress
-from .shards import partial_name
 from .spec import Layout, ShardSpec, config_hash
 from .variants import Variant
 from .writer import ShardJob, write_shard_job
@@ -33,46 +47,78 @@ class Source(Protocol):
 
     classes: tuple[str, ...]
     info: dict        # kind, path, fingerprint, checksum_verified
+    image_size: tuple[int, int]
 
     def __len__(self) -> int: ...
 
-    def load(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """uint8 images [n, H, W, 3], int64 labels [n], source ids, in the order of ``indices``."""
+    def load_job(self, indices: np.ndarray, positions: np.ndarray):
+        """A picklable job whose ``run()`` returns a ``Loaded`` for source ``indices`` (output ``positions``)."""
+
+
+@dataclass
+class _ArrayJob:
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+
+    def run(self) -> Loaded:
+        return Loaded(self.images, self.labels, self.ids, np.ones(len(self.labels), dtype=bool), [])
 
 
 @dataclass
 class ArraySource:
-    """A split held in memory (CIFAR-10)."""
+    """A split held in memory (CIFAR-10): loaded in this process, nothing to decode."""
 
     images: np.ndarray
     labels: np.ndarray
     source_ids: list[str]
     classes: tuple[str, ...]
     info: dict = field(default_factory=dict)
+    decode_in_workers = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
     def load(self, indices):
         return self.images[indices], self.labels[indices], [self.source_ids[i] for i in indices]
+
+    def load_job(self, indices: np.ndarray, positions: np.ndarray) -> _ArrayJob:
+        return _ArrayJob(*self.load(indices))
 
 
 @dataclass
 class RunStats:
-    """Seconds spent per stage, and what was done."""
+    """Seconds spent per stage, and what was done. Worker seconds are summed over workers."""
 
-    read: float = 0.0
-    svd: float = 0.0
-    encode_write: float = 0.0
+    read: float = 0.0           # this process waiting for decoded chunks (or loading them itself)
+    decode: float = 0.0         # read + decode inside workers
+    svd: float = 0.0            # SVD + reconstruction + quantization, this process
+    encode_write: float = 0.0   # PNG/npy encoding + tar writing inside workers
+    write_wait: float = 0.0     # this process blocked because the writers were behind
     shards_written: int = 0
     shards_skipped: int = 0
     images: int = 0
+    skipped_files: int = 0
     wall: float = 0.0
+    rank: int = 0
+    world: int = 1
 
     def as_dict(self) -> dict:
         out = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
         out["images_per_s"] = round(self.images / self.wall, 1) if self.wall else None
+        out["peak_rss_mb"] = peak_rss_mb()
         return out
+
+
+def peak_rss_mb() -> dict:
+    """Peak resident memory of this process and of its largest finished child (worker), in MB."""
+    kb = 1024  # Linux reports ru_maxrss in kilobytes
+    return {"main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb, 1),
+            "worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kb, 1)}
 
 
 def sample_order(n: int, spec: ShardSpec) -> np.ndarray:
@@ -139,6 +185,30 @@ def _spectra(v: Variant, b: _Batch) -> dict:
 PAYLOAD_BUILDERS = {"full": _full, "low": _low, "high": _high, "factors": _factors, "spectra": _spectra}
 
 
+class NullEngine:
+    """Backend ``none``: a benchmarking baseline that runs the whole pipeline without any SVD.
+
+    Low-rank variants receive copies of the image, high-rank zeros, spectra and factors ones: the same
+    arrays flow through quantization, encoding and writing, so only the SVD's cost is missing. Its
+    output is NOT rank-k data (the manifest's ``svd.backend`` says ``none``).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+
+    def describe(self) -> dict:
+        return {"backend": "none", "device": str(self.device), "dtype": "none",
+                "note": "SVD disabled (benchmark baseline): variants are copies, not rank-k"}
+
+    def materialize(self, x, low=(), high=(), factors=None, spectra=False) -> RankOutputs:
+        n, c, h, w = x.shape
+        ones = torch.ones(n, c, min(h, w), device=x.device)
+        f = None if factors is None else (torch.ones(n, c, h, factors), torch.ones(n, c, factors),
+                                          torch.ones(n, c, w, factors))
+        return RankOutputs({k: x.clone() for k in low}, {k: torch.zeros_like(x) for k in high},
+                           ones if spectra else None, f)
+
+
 def variant_payloads(engine: RankEngine, variants: list[Variant], images: np.ndarray) -> dict[str, dict]:
     """Run one decomposition over ``images`` (uint8 NHWC) and build every variant's arrays."""
     x = torch.from_numpy(images).to(engine.device).permute(0, 3, 1, 2).float() / 255
@@ -160,32 +230,63 @@ def _concat_payloads(parts: list[dict[str, dict]]) -> dict[str, dict]:
 
 
 @dataclass
+class _Chunk:
+    """What the SVD stage made of one decoded chunk: kept positions, their payloads, the skipped files."""
+
+    positions: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    payloads: dict[str, dict] | None
+    errors: list[dict]
+
+
+@dataclass
 class Materializer:
-    """Materializes one split: owns the engine, the layout and the worker pool for one run."""
+    """Materializes one split (or, under torchrun, this rank's share of it) and finalizes the manifests.
+
+    ``rank``/``world``: this process writes the shards ``i`` with ``i % world == rank``. ``strict``: the
+    first input that cannot be decoded stops the run instead of being skipped and recorded.
+    """
 
     source: Source
     spec: ShardSpec
     out: Path
     overwrite: bool = False
     show_progress: bool = True
+    strict: bool = False
+    rank: int = 0
+    world: int = 1
     stats: RunStats = field(default_factory=RunStats)
 
     def __post_init__(self):
+        if not 0 <= self.rank < self.world:
+            raise RankshardError(f"RANK={self.rank} is outside WORLD_SIZE={self.world}; check the launcher's env")
+        if self.overwrite and self.world > 1:
+            raise RankshardError("--overwrite with several processes would let one rank delete another's shards; "
+                                 "run once with a single process and --overwrite, or delete the folder first")
         self.layout = Layout(Path(self.out), self.spec.dataset, self.spec.split)
         self.variants = self.spec.variants()
         self.order = sample_order(len(self.source), self.spec)
         self.num_shards = -(-len(self.order) // self.spec.shard_size)
+        self.stats.rank, self.stats.world = self.rank, self.world
 
     # -- setup ------------------------------------------------------------------------------------
+    def _make_engine(self, backend: str):
+        if backend == "none":
+            return NullEngine(self.spec.device)
+        engine = RankEngine(backend, self.spec.device)
+        h, w = self.image_size
+        engine.decompose(torch.zeros(1, 3, h, w, device=engine.device) + 0.5)  # resolves "auto" for this size
+        return engine
+
     def _engine_and_config(self) -> tuple[RankEngine, dict, str]:
         """Resolve the SVD backend, then check the folder holds nothing made with another config."""
         recorded = read_json(self.layout.config_path) if self.layout.config_path.exists() else None
         backend = self.spec.backend
         if recorded and backend == "auto" and not self.overwrite:
-            backend = recorded["config"]["backend"]  # resume with the backend that wrote the first shards
-        engine = RankEngine(backend, self.spec.device)
-        h, w = self.image_size = self.source.load(self.order[:1])[0].shape[1:3]
-        engine.decompose(torch.zeros(1, 3, h, w, device=engine.device) + 0.5)  # resolves "auto" for this size
+            backend = recorded["config"]["backend"]  # resume (or join other ranks) with the recorded backend
+        self.image_size = tuple(self.source.image_size)
+        engine = self._make_engine(backend)
         self.spec = replace(self.spec, backend=engine.describe()["backend"], device=engine.device.type)
         cfg = self.spec.hashed_config(self.source.info)
         digest = config_hash(cfg)
@@ -197,15 +298,20 @@ class Materializer:
 
     def _clear(self) -> None:
         for child in self.layout.split_dir.iterdir():
-            if child.name != self.layout.lock_path.name:
+            if not child.name.startswith((".lock", ".listing")):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+    def _mine(self, index: int) -> bool:
+        return index % self.world == self.rank
 
     def _prepare_dirs(self, cfg: dict, digest: str) -> None:
         for v in self.variants:
             d = self.layout.variant_dir(v)
             d.mkdir(parents=True, exist_ok=True)
             for stale in d.glob(".*.partial"):  # left by a killed run; never a complete shard
-                stale.unlink()
+                index = stale.name[len(self.spec.split) + 2:].split(".")[0]
+                if index.isdigit() and self._mine(int(index)):  # other ranks may be writing theirs right now
+                    stale.unlink(missing_ok=True)
         write_json(self.layout.config_path, {"config": cfg, "config_hash": digest})
 
     def _done(self, index: int) -> bool:
@@ -213,60 +319,128 @@ class Materializer:
                    for v in self.variants)
 
     # -- the run ----------------------------------------------------------------------------------
-    def _job(self, engine: RankEngine, index: int, digest: str) -> ShardJob:
-        positions = np.arange(index * self.spec.shard_size, min((index + 1) * self.spec.shard_size, len(self.order)))
-        t0 = time.perf_counter()
-        images, labels, ids = self.source.load(self.order[positions])
-        t1 = time.perf_counter()
-        parts = [variant_payloads(engine, self.variants, images[i:i + self.spec.batch_size])
-                 for i in range(0, len(images), self.spec.batch_size)]
-        t2 = time.perf_counter()
-        self.stats.read += t1 - t0
-        self.stats.svd += t2 - t1
-        meta = {"key": [f"{p:08d}" for p in positions], "index": positions.tolist(), "label": labels.tolist(),
-                "source": ids, "class_name": [self.source.classes[y] for y in labels],
-                "height": images.shape[1], "width": images.shape[2]}
-        return ShardJob(index, self.layout.shard_name(index), self.variants,
-                        {v.name: str(self.layout.variant_dir(v)) for v in self.variants},
-                        _concat_payloads(parts), meta, self.spec.png_level, digest, len(self.source.classes))
-
     def run(self) -> dict:
-        """Write every missing shard, then the manifests; returns the run summary."""
+        """Write this process's missing shards, then the manifests if every shard exists; the run summary.
+
+        ``manifests`` is None when other ranks still have shards to write: the last rank to finish
+        (any rank that finds every shard done) writes them, so the call is idempotent.
+        """
         start = time.perf_counter()
-        self.layout.split_dir.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.layout.lock_path):
-            engine, cfg, digest = self._engine_and_config()
-            self._prepare_dirs(cfg, digest)
-            todo = [i for i in range(self.num_shards) if not self._done(i)]
-            self.stats.shards_skipped = self.num_shards - len(todo)
-            bar = Progress(sum(self._shard_len(i) for i in todo), f"{self.spec.dataset}/{self.spec.split}",
-                           enabled=self.show_progress)
+        _make_dir(self.layout.split_dir)
+        with RunLock(self.layout.split_dir, self.rank, self.world) as lock:
+            with lock.gate():  # one rank at a time resolves the backend and writes the config
+                engine, cfg, digest = self._engine_and_config()
+                self._prepare_dirs(cfg, digest)
+            todo = [i for i in range(self.num_shards) if self._mine(i) and not self._done(i)]
+            self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
+            desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
+            bar = Progress(sum(self._shard_len(i) for i in todo), desc, enabled=self.show_progress)
             self._write_all(engine, todo, digest, bar)
             bar.close()
             self.stats.wall = time.perf_counter() - start
-            manifests = finalize_manifests(self.layout, self.variants, self.num_shards, self.source, cfg, digest,
-                                           engine.describe(), self.stats.as_dict(), len(self.order),
-                                           self.image_size)
+            with lock.gate():
+                manifests = self._finalize(engine, cfg, digest)
         return {"layout": self.layout, "manifests": manifests, "stats": self.stats.as_dict()}
+
+    def _finalize(self, engine, cfg: dict, digest: str) -> dict | None:
+        if not all(self._done(i) for i in range(self.num_shards)):
+            return None
+        records = [read_json(self.layout.record_path(self.variants[0], i)) for i in range(self.num_shards)]
+        errors = [e for r in records for e in r.get("errors", [])]
+        num_samples = sum(r["num_samples"] for r in records)
+        return finalize_manifests(self.layout, self.variants, self.num_shards, self.source, cfg, digest,
+                                  engine.describe(), self.stats.as_dict(), num_samples, self.image_size, errors)
 
     def _shard_len(self, index: int) -> int:
         return min(self.spec.shard_size, len(self.order) - index * self.spec.shard_size)
 
-    def _write_all(self, engine: RankEngine, todo: list[int], digest: str, bar: Progress) -> None:
+    def _plan(self, todo: list[int]) -> list[tuple[int, np.ndarray]]:
+        """(shard, output positions) per chunk: chunks of ``batch_size`` that never cross a shard."""
+        plan = []
+        for index in todo:
+            lo, hi = index * self.spec.shard_size, index * self.spec.shard_size + self._shard_len(index)
+            plan += [(index, np.arange(p, min(p + self.spec.batch_size, hi))) for p in range(lo, hi, self.spec.batch_size)]
+        return plan
+
+    def _decoded(self, plan, pool) -> Iterator[tuple[int, np.ndarray, Loaded]]:
+        """Decoded chunks in plan order; with a pool, up to 2 chunks per worker are decoded ahead."""
+        if pool is None or not getattr(self.source, "decode_in_workers", False):
+            for shard, positions in plan:
+                t0 = time.perf_counter()
+                loaded = self._load_job(positions).run()
+                self.stats.read += time.perf_counter() - t0
+                yield shard, positions, loaded
+            return
+        jobs = iter(plan)
+        submit = lambda s, p: (s, p, pool.apply_async(run_job, (self._load_job(p),)))  # noqa: E731
+        pending = collections.deque(submit(s, p) for s, p in itertools.islice(jobs, 2 * self.spec.workers))
+        while pending:
+            shard, positions, result = pending.popleft()
+            t0 = time.perf_counter()
+            loaded = result.get()
+            self.stats.read += time.perf_counter() - t0
+            self.stats.decode += loaded.seconds
+            nxt = next(jobs, None)
+            if nxt is not None:
+                pending.append(submit(*nxt))
+            yield shard, positions, loaded
+
+    def _load_job(self, positions: np.ndarray):
+        return self.source.load_job(self.order[positions], positions)
+
+    def _decompose(self, engine, positions: np.ndarray, loaded: Loaded) -> _Chunk:
+        if loaded.errors and self.strict:
+            e = loaded.errors[0]
+            raise SourceError(f"{e['source']}: {e['reason']} (--strict stops at the first bad input; without it, "
+                              "bad inputs are skipped and listed in the manifest's errors)")
+        t0 = time.perf_counter()
+        payloads = variant_payloads(engine, self.variants, loaded.images) if len(loaded.images) else None
+        self.stats.svd += time.perf_counter() - t0
+        return _Chunk(positions[loaded.keep], loaded.labels, loaded.ids, payloads, loaded.errors)
+
+    def _shard_job(self, index: int, chunks: list[_Chunk], digest: str) -> ShardJob:
+        positions = np.concatenate([c.positions for c in chunks])
+        labels = np.concatenate([c.labels for c in chunks]).astype(np.int64)
+        parts = [c.payloads for c in chunks if c.payloads is not None]
+        payloads = _concat_payloads(parts) if parts else _empty_payloads(self.variants, self.image_size)
+        names = getattr(self.source, "class_names", None) or self.source.classes
+        meta = {"key": [f"{p:08d}" for p in positions], "index": positions.tolist(), "label": labels.tolist(),
+                "source": [i for c in chunks for i in c.ids], "class_name": [names[y] for y in labels],
+                "height": self.image_size[0], "width": self.image_size[1],
+                "errors": [e for c in chunks for e in c.errors]}
+        return ShardJob(index, self.layout.shard_name(index), self.variants,
+                        {v.name: str(self.layout.variant_dir(v)) for v in self.variants},
+                        payloads, meta, self.spec.png_level, digest, len(self.source.classes))
+
+    @contextlib.contextmanager
+    def _pool(self):
         if self.spec.workers == 0:
-            for index in todo:
-                self._collect(write_shard_job(self._job(engine, index, digest)), bar)
+            yield None
             return
         # spawn, not fork: forking a process that has run torch/OpenMP threads can deadlock the child
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(self.spec.workers) as pool:
-            pending: collections.deque = collections.deque()
-            for index in todo:
-                pending.append(pool.apply_async(write_shard_job, (self._job(engine, index, digest),)))
-                while len(pending) > self.spec.workers:  # bounded: memory stays flat
-                    self._collect(pending.popleft().get(), bar)
-            while pending:
-                self._collect(pending.popleft().get(), bar)
+        with mp.get_context("spawn").Pool(self.spec.workers) as pool:
+            yield pool
+
+    def _write_all(self, engine, todo: list[int], digest: str, bar: Progress) -> None:
+        with self._pool() as pool:
+            writes: collections.deque = collections.deque()
+            decoded = self._decoded(self._plan(todo), pool)
+            for index, chunks in itertools.groupby(decoded, key=lambda c: c[0]):
+                job = self._shard_job(index, [self._decompose(engine, p, ld) for _, p, ld in chunks], digest)
+                if pool is None:
+                    self._collect(write_shard_job(job), bar)
+                    continue
+                writes.append(pool.apply_async(write_shard_job, (job,)))
+                while len(writes) > self.spec.workers:  # bounded: memory stays flat
+                    self._collect(self._wait(writes.popleft()), bar)
+            while writes:
+                self._collect(self._wait(writes.popleft()), bar)
+
+    def _wait(self, result):
+        t0 = time.perf_counter()
+        out = result.get()
+        self.stats.write_wait += time.perf_counter() - t0
+        return out
 
     def _collect(self, result: tuple[int, float, list[dict]], bar: Progress) -> None:
         index, seconds, records = result
@@ -274,7 +448,26 @@ class Materializer:
         self.stats.shards_written += 1
         n = records[0]["num_samples"]
         self.stats.images += n
-        bar.update(n)
+        self.stats.skipped_files += len(records[0].get("errors", []))
+        bar.update(n + len(records[0].get("errors", [])))
+
+
+def _empty_payloads(variants: list[Variant], size: tuple[int, int]) -> dict[str, dict]:
+    """Payloads of a shard whose every input was skipped: zero-length arrays of the right shapes."""
+    h, w = size
+    base = {"energy": np.zeros((0, 3)), "clip_fraction": np.zeros(0), "leak": np.zeros(0)}
+    arrays = {"png": {"image": np.zeros((0, h, w, 3), np.uint8)}, "npy": {"image": np.zeros((0, h, w, 3), np.float16)},
+              "factors": {"u": np.zeros((0, 3, h, 1)), "s": np.zeros((0, 3, 1)), "v": np.zeros((0, 3, w, 1))},
+              "spectra": {"s": np.zeros((0, 3, min(h, w)))}}
+    return {v.name: {**base, **arrays[v.encoding]} for v in variants}
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RankshardError(f"{folder}: cannot create the output folder ({exc.strerror}); choose another --out "
+                             "or fix its permissions") from exc
 
 
 def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
@@ -285,6 +478,6 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,
-                      show_progress: bool = True) -> dict:
+                      show_progress: bool = True, strict: bool = False, rank: int = 0, world: int = 1) -> dict:
     """Materialize one split of a dataset into ``out``; resumes where a previous run stopped."""
-    return Materializer(source, spec, Path(out), overwrite, show_progress).run()
+    return Materializer(source, spec, Path(out), overwrite, show_progress, strict, rank, world).run()

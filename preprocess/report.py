@@ -15,14 +15,25 @@ def summary_rows(result: dict) -> list[tuple]:
 def print_summary(result: dict) -> None:
     """A table per variant plus where the time went, so users see the bottleneck."""
     layout, stats = result["layout"], result["stats"]
-    header = ("variant", "shards", "samples", "MB", "energy", "clipped", "leak")
-    rows = [header] + summary_rows(result)
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-    print(f"\n{layout.split_dir}")
-    for r in rows:
-        print("  " + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
-    svd = next(iter(result["manifests"].values()))["svd"]
+    if result["manifests"] is None:
+        print(f"\n{layout.split_dir}: rank {stats['rank']}/{stats['world']} wrote its shards; other ranks are "
+              "still writing theirs, and the last one to finish writes the manifests")
+    else:
+        header = ("variant", "shards", "samples", "MB", "energy", "clipped", "leak")
+        rows = [header] + summary_rows(result)
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        print(f"\n{layout.split_dir}")
+        for r in rows:
+            print("  " + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+        errors = next(iter(result["manifests"].values()))["errors"]
+        if errors:
+            print(f"  {len(errors)} inputs skipped (listed in manifest.json 'errors'), e.g. "
+                  f"{errors[0]['source']}: {errors[0]['reason']}")
     print(f"  {stats['images']} images written, {stats['shards_written']} shards "
           f"({stats['shards_skipped']} already done) in {stats['wall']:.1f} s = {stats['images_per_s'] or 0:,.0f} img/s")
-    print(f"  time: read {stats['read']:.1f} s, svd+quantize {stats['svd']:.1f} s ({svd['backend']} on "
-          f"{svd['device']}), encode+write {stats['encode_write']:.1f} s (summed over workers)")
+    print(f"  time: read/decode {stats['read']:.1f} s waited ({stats.get('decode', 0):.1f} s in workers), "
+          f"svd+quantize {stats['svd']:.1f} s, encode+write {stats['encode_write']:.1f} s in workers "
+          f"({stats.get('write_wait', 0):.1f} s waited)")
+    rss = stats.get("peak_rss_mb") or {}
+    if rss:
+        print(f"  peak RSS: main {rss['main']:,.0f} MB, largest worker {rss['worker']:,.0f} MB")

@@ -25,7 +25,7 @@ class ShardJob:
     variants: list[Variant]
     dirs: dict[str, str]            # variant name -> folder
     payloads: dict[str, dict]       # variant name -> {"image"|"u"|"s"|"v", "energy", "clip_fraction", "leak"}
-    meta: dict                      # "key", "index", "label", "source", "class_name", "height", "width"
+    meta: dict                      # "key", "index", "label", "source", "class_name", "height", "width", "errors"
     png_level: int
     config_hash: str
     num_classes: int
@@ -55,7 +55,8 @@ def write_shard_job(job: ShardJob) -> tuple[int, float, list[dict]]:
     records = []
     for variant in job.variants:
         record = _write_variant(job, variant)
-        entry = {**asdict(record), "stats": _shard_stats(job, variant), "config_hash": job.config_hash}
+        entry = {**asdict(record), "stats": _shard_stats(job, variant), "config_hash": job.config_hash,
+                 "errors": job.meta.get("errors", [])}  # inputs skipped in this shard, for the manifest
         sidecar = Path(job.dirs[variant.name]) / ".progress" / f"{job.shard_name}.json"
         sidecar.parent.mkdir(exist_ok=True)
         tmp = sidecar.with_suffix(".tmp")

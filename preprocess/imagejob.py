@@ -1,0 +1,124 @@
+"""Running the materialization of an image dataset (ImageNet, ImageFolder, WebDataset shards).
+
+Builds the cached listing, the geometry and the torchrun placement, then hands over to the pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import RankshardError
+from .images import Geometry
+from .listing import FileSource, Listing, cached_listing, source_info
+from .pipeline import materialize_split
+from .spec import ShardSpec
+
+# torchvision's evaluation geometry for val (Resize 256, CenterCrop 224); train images are stored at the
+# 224 x 224 the network sees, so that rank k means the same thing in training and evaluation.
+DEFAULT_GEOMETRY = {"train": (224, 224), "val": (256, 224)}
+
+
+def default_geometry(split: str, resize: int | None, crop: int | None, max_pixels: int | None = None) -> Geometry:
+    """Geometry from --resize/--crop, with the split's defaults for whatever was not given."""
+    base_resize, base_crop = DEFAULT_GEOMETRY.get(split, DEFAULT_GEOMETRY["val"])
+    crop = crop or base_crop
+    resize = resize or max(base_resize, crop)
+    try:
+        return Geometry(resize, crop, **({"max_pixels": max_pixels} if max_pixels else {}))
+    except ValueError as exc:
+        raise RankshardError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which share of the shards this process writes, and on which device (torchrun's environment)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Placement":
+        try:
+            return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+        except ValueError as exc:
+            raise RankshardError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from None
+
+    def device(self, requested: str | None) -> str:
+        """cuda:LOCAL_RANK when CUDA is present (or 'cuda' was asked for), else what was requested or cpu."""
+        import torch
+
+        if requested and requested != "cuda":
+            return requested
+        if requested == "cuda" or torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return "cpu"
+
+
+def cache_dir(out: Path, dataset: str, split: str) -> Path:
+    return Path(out) / dataset / split / ".listing"
+
+
+def md5_cached(folder: Path, compute: Callable[[Path], str]) -> Callable[[Path], str]:
+    """``compute`` (an md5 of a 140 GB archive takes minutes) remembered per (path, size, mtime) in ``folder``."""
+    def md5_of(path: Path) -> str:
+        st = path.stat()
+        key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        store = folder / "md5.json"
+        known = json.loads(store.read_text()) if store.exists() else {}
+        if key not in known:
+            known[key] = compute(path)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".md5.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, store)
+        return known[key]
+    return md5_of
+
+
+def file_source(listing_fn: Callable[[], Listing], signature: dict, root: Path, geometry: Geometry,
+                cache: Path | None, checksum_verified: bool = False) -> FileSource:
+    """A FileSource over the cached (or freshly built) listing."""
+    start = time.perf_counter()
+    listing, cached = cached_listing(cache, signature, listing_fn)
+    info = source_info(listing, root, checksum_verified, cached, time.perf_counter() - start)
+    return FileSource(listing, geometry, info)
+
+
+def imagenet_source(source: Path, split: str, geometry: Geometry, cache: Path | None, devkit: Path | None = None,
+                    verify_md5: bool = False) -> FileSource:
+    """ILSVRC2012 ``split`` from any supported layout under ``source``."""
+    from .imagenet import detect, list_imagenet, signature, verify_archives
+    from .sources import file_md5
+
+    found = detect(source, split, devkit)
+    verified = verify_md5 and verify_archives(found, md5_cached(cache, file_md5) if cache else file_md5)
+    return file_source(lambda: list_imagenet(found), signature(found), found.path, geometry, cache, bool(verified))
+
+
+def folder_source(root: Path, geometry: Geometry, cache: Path | None) -> FileSource:
+    """Any ``root/<class>/<image>`` tree (ImageFolder convention)."""
+    from .sources import class_dirs, folder_signature, list_folder
+
+    sig = {"kind": "folder", "tree": folder_signature(root, class_dirs(root))}
+    return file_source(lambda: list_folder(root), sig, root, geometry, cache)
+
+
+def wds_source(pattern: str, geometry: Geometry, cache: Path | None) -> FileSource:
+    """Existing WebDataset shards (``jpg``/``png``/``webp`` + ``cls``), brace-expanded."""
+    from .sources import expand_urls, list_wds, wds_signature
+
+    urls = expand_urls(pattern)
+    return file_source(lambda: list_wds(urls), {"kind": "wds", "urls": wds_signature(urls)}, Path(pattern),
+                       geometry, cache)
+
+
+def run_image_job(source: FileSource, spec: ShardSpec, out: Path, overwrite: bool = False, strict: bool = False,
+                  placement: Placement = Placement(), show_progress: bool = True) -> dict:
+    """Materialize this process's share; the manifests come back once every shard exists."""
+    return materialize_split(source, spec, out, overwrite=overwrite, show_progress=show_progress, strict=strict,
+                             rank=placement.rank, world=placement.world)

@@ -1,0 +1,174 @@
+"""Listings of generic image datasets: ImageFolder trees and existing WebDataset shards; tar helpers.
+
+Tars are never extracted: their member headers are scanned once and each image is recorded by its
+byte offset, so readers ``pread`` the bytes in place (an uncompressed tar stores members verbatim).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SourceError
+from .listing import Listing
+
+# torchvision's ImageFolder extensions (matched case-insensitively): others are ignored, not errors
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class _Window(io.RawIOBase):
+    """A read-only, seekable view of ``size`` bytes at ``start`` of an open file (a tar inside a tar)."""
+
+    def __init__(self, f, start: int, size: int):
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        data = os.pread(self.f.fileno(), n, self.start + self.pos)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def tar_members(f, start: int = 0, size: int | None = None, what: str = "tar") -> list[tuple[str, int, int]]:
+    """``(name, absolute data offset, size)`` of every regular file in the (uncompressed) tar at ``start``."""
+    size = os.fstat(f.fileno()).st_size - start if size is None else size
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(_Window(f, start, size), 1 << 16), mode="r:") as tar:
+            return [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
+    except tarfile.ReadError as exc:
+        raise SourceError(f"{what}: not a readable uncompressed tar ({exc}). Compressed tars cannot be read "
+                          "in place: decompress it once (the ImageNet archives are plain tars).") from exc
+
+
+def file_md5(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def _listing(kind: str, rows: list[tuple[str, int, int, int, str]], containers: list[str],
+             classes, class_names=None, extra=None) -> Listing:
+    """Listing from rows ``(container index, offset, size, label, id)``."""
+    cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
+    return Listing(containers, np.asarray(cols[0], dtype=np.int32), np.asarray(cols[1], dtype=np.int64),
+                   np.asarray(cols[2], dtype=np.int64), np.asarray(cols[3], dtype=np.int64), list(cols[4]),
+                   tuple(classes), tuple(class_names or classes), kind, dict(extra or {}))
+
+
+# -- ImageFolder ------------------------------------------------------------------------------------------
+
+
+def class_dirs(root: Path) -> list[str]:
+    """Sorted class folder names of an ImageFolder root (hidden folders skipped)."""
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder. Pass the root of a <class>/<image> tree.")
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise SourceError(f"{root}: no class folders inside; expected ROOT/<class>/<image> (ImageFolder layout)")
+    return names
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files below ``folder`` (recursive, symlinks followed), relative, sorted."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, folder)
+        found += [os.path.normpath(os.path.join(rel, n)) for n in filenames
+                  if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith(".")]
+    return sorted(found)
+
+
+def folder_signature(root: Path, classes: list[str]) -> list:
+    """Cheap change detector for a tree: a folder's mtime changes whenever a file is added or removed."""
+    return [str(root.resolve()), [(c, (root / c).stat().st_mtime_ns) for c in classes]]
+
+
+def list_folder(root: Path, kind: str = "folder", class_names: dict[str, str] | None = None,
+                prefix: str = "") -> Listing:
+    """ImageFolder listing: class index = position of the folder name in sorted order."""
+    classes = class_dirs(root)
+    containers, rows = [], []
+    for label, cls in enumerate(classes):
+        for rel in _image_files(root / cls):
+            rows.append((len(containers), 0, -1, label, f"{prefix}{cls}/{rel}"))
+            containers.append(str(root / cls / rel))
+    if not rows:
+        raise SourceError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    names = [class_names.get(c, c) for c in classes] if class_names else None
+    return _listing(kind, rows, containers, classes, names)
+
+
+# -- existing WebDataset shards ------------------------------------------------------------------------
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """Brace-expand ``shards-{000000..000099}.tar`` (several patterns may be joined with '::')."""
+    import braceexpand
+
+    return [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
+
+
+def _wds_samples(path: str) -> list[tuple[str, int, int, int]]:
+    """(key, image offset, image size, class) per sample of one WebDataset tar (members grouped by key)."""
+    samples: dict[str, dict] = {}
+    with open(path, "rb") as f:
+        for name, offset, size in tar_members(f, what=path):
+            base = os.path.basename(name)
+            key, _, ext = base.partition(".")
+            key = os.path.join(os.path.dirname(name), key)
+            sample = samples.setdefault(key, {})
+            if ext.lower() in WDS_IMAGE_EXTS and "image" not in sample:
+                sample["image"] = (offset, size)
+            elif ext == "cls":
+                sample["cls"] = int(os.pread(f.fileno(), size, offset).decode().strip())
+    out = []
+    for key, s in samples.items():
+        if "image" not in s or "cls" not in s:
+            raise SourceError(f"{path}: sample {key!r} lacks an image ({'/'.join(WDS_IMAGE_EXTS)}) or a .cls "
+                              "member; the wds source needs both")
+        out.append((key, *s["image"], s["cls"]))
+    return out
+
+
+def list_wds(urls: list[str]) -> Listing:
+    """Listing of existing shards, in shard then member order; classes are the integers seen (0..max)."""
+    rows, containers = [], []
+    for url in urls:
+        if not Path(url).is_file():
+            raise SourceError(f"{url}: no such shard (only local paths are read; download remote shards first)")
+        for key, offset, size, cls in _wds_samples(url):
+            rows.append((len(containers), offset, size, cls, f"{Path(url).name}:{key}"))
+        containers.append(url)
+    if not rows:
+        raise SourceError(f"{urls[0] if urls else 'wds'}: no samples found")
+    num_classes = max(r[3] for r in rows) + 1
+    if min(r[3] for r in rows) < 0:
+        raise SourceError("wds source: negative .cls values; classes must be 0..C-1")
+    return _listing("wds", rows, containers, [str(c) for c in range(num_classes)])
+
+
+def wds_signature(urls: list[str]) -> list:
+    return [(str(Path(u).resolve()), Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls
+            if Path(u).is_file()]

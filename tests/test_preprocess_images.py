@@ -1,0 +1,121 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from preprocess.images import BadImage, Geometry, decode, open_image, transform
+from preprocess.matfile import read_mat
+from preprocess.synth import class_images
+from preprocess.synthtree import bomb_png, odd_files
+
+IMAGE = class_images(2, 1, (40, 56), seed=5)[0]
+
+
+@pytest.mark.parametrize("name", sorted(odd_files(IMAGE)))
+def test_each_odd_file_decodes_or_is_refused_with_its_reason(name):
+    data, outcome = odd_files(IMAGE)[name]
+    geometry = Geometry(32, 32)
+    if outcome == "ok":
+        out = decode(data, geometry)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    else:
+        with pytest.raises(BadImage, match=outcome):
+            decode(data, geometry)
+
+
+def test_mode_conversions_match_independent_formulas():
+    # greyscale: R = G = B = L
+    gray = open_image(odd_files(IMAGE)["odd_gray.JPEG"][0])
+    arr = np.asarray(gray)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    # RGBA at alpha 128 composited on white: out = (c * a + 255 * (255 - a)) / 255
+    rgba = np.concatenate([IMAGE, np.full(IMAGE.shape[:2] + (1,), 128, np.uint8)], axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, "PNG")
+    out = np.asarray(open_image(buf.getvalue())).astype(np.float64)
+    ref = (IMAGE.astype(np.float64) * 128 + 255 * 127) / 255
+    assert np.abs(out - ref).max() <= 1.0
+    # 16-bit greyscale scales 0..65535 to 0..255 instead of clipping
+    wide = Image.fromarray(IMAGE[..., 0].astype(np.uint16) * 257)
+    buf = io.BytesIO()
+    wide.save(buf, "PNG")
+    assert np.abs(np.asarray(open_image(buf.getvalue()))[..., 0].astype(int) - IMAGE[..., 0]).max() <= 1
+    # a PNG named .JPEG decodes by content and is lossless
+    assert (np.asarray(open_image(odd_files(IMAGE)["odd_png_named.JPEG"][0])) == IMAGE).all()
+
+
+def test_bomb_is_refused_before_decoding_and_limit_is_configurable():
+    with pytest.raises(BadImage, match="decompression bomb"):
+        open_image(bomb_png(20_000, 20_000))       # 4e8 pixels: under PIL's own error threshold, over ours
+    png = odd_files(IMAGE)["odd_png_named.JPEG"][0]
+    with pytest.raises(BadImage, match="40x56|56x40"):
+        open_image(png, max_pixels=1000)
+
+
+@pytest.mark.parametrize("size", [(40, 56), (56, 40), (37, 37)])
+def test_geometry_is_shorter_side_resize_then_center_crop(size):
+    h, w = size
+    img = class_images(1, 1, size, seed=2)[0]
+    g = Geometry(resize=30, crop=24)
+    out = transform(Image.fromarray(img), g)
+    # reference: torchvision's formulas, written out
+    short, long = min(h, w), max(h, w)
+    new_long = int(30 * long / short)
+    new_w, new_h = (30, new_long) if w <= h else (new_long, 30)
+    resized = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR))
+    top, left = int(round((new_h - 24) / 2.0)), int(round((new_w - 24) / 2.0))
+    assert out.shape == (24, 24, 3)
+    assert (out == resized[top:top + 24, left:left + 24]).all()
+
+
+def test_resize_is_antialiased():
+    # a one-pixel checkerboard shrunk 4x must average to grey, not alias into a pattern
+    board = ((np.indices((128, 128)).sum(0) % 2) * 255).astype(np.uint8)
+    out = transform(Image.fromarray(np.stack([board] * 3, -1)), Geometry(32, 32)).astype(float)
+    assert abs(out.mean() - 127.5) < 3 and out.std() < 3
+
+
+def test_geometry_rejects_crop_larger_than_resize():
+    with pytest.raises(ValueError, match="resize >= crop"):
+        Geometry(200, 224)
+
+
+def _meta_mat(compressed: bool) -> bytes:
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((4, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    rows = [(1, "n01440764", "tench, Tinca tinca", 0), (2, "n01443537", "goldfish, Carassius auratus", 0),
+            (3, "n01484850", "great white shark", 0), (1001, "n00001740", "entity", 3)]
+    for i, (sid, wnid, words, children) in enumerate(rows):
+        recs[i, 0] = (np.array([[sid]], dtype=np.float64), wnid, words, np.array([[children]], dtype=np.float64))
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"synsets": recs}, do_compression=compressed)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_mat_reader_against_scipy_written_devkit_meta(compressed):
+    from preprocess.imagenet import devkit_synsets
+
+    mat = read_mat(_meta_mat(compressed))
+    assert mat["synsets"].dims == (4, 1) and mat["synsets"].fields[:2] == ["ILSVRC2012_ID", "WNID"]
+    assert devkit_synsets(_meta_mat(compressed)) == {
+        1: ("n01440764", "tench, Tinca tinca"), 2: ("n01443537", "goldfish, Carassius auratus"),
+        3: ("n01484850", "great white shark")}
+
+
+def test_mat_reader_numeric_and_char_arrays_against_scipy():
+    scipy_io = pytest.importorskip("scipy.io")
+    a = np.arange(12, dtype=np.float64).reshape(3, 4)
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"a": a, "s": "hello", "i": np.array([[7]], dtype=np.int32)})
+    mat = read_mat(buf.getvalue())
+    assert np.array_equal(np.asarray(mat["a"].data).reshape(mat["a"].dims, order="F"), a)
+    assert mat["s"].scalar() == "hello" and mat["i"].scalar() == 7
+
+
+def test_mat_reader_refuses_other_files():
+    from preprocess.errors import SourceError
+
+    with pytest.raises(SourceError, match="level-5 MAT-file"):
+        read_mat(b"not a mat file" * 20)
