@@ -71,19 +71,28 @@ def rrc_params(height: int, width: int, g: torch.Generator, scale=RRC_SCALE, rat
 def resized_crop(x: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
     """Crop ``box`` (top, left, h, w) of [C,H,W] ``x`` and resize bilinearly (antialiased, as torchvision)."""
     i, j, h, w = box
-    crop = x[None, :, i:i + h, j:j + w]
+    crop = x[None, :, i:i + h, j:j + w].float()  # only the crop is converted (uint8 input: 0..255 scale kept)
     if (h, w) == tuple(size):
         return crop[0]
     return F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def imagenet(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) then a horizontal flip of half the batch."""
+    """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) then RandomHorizontalFlip, per image.
+
+    Draws in torchvision's order (crop box, then flip coin, image after image), so a per-sample
+    torchvision pipeline on the same generator picks the same boxes. The flip is applied to the crop
+    before resizing (the resize kernel is symmetric, so they commute) while it is still small.
+    """
     _, c, h, w = x.shape
-    out = torch.empty(len(x), c, *size, device=x.device, dtype=x.dtype)
+    out = torch.empty(len(x), c, *size, device=x.device, dtype=torch.float32)  # same scale as x (0..255 for uint8)
     for n in range(len(x)):
-        out[n] = resized_crop(x[n], rrc_params(h, w, g), size)
-    return _flip(out, g)
+        i, j, bh, bw = rrc_params(h, w, g)
+        crop = x[n, :, i:i + bh, j:j + bw]
+        if torch.rand(1, generator=g).item() < 0.5:
+            crop = crop.flip(-1)
+        out[n] = resized_crop(crop, (0, 0, bh, bw), size)
+    return out
 
 
 def center(x: torch.Tensor, size: tuple[int, int], g: torch.Generator | None = None) -> torch.Tensor:
@@ -95,8 +104,9 @@ def center(x: torch.Tensor, size: tuple[int, int], g: torch.Generator | None = N
     return x[..., top:top + size[0], left:left + size[1]]
 
 
-# Augmentations that only move pixels (no interpolation) and can run on uint8 batches.
-INTEGER_SAFE = frozenset({"none", "cifar"})
+# Augmentations that accept uint8 batches and keep their 0..255 scale (the loaders divide once, after):
+# converting only what survives the crop is cheaper than converting whole stored images.
+UINT8_INPUT = frozenset({"none", "cifar", "imagenet"})
 
 AUGMENTS: dict[str, Callable[[torch.Tensor, tuple[int, int], torch.Generator], torch.Tensor]] = {
     "none": center, "cifar": cifar, "imagenet": imagenet,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from preprocess.engine import RankEngine
 
-from .augment import AUGMENTS, INTEGER_SAFE
+from .augment import AUGMENTS, UINT8_INPUT
 from .config import LoaderConfig
 from .decode import decode_sample
 from .errors import LoaderError, LoaderWarning, shard_error
@@ -76,9 +76,10 @@ class BatchTransform:
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        if self.rank is None and self.augment in INTEGER_SAFE:
-            # pixel moves commute with the [0, 1] scaling: move uint8, convert once at the end
-            return _to_float(AUGMENTS[self.augment](x, self.size, g))
+        if self.rank is None and self.augment in UINT8_INPUT:
+            # crops, flips and resizing commute with the [0, 1] scaling: augment first, scale once after
+            out = AUGMENTS[self.augment](x, self.size, g)
+            return out.to(torch.float32).div_(255) if x.dtype == torch.uint8 else out.to(torch.float32).contiguous()
         x = _to_float(x)
         if self.rank is not None and len(x):
             mode, k = self.rank
