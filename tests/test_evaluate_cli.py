@@ -21,6 +21,14 @@ from train.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets on a shared 2-core machine: extra threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo shards (60 test images in 3 shards) and untrained width-4 checkpoints: plumbing, not accuracy."""

@@ -59,7 +59,7 @@ def ckpts(tmp_path_factory):
     """Paths of a net trained on full-rank images and one trained on rank-4 images."""
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("ckpts")
-    x, y = _tensors(8, seed=0)
+    x, y = _tensors(6, seed=0)
     x4 = RankEngine("torch", "cpu").low_rank(x, [4])[4].clamp(0, 1)
     paths = {}
     for name, inputs, variant in (("natural", x, "full"), ("rank4", x4, "rank-004")):
