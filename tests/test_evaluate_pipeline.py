@@ -121,6 +121,8 @@ def test_pgd_eval_stays_in_ball_and_reaches_targets(ckpts, shards):
     small = PGDEvalConfig(PGDConfig("linf", "8/255", 5, targeted=True), seed=3)
     records = pgd_records(ck.model, data.batches(0, 1), 10, small, "cpu")
     assert len(records) == 40 and max(r["delta"] for r in records.values()) <= 8 / 255 * (1 + 1e-6)
+    # parameters stayed frozen: no weight gradient was built, and requires_grad is restored
+    assert all(p.grad is None and p.requires_grad for p in ck.model.parameters())
     assert all(r["target"] != r["label"] and 0 <= r["target"] < 10 for r in records.values())
     # a large budget on an undefended net: (nearly) every sample is pushed to its target
     big = PGDEvalConfig(PGDConfig("linf", 0.5, 20, targeted=True), seed=3)
