@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluate.checkpoints import load_checkpoints
-from evaluate.data import shard_data, tensor_data
+from evaluate.data import shard_data
 from evaluate.distributed import DistContext, merge_by_key
 from evaluate.robustness import PGDEvalConfig, attack_batch, pgd_records, sample_generators, summarize_pgd
 from evaluate.runs import run_accuracy, run_pgd, run_spectrum
@@ -22,7 +22,7 @@ from preprocess.engine import RankEngine, reference_low_rank
 from preprocess.pipeline import ArraySource, materialize_split
 from preprocess.spec import ShardSpec
 from preprocess.synth import labelled_images
-from train.attacks import PGDConfig, random_targets
+from train.attacks import PGDConfig
 from train.checkpoint import checkpoint_payload, save_checkpoint
 from train.models import build_model
 
