@@ -20,7 +20,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +79,28 @@ class PGDConfig:
         return 2.5 * self.eps / self.steps if self.steps else 0.0
 
 
+# One generator for the whole batch, or one per sample: per-sample generators make a sample's random start
+# independent of the batch it lands in (batch size, DDP rank), so distributed evaluation is reproducible.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def uniform_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """U[0, 1) noise shaped like ``x``, drawn from one generator or from ``generator[i]`` for sample ``i``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != len(x):
+        raise ValueError(f"pgd: got {len(generator)} per-sample generators for a batch of {len(x)}")
+    return torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+
+
 class LinfStep:
     """L-inf ball: uniform random start in the box, sign-gradient step, clamp to the eps box."""
 
     def __init__(self, orig: torch.Tensor, eps: float, step_size: float):
         self.orig, self.eps, self.step_size = orig, eps, step_size
 
-    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def random_perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+        noise = uniform_noise(x, generator)
         return torch.clamp(x + 2 * (noise - 0.5) * self.eps, 0, 1)
 
     def step(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -103,9 +117,9 @@ class L2Step:
     def __init__(self, orig: torch.Tensor, eps: float, step_size: float):
         self.orig, self.eps, self.step_size = orig, eps, step_size
 
-    def random_perturb(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def random_perturb(self, x: torch.Tensor, generator: Generators) -> torch.Tensor:
         # As robustness: centred uniform noise rescaled to norm <= eps (in high dimension: ~= eps).
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 0.5
+        noise = uniform_noise(x, generator) - 0.5
         return torch.clamp(x + noise.renorm(p=2, dim=0, maxnorm=self.eps), 0, 1)
 
     def step(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -156,7 +170,7 @@ def _keep_best(best_x: torch.Tensor | None, best_loss: torch.Tensor | None, x: t
 
 
 def _run(model: nn.Module, x: torch.Tensor, goal: torch.Tensor, sign: float, cfg: PGDConfig,
-         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         generator: Generators) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One PGD run from one random start: (adversarial x, its objective or None if not needed)."""
     step = STEPS[cfg.norm](x, cfg.eps, cfg.alpha)
     adv = step.random_perturb(x, generator) if cfg.random_start else x.clone()
@@ -191,14 +205,15 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, target: torc
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, target: torch.Tensor | None = None,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: Generators = None) -> torch.Tensor:
     """Adversarial examples for ``x`` (in [0, 1]) within ``cfg``'s eps-ball, detached, same shape/dtype.
 
     Untargeted: maximizes CE(model(x'), y). Targeted: minimizes CE(model(x'), target). Parameters are frozen
     during the attack (``requires_grad`` restored afterwards; no ``.grad`` touched). Train/eval mode is the
     caller's choice and is left as is: use ``model.eval()`` for evaluation, and also during adversarial
     training as ``robustness`` does, or BatchNorm statistics absorb the attack iterates. Random starts draw
-    from ``generator`` (on ``x``'s device), so a seeded generator gives reproducible examples.
+    from ``generator`` (on ``x``'s device), so a seeded generator gives reproducible examples; a sequence of
+    generators (one per sample) makes each sample's examples independent of the rest of the batch.
     """
     _check_inputs(x, y, cfg, target)
     goal, sign = (target, -1.0) if cfg.targeted else (y, 1.0)

@@ -1,0 +1,72 @@
+"""Checkpoints as evaluation sees them: a display name, the model, and checks that it fits the data."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from train.checkpoint import model_from_checkpoint
+
+from .data import EvalData
+from .errors import EvaluationError
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A model in eval mode on its device, with what the tables show about it."""
+
+    name: str            # column/legend label: NAME from NAME=PATH, else the file stem (made unique)
+    path: str
+    model: nn.Module
+    num_classes: int
+    input_size: int | None
+    trained_on: str      # payload data.variant when recorded (e.g. rank-010), else "?"
+
+
+def split_names(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """``["natural=a.pt", "runs/b/ckpt.pt"]`` -> ``[("natural", "a.pt"), ("b-ckpt", ...)]``; names unique."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        pairs.append((name, path) if sep and name and not Path(spec).exists() else (Path(spec).stem, spec))
+    counts: dict[str, int] = {}
+    for name, _ in pairs:
+        counts[name] = counts.get(name, 0) + 1
+    # Stems collide for runs/*/last.pt: prefix the parent folder so every column stays distinguishable.
+    named = [(f"{Path(p).parent.name}-{n}" if counts[n] > 1 else n, p) for n, p in pairs]
+    if len({n for n, _ in named}) != len(named):
+        raise EvaluationError(f"checkpoint names are not unique: {[n for n, _ in named]}; label them NAME=PATH")
+    return named
+
+
+def _trained_on(payload: dict[str, Any]) -> str:
+    data = payload.get("data") or {}
+    return str(data.get("variant", "?")) if isinstance(data, dict) else "?"
+
+
+def load_checkpoints(specs: Sequence[str], device: str, trust: bool = False) -> list[LoadedCheckpoint]:
+    """Load every ``[NAME=]PATH`` with ``train.checkpoint.model_from_checkpoint`` (weights_only unless ``trust``)."""
+    loaded = []
+    for name, path in split_names(specs):
+        if not Path(path).is_file():
+            raise EvaluationError(f"checkpoint {path}: no such file")
+        model, payload = model_from_checkpoint(path, trust=trust)
+        size = payload.get("input_size")
+        loaded.append(LoadedCheckpoint(name, path, model.to(device).eval(), int(payload["num_classes"]),
+                                       None if size is None else int(size), _trained_on(payload)))
+    return loaded
+
+
+def check_fits(ckpt: LoadedCheckpoint, data: EvalData, allow_size_mismatch: bool = False) -> None:
+    """Refuse a checkpoint whose class count or input size does not match the data (silent garbage otherwise)."""
+    if ckpt.num_classes != data.num_classes:
+        raise EvaluationError(f"checkpoint {ckpt.path} predicts {ckpt.num_classes} classes but {data.name} has "
+                              f"{data.num_classes}; evaluate it on the dataset it was trained for")
+    h, w = data.image_size
+    if ckpt.input_size is not None and (h, w) != (ckpt.input_size, ckpt.input_size) and not allow_size_mismatch:
+        raise EvaluationError(f"checkpoint {ckpt.path} was built for {ckpt.input_size}x{ckpt.input_size} inputs but "
+                              f"{data.name} holds {h}x{w} images; materialize the data at {ckpt.input_size} pixels "
+                              f"or pass --allow-size-mismatch to evaluate anyway")

@@ -1,0 +1,84 @@
+"""Evaluation under ``torchrun``: every sample evaluated exactly once, per-sample results gathered by key.
+
+Each rank evaluates the samples its loader hands it and keeps ``{key: record}``; ``gather_by_key`` collects
+every rank's records on rank 0 (``all_gather_object``) and merges them by key, refusing duplicates (a loader
+that is not exactly-once) so that results never depend on the number of processes.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import EvaluationError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job: ``rank`` of ``world_size`` (1 without torchrun) and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str, local_rank: int = 0) -> str:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``; anything else passes through."""
+    if device == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: no CUDA device is visible; use --device cpu (or auto)")
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def init_from_env(device: str = "auto") -> DistContext:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local)
+    if world == 1:
+        return DistContext(0, 1, dev)
+    if not dist.is_initialized():
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(torch.device(dev))
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def merge_by_key(parts: Iterable[Mapping[str, dict]]) -> dict[str, dict]:
+    """One ``{key: record}`` from each rank's records, sorted by key; a key seen twice is an error."""
+    merged: dict[str, dict] = {}
+    for part in parts:
+        for key, record in part.items():
+            if key in merged:
+                raise EvaluationError(f"sample {key} was evaluated by more than one rank: the evaluation loader is "
+                                      f"not exactly-once (use loaders.eval_loader with rank and world_size)")
+            merged[key] = record
+    return dict(sorted(merged.items()))
+
+
+def gather_by_key(records: Mapping[str, dict], ctx: DistContext) -> dict[str, dict] | None:
+    """All ranks' records merged by key on rank 0 (``None`` on the other ranks)."""
+    if not ctx.distributed:
+        return merge_by_key([records])
+    parts: list = [None] * ctx.world_size
+    dist.all_gather_object(parts, dict(records))
+    return merge_by_key(parts) if ctx.is_main else None
+
+
+def check_complete(records: Mapping[str, dict], expected: int, what: str) -> None:
+    """Refuse to report on a partial evaluation (lost samples would bias every metric silently)."""
+    if len(records) != expected:
+        raise EvaluationError(f"{what}: evaluated {len(records)} samples but the data holds {expected}; "
+                              f"a shard is missing or unreadable (run `rankshard-preprocess verify`)")

@@ -1,0 +1,75 @@
+"""Figures: accuracy vs rank for several checkpoints (paper Figs. 6, 7a, 7b) and their gaps (Figs. 7c, 7d)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training/evaluation machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One checkpoint's spectrum: ranks and, per rank, top-1 vs labels and agreement with full rank."""
+
+    name: str
+    ranks: tuple[int, ...]
+    top1: tuple[float, ...]
+    agreement: tuple[float, ...]
+
+
+def curve_from_rows(name: str, rows: Sequence[dict]) -> Curve:
+    """A ``Curve`` from ``summarize_spectrum`` rows."""
+    return Curve(name, tuple(r["rank"] for r in rows), tuple(float(r["top1"]) for r in rows),
+                 tuple(float(r["agreement"]) for r in rows))
+
+
+def _axis_label(mode: str) -> str:
+    return "rank k (largest k singular values removed)" if mode == "high" else "rank k of the input image"
+
+
+def plot_spectra(curves: Sequence[Curve], mode: str, title: str, path: str | os.PathLike) -> Path:
+    """Top-1 (left) and agreement with the full-rank prediction (right) vs rank, every checkpoint on one figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for ax, field, label in ((axes[0], "top1", "top-1 accuracy (%)"),
+                             (axes[1], "agreement", "agreement with full-rank prediction (%)")):
+        for c in curves:
+            ax.plot(c.ranks, [100 * v for v in getattr(c, field)], marker="." if len(c.ranks) < 40 else None,
+                    label=c.name)
+        ax.set_xlabel(_axis_label(mode))
+        ax.set_ylabel(label)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_gaps(curves: Sequence[Curve], mode: str, title: str, path: str | os.PathLike) -> Path:
+    """Top-1 of each checkpoint minus the first one's (the baseline), per rank (paper Figs. 7c, 7d)."""
+    base = curves[0]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for c in curves[1:]:
+        shared = [k for k in c.ranks if k in set(base.ranks)]
+        mine, theirs = dict(zip(c.ranks, c.top1)), dict(zip(base.ranks, base.top1))
+        ax.plot(shared, [100 * (mine[k] - theirs[k]) for k in shared], label=f"{c.name} - {base.name}")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel(_axis_label(mode))
+    ax.set_ylabel("gap in top-1 accuracy (percentage points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,116 @@
+"""One evaluation run per subcommand: compute on every rank, gather by key, write tables and figures on rank 0.
+
+The CLI parses options and calls these; tests and notebooks call them directly with ``tensor_data``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from preprocess.engine import RankEngine
+
+from .accuracy import accuracy_records, summarize_accuracy
+from .checkpoints import LoadedCheckpoint, check_fits
+from .data import EvalData
+from .distributed import DistContext, check_complete, gather_by_key
+from .plots import curve_from_rows, plot_gaps, plot_spectra
+from .results import provenance, safe_name, write_csv, write_json
+from .robustness import PGDEvalConfig, pgd_records, summarize_pgd
+from .spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
+from .tables import markdown_table, pgd_table_rows
+
+
+def _gathered(records: dict, data: EvalData, ctx: DistContext, what: str) -> dict | None:
+    merged = gather_by_key(records, ctx)
+    if merged is not None:
+        check_complete(merged, data.num_samples, what)
+    return merged
+
+
+def run_accuracy(ckpts: Sequence[LoadedCheckpoint], datasets: Sequence[EvalData], ctx: DistContext,
+                 out: str | Path, allow_size_mismatch: bool = False) -> list[dict] | None:
+    """Top-1/top-5 of every checkpoint on every data variant; rows on rank 0 (``None`` elsewhere)."""
+    rows = []
+    for data in datasets:
+        for ck in ckpts:
+            check_fits(ck, data, allow_size_mismatch)
+            merged = _gathered(accuracy_records(ck.model, data.batches(ctx.rank, ctx.world_size), ctx.device),
+                               data, ctx, f"accuracy of {ck.name} on {data.name}")
+            if merged is None:
+                continue
+            rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
+                         **summarize_accuracy(merged)})
+            write_csv(Path(out) / f"accuracy-{safe_name(ck.name)}-{safe_name(data.name)}-samples.csv",
+                      [{"key": k, **r} for k, r in merged.items()])
+    if not ctx.is_main:
+        return None
+    write_csv(Path(out) / "accuracy.csv", rows)
+    write_json(Path(out) / "accuracy.json", "accuracy", {"rows": rows, "provenance": provenance(ctx.device, ctx.world_size)})
+    return rows
+
+
+def run_spectrum(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: SpectrumConfig, engine: RankEngine,
+                 ctx: DistContext, out: str | Path, allow_size_mismatch: bool = False) -> dict[str, list[dict]] | None:
+    """Algorithm 1 for every checkpoint: ``{name: rows}`` on rank 0, files and figures written there."""
+    out, results = Path(out), {}
+    for ck in ckpts:
+        check_fits(ck, data, allow_size_mismatch)
+        records = spectrum_records(ck.model, data.batches(ctx.rank, ctx.world_size), engine, cfg, ctx.device)
+        merged = _gathered(records, data, ctx, f"spectrum of {ck.name} on {data.name}")
+        if merged is None:
+            continue
+        rows = results[ck.name] = summarize_spectrum(merged, cfg.ranks)
+        stem = out / f"spectrum-{cfg.mode}-{safe_name(ck.name)}"
+        write_csv(stem.with_suffix(".csv"), rows)
+        write_csv(stem.with_name(stem.name + "-samples.csv"),
+                  [{"key": k, "label": r["label"], "full": r["full"], **{f"rank_{q}": p for q, p in zip(cfg.ranks, r["preds"])}}
+                   for k, r in merged.items()])
+        write_json(stem.with_suffix(".json"), "spectrum", {
+            "checkpoint": ck.name, "path": ck.path, "trained_on": ck.trained_on, "data": data.name,
+            "mode": cfg.mode, "config": dataclasses.asdict(cfg), "svd": engine.describe(), "rows": rows,
+            "provenance": provenance(ctx.device, ctx.world_size)})
+    if ctx.is_main:
+        spectrum_figures(results, cfg.mode, data.name, out)
+    return results if ctx.is_main else None
+
+
+def spectrum_figures(results: dict[str, list[dict]], mode: str, data_name: str, out: Path) -> list[Path]:
+    """``spectrum-MODE.png`` (all checkpoints) and, with two or more, ``spectrum-MODE-gap.png``."""
+    curves = [curve_from_rows(name, rows) for name, rows in results.items()]
+    paths = [plot_spectra(curves, mode, f"{mode}-rank spectrum on {data_name}", out / f"spectrum-{mode}.png")]
+    if len(curves) > 1:
+        paths.append(plot_gaps(curves, mode, f"top-1 gap vs {curves[0].name} ({data_name})",
+                               out / f"spectrum-{mode}-gap.png"))
+    return paths
+
+
+def run_pgd(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: PGDEvalConfig, ctx: DistContext,
+            out: str | Path, allow_size_mismatch: bool = False) -> list[dict] | None:
+    """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0."""
+    out, rows = Path(out), []
+    for ck in ckpts:
+        check_fits(ck, data, allow_size_mismatch)
+        records = pgd_records(ck.model, data.batches(ctx.rank, ctx.world_size), data.num_classes, cfg, ctx.device)
+        merged = _gathered(records, data, ctx, f"PGD on {ck.name} with {data.name}")
+        if merged is None:
+            continue
+        rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
+                     **summarize_pgd(merged, cfg.attack.targeted)})
+        write_csv(out / f"pgd-{safe_name(ck.name)}-samples.csv", [{"key": k, **r} for k, r in merged.items()])
+    if not ctx.is_main:
+        return None
+    write_csv(out / "pgd.csv", rows)
+    attack = dataclasses.asdict(cfg.attack) | {"alpha": cfg.attack.alpha, "seed": cfg.seed}
+    (out / "pgd.md").write_text(markdown_table(pgd_table_rows(rows)) + f"\n\nAttack: {describe_attack(cfg)}\n")
+    write_json(out / "pgd.json", "pgd", {"attack": attack, "rows": rows,
+                                         "provenance": provenance(ctx.device, ctx.world_size)})
+    return rows
+
+
+def describe_attack(cfg: PGDEvalConfig) -> str:
+    """E.g. ``targeted PGD-20, linf eps=0.01569 (4.00/255), step 0.00196, 1 restart(s), seed 0``."""
+    a = cfg.attack
+    eps = f"{a.eps:.5g} ({a.eps * 255:.2f}/255)" if a.norm == "linf" else f"{a.eps:.5g}"
+    return (f"{'targeted' if a.targeted else 'untargeted'} PGD-{a.steps}, {a.norm} eps={eps}, step {a.alpha:.5g}, "
+            f"{a.restarts} restart(s), seed {cfg.seed}")

@@ -1,0 +1,129 @@
+"""rankshard-evaluate CLI: outputs of each subcommand, clean errors for bad input, DDP under torchrun."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from evaluate.cli import main
+from preprocess.pipeline import ArraySource, materialize_split
+from preprocess.spec import ShardSpec
+from preprocess.synth import labelled_images
+from train.checkpoint import checkpoint_payload, save_checkpoint
+from train.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets on a shared 2-core machine: extra threads only contend
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Demo shards (60 test images in 3 shards) and untrained width-4 checkpoints: plumbing, not accuracy."""
+    root = tmp_path_factory.mktemp("cli")
+    images, labels = labelled_images(6, size=(32, 32), seed=3)
+    info = {"kind": "test", "path": "memory", "fingerprint": "synth-cli", "checksum_verified": False}
+    source = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
+    materialize_split(source, ShardSpec(dataset="cifar10", split="test", ranks=(3,), high=(), factors=None,
+                                        shuffle=False, shard_size=25, workers=0, backend="torch"),
+                      root / "shards", show_progress=False)
+    ckpts = {}
+    for name, kw in (("a", {}), ("b", {}), ("five", {"num_classes": 5}), ("big", {"variant": "imagenet"})):
+        torch.manual_seed(len(ckpts))
+        model = build_model("resnet18", kw.get("variant", "cifar"), kw.get("num_classes", 10), width=4)
+        ckpts[name] = str(save_checkpoint(root / f"{name}.pt", checkpoint_payload(model, data={"variant": "full"})))
+    return root, ckpts
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _common(root, out):
+    return ["--data", root / "shards", "--out", out, "--device", "cpu", "--workers", "0", "--batch-size", "16"]
+
+
+def test_accuracy_spectrum_pgd_report(setup, tmp_path):
+    root, ck = setup
+    code, out = _run("accuracy", f"a={ck['a']}", f"b={ck['b']}", *_common(root, tmp_path / "acc"),
+                     "--variant", "full", "--variant", "rank-003")
+    assert code == 0, out
+    rows = list(csv.DictReader(open(tmp_path / "acc" / "accuracy.csv")))
+    assert [(r["checkpoint"], r["data"], r["count"]) for r in rows] == [
+        ("a", "cifar10/test/full", "60"), ("b", "cifar10/test/full", "60"),
+        ("a", "cifar10/test/rank-003", "60"), ("b", "cifar10/test/rank-003", "60")]
+    code, out = _run("spectrum", ck["a"], ck["b"], *_common(root, tmp_path / "spec"), "--ranks", "0:32:8",
+                     "--limit", "30", "--svd-backend", "torch")
+    assert code == 0, out
+    body = json.loads((tmp_path / "spec" / "spectrum-low-a.json").read_text())
+    assert [r["rank"] for r in body["rows"]] == [0, 8, 16, 24, 32] and body["rows"][0]["count"] == 30
+    assert (tmp_path / "spec" / "spectrum-low.png").exists() and (tmp_path / "spec" / "spectrum-low-gap.png").exists()
+    code, out = _run("pgd", ck["a"], *_common(root, tmp_path / "pgd"), "--eps", "8/255", "--steps", "2", "--limit", "10")
+    assert code == 0, out
+    assert "targeted PGD-2, linf eps=0.031373 (8.00/255)" in out and "| a | full |" in out
+    samples = list(csv.DictReader(open(tmp_path / "pgd" / "pgd-a-samples.csv")))
+    assert len(samples) == 10 and set(samples[0]) == {"key", "label", "target", "clean", "adv", "delta"}
+    code, out = _run("report", tmp_path, "--out", tmp_path / "report")
+    assert code == 0, out
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Top-5" in html and "Recovery rate" in html
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pgd", "{a}", "--eps", "4"], "did you mean 4/255"),
+    (["pgd", "{a}", "--eps", "4//255"], "fraction such as '4/255'"),
+    (["spectrum", "{a}", "--ranks", "0:40"], "rank 33 is outside the image"),
+    (["spectrum", "{a}", "--ranks", "5-9"], "inclusive range 'A:B'"),
+    (["accuracy", "{five}"], "predicts 5 classes but cifar10/test/full has 10"),
+    (["accuracy", "{big}"], "built for 224x224 inputs but cifar10/test/full holds 32x32"),
+    (["accuracy", "{a}", "--variant", "rank-099"], "rank-099"),
+    (["accuracy", "missing.pt"], "missing.pt: no such file"),
+    (["pgd", "{a}", "--limit", "0"], "--limit 0"),
+])
+def test_bad_input_is_a_clean_error(setup, tmp_path, args, message):
+    root, ck = setup
+    args = [a.format(**ck) for a in args]
+    code, out = _run(*args, *_common(root, tmp_path))
+    assert code == 2 and message in out and "Traceback" not in out, out
+
+
+def test_size_mismatch_can_be_allowed(setup, tmp_path):
+    root, ck = setup
+    code, out = _run("accuracy", ck["big"], *_common(root, tmp_path), "--allow-size-mismatch", "--limit", "5")
+    assert code == 0, out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(setup, tmp_path):
+    """Real DDP: two gloo processes under torchrun give the same per-sample PGD and spectrum results."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this python")
+    root, ck = setup
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        for sub in (["pgd", "--steps", "3", "--eps", "8/255"], ["spectrum", "--ranks", "0:32:4", "--svd-backend", "torch"]):
+            cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "evaluate", sub[0], ck["a"],
+                   *map(str, _common(root, out)), *sub[1:], "--limit", "37"]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+            assert done.returncode == 0, done.stderr[-3000:]
+        outputs[nproc] = out
+    for name in ("pgd-a-samples.csv", "spectrum-low-a-samples.csv", "spectrum-low-a.csv"):
+        one = list(csv.DictReader(open(outputs[1] / name)))
+        two = list(csv.DictReader(open(outputs[2] / name)))
+        assert len(one) in (37, 9) and [{**r, "delta": ""} for r in one] == [{**r, "delta": ""} for r in two], name
