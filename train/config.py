@@ -42,7 +42,7 @@ class TrainConfig:
     dataset: str = _f("cifar10", "dataset folder under data_root (cifar10, imagenet, ...)")
     train_variant: str = _f("full", "training variant: full, rank-005, high-003, ...")
     test_variant: str = _f("full", "variant of the test split that picks best.pt (the paper: full rank)")
-    extra_variants: tuple[str, ...] = _f((), "more test variants evaluated each epoch, comma-separated")
+    extra_variants: tuple[str, ...] = _f((), "more test variants evaluated each epoch")
     augment: str = _f("auto", "loader augmentation: auto (by dataset), cifar, imagenet, none")
     workers: int = _f(4, "loader worker processes per rank")
     # model

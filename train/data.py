@@ -109,6 +109,74 @@ class TensorData:
             part = idx[start:start + batch_size]
             yield Batch(x[part], y[part], [f"{int(i):08d}" for i in part])
 
+    @classmethod
+    def synthetic(cls, per_class: int, size: int = 16, test_per_class: int = 10, num_classes: int = 10,
+                  seed: int = 0) -> "TensorData":
+        """Learnable natural-spectrum images from ``preprocess.synth`` (train and test drawn with other seeds)."""
+        from preprocess.synth import labelled_images
+
+        def tensors(n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+            images, labels = labelled_images(n, (size, size), s, num_classes)
+            return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255), torch.from_numpy(labels)
+
+        return cls(tensors(per_class, seed), {"full": tensors(test_per_class, seed + 1)},
+                   tuple(f"class{c}" for c in range(num_classes)), seed=seed)
+
     def describe(self) -> dict[str, Any]:
         return {"dataset": "in-memory", "classes": list(self.classes), "num_train": int(len(self.train[1])),
                 "test_variants": sorted(self.test)}
+
+
+# Augmentation by dataset when ``augment="auto"``: CIFAR's pad-4 crop + flip, else ImageNet's RandomResizedCrop.
+def _auto_augment(dataset: str) -> str:
+    return "cifar" if dataset.lower().startswith("cifar") else "imagenet"
+
+
+class ShardData:
+    """``TrainData`` on materialized shards, through ``loaders`` (train split for training, test split's
+    variants for evaluation). Classes and normalization come from the training variant's manifest."""
+
+    def __init__(self, cfg: Any):
+        from loaders import open_variant
+
+        self.cfg = cfg
+        self._open = open_variant
+        self.train_info = open_variant(cfg.data_root, cfg.dataset, "train", cfg.train_variant)
+        self.classes = tuple(self.train_info.classes)
+        self.mean, self.std = tuple(self.train_info.mean), tuple(self.train_info.std)
+        self.augment = _auto_augment(cfg.dataset) if cfg.augment == "auto" else cfg.augment
+        self._test: dict[str, Any] = {}
+
+    def _test_info(self, variant: str) -> Any:
+        if variant not in self._test:
+            info = self._open(self.cfg.data_root, self.cfg.dataset, "test", variant)
+            if tuple(info.classes) != self.classes:
+                raise ValueError(f"{info.folder}: classes differ from the training variant's "
+                                 f"({len(info.classes)} vs {len(self.classes)}); were they materialized from the "
+                                 "same dataset?")
+            self._test[variant] = info
+        return self._test[variant]
+
+    def _loader_config(self, batch_size: int, augment: str) -> Any:
+        from loaders import LoaderConfig
+
+        crop = self.train_info.image_size if augment == "imagenet" else None
+        return LoaderConfig(batch_size=batch_size, workers=self.cfg.workers, augment=augment, seed=self.cfg.seed,
+                            crop_size=crop)
+
+    def train_batches(self, epoch: int, batch_size: int, rank: int, world_size: int, start_step: int = 0):
+        from loaders import train_loader
+
+        cfg = self._loader_config(batch_size, self.augment)
+        return train_loader(self.train_info, cfg, epoch, rank=rank, world_size=world_size, start_step=start_step)
+
+    def eval_batches(self, variant: str, batch_size: int, rank: int, world_size: int):
+        from loaders import eval_loader
+
+        return eval_loader(self._test_info(variant), self._loader_config(batch_size, "none"), rank, world_size)
+
+    def describe(self) -> dict[str, Any]:
+        manifest = self.train_info.manifest
+        return {"dataset": self.cfg.dataset, "train_variant": self.cfg.train_variant, "classes": list(self.classes),
+                "train_manifest_hash": str(manifest.get("config_hash", "")), "num_train": int(self.train_info.num_samples),
+                "test_variants": [self.cfg.test_variant, *self.cfg.extra_variants]}

@@ -289,16 +289,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def fit(self, stop_after_steps: int | None = None) -> list[dict[str, Any]]:
-        """Train until ``cfg.epochs`` (or until ``stop_after_steps`` optimizer steps / a stop request, which
-        saves last.pt mid-epoch for ``--resume``); returns the epoch records written by this call."""
-        records = []
+    def fit(self, stop_after_epochs: int | None = None, stop_after_steps: int | None = None) -> list[dict[str, Any]]:
+        """Train until ``cfg.epochs``; returns the epoch records written by this call.
+
+        ``stop_after_epochs`` ends this call after that many completed epochs (time-sliced jobs);
+        ``stop_after_steps`` (a global optimizer step count) or a stop request (SIGTERM) ends it mid-epoch.
+        Either way last.pt holds the exact position and ``resume()`` continues from there.
+        """
+        records: list[dict[str, Any]] = []
         while self.epoch < self.cfg.epochs:
+            if stop_after_epochs is not None and len(records) >= stop_after_epochs:
+                self.log(f"stopped after epoch {self.epoch}; continue with --resume {self.run_dir}")
+                break
             tic = time.perf_counter()
             if not self.train_epoch(stop_after_steps):
                 self._check()  # never save diverged weights
                 self.save(None)
-                self.log(f"stopped at epoch {self.epoch + 1}, step {self.step}; continue with --resume {self.run_dir}")
+                self.log(f"stopped in epoch {self.epoch + 1} at step {self.step}; continue with --resume {self.run_dir}")
                 break
             self.epoch += 1
             record = self._epoch_record(time.perf_counter() - tic)
