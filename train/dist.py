@@ -75,3 +75,17 @@ def barrier(env: DistEnv) -> None:
     """Wait for every rank (e.g. until rank 0 has written a checkpoint the others will read)."""
     if env.distributed:
         dist.barrier()
+
+
+def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Average floating-point buffers (BatchNorm running mean/var) over ranks, in place.
+
+    Each rank's BN statistics track only its own batches, so without this the ranks would evaluate (and
+    rank 0 would save) slightly different models; the average is also the better population estimate.
+    """
+    if not env.distributed:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(env.world_size)

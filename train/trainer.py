@@ -30,7 +30,7 @@ from train.attacks import PGDConfig, parse_eps, pgd
 from train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from train.config import ConfigError, TrainConfig, config_hash
 from train.data import Batch, TrainData
-from train.dist import DistEnv, all_reduce_sum, barrier
+from train.dist import DistEnv, all_reduce_sum, average_buffers, barrier
 from train.models import ResNet, build_model
 from train.schedule import Schedule
 
@@ -232,6 +232,7 @@ class Trainer:
         return results
 
     def _epoch_record(self, seconds: float) -> dict[str, Any]:
+        average_buffers(self.model, self.env)  # every rank evaluates (and rank 0 saves) the same model
         loss, correct, count = all_reduce_sum(self.partial.clone(), self.env).tolist()
         evals = self.evaluate()
         return {"epoch": self.epoch, "step": self.step, "lr": self.schedule.lr(self.step - 1),
