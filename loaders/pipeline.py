@@ -1,0 +1,267 @@
+"""Training and evaluation loaders: planned reads -> decode -> batch -> rank -> augment, in workers.
+
+Stages, each a small function: ``read_positions`` (seek to the planned samples, error policy applied),
+``collate`` (decode and stack), ``BatchTransform`` (float, optional on-the-fly rank, augmentation).
+``ShardStream`` runs them inside each DataLoader worker; ``Loader`` gathers batches in the main process,
+moves them to the device (running rank and augmentation there when it is a GPU), counts skipped samples
+and reports them when the epoch ends.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from preprocess.engine import RankEngine
+
+from .augment import AUGMENTS
+from .config import LoaderConfig
+from .decode import decode_sample
+from .errors import LoaderError, LoaderWarning, shard_error
+from .plan import EvalPlan, Stream, TrainPlan, worker_batches
+from .tario import ShardReader
+from .variant import VariantInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """x: float32 [B, C, H, W] (in [0, 1] except high-rank data); y: int64 [B]; keys: sample keys."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+    step: int = -1
+    seed: int = 0                     # augmentation seed (the transform may run after the transfer)
+    errors: tuple[str, ...] = ()      # samples skipped in this batch under on_error="skip", with reasons
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return replace(self, x=self.x.pin_memory(), y=self.y.pin_memory())
+
+    def to(self, device, non_blocking: bool = True) -> "Batch":
+        return replace(self, x=self.x.to(device, non_blocking=non_blocking),
+                       y=self.y.to(device, non_blocking=non_blocking))
+
+
+_ENGINES: dict[tuple[str, str], RankEngine] = {}
+
+
+def _engine(backend: str, device: torch.device) -> RankEngine:
+    """One rank engine per process and device (its 'auto' calibration runs once per image size)."""
+    key = (backend, str(device))
+    if key not in _ENGINES:
+        _ENGINES[key] = RankEngine(backend, device)
+    return _ENGINES[key]
+
+
+@dataclass(frozen=True)
+class BatchTransform:
+    """uint8/float [B,C,H,W] at the stored size -> float32 [B,C,*size]: rank first (rank is defined at
+    the stored resolution), then the augmentation, with randomness from ``seed`` only."""
+
+    augment: str
+    size: tuple[int, int]
+    rank: tuple[str, int] | None = None
+    svd_backend: str = "auto"
+
+    def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.rank is not None and len(x):
+            mode, k = self.rank
+            engine = _engine(self.svd_backend, x.device)
+            x = (engine.low_rank if mode == "low" else engine.high_rank)(x, [k])[k]
+        g = torch.Generator().manual_seed(seed)
+        return AUGMENTS[self.augment](x, self.size, g).contiguous()
+
+
+def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,
+                   positions: np.ndarray) -> dict[int, tuple]:
+    """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order."""
+    shards, within = stream.locate(positions)
+    out = {}
+    for p in np.argsort(np.asarray(positions) % max(stream.total, 1), kind="stable"):
+        s, i, url = int(shards[p]), int(within[p]), urls[int(shards[p])]
+        try:
+            reader = readers.get(s) or readers.setdefault(s, ShardReader(url))
+        except OSError as exc:
+            out[int(positions[p])] = (url, None, None, f"cannot be opened ({exc.strerror or exc})")
+            continue
+        if i >= len(reader.index):
+            last = reader.index.keys[-1] if reader.index.keys else "none"
+            out[int(positions[p])] = (url, None, None, f"sample #{i} is unreadable: the shard is "
+                                      f"{reader.index.problem or 'shorter than its manifest says'} "
+                                      f"(last readable key {last})")
+            continue
+        key, members = reader.read(i)
+        out[int(positions[p])] = (url, key, members, None)
+    return out
+
+
+def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str,
+            stored: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[str], tuple[str, ...]]:
+    """Decode and stack samples; a bad one raises naming shard and key, or is skipped and reported."""
+    images, labels, keys, errors = [], [], [], []
+    for url, key, members, reason in samples:
+        if reason is None:
+            try:
+                image, label = decode_sample(members, encoding, k)
+            except Exception as exc:  # any decode failure (PIL, numpy, int) is a bad sample
+                reason = f"does not decode ({type(exc).__name__}: {exc})"
+        if reason is not None:
+            if on_error == "raise":
+                raise shard_error(url, key, reason)
+            errors.append(f"{url}: sample {key or '?'}: {reason}")
+            continue
+        images.append(image)
+        labels.append(label)
+        keys.append(key)
+    if images:
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    else:
+        x = torch.zeros(0, 3, *stored, dtype=torch.uint8 if encoding == "png" else torch.float32)
+    return x, torch.tensor(labels, dtype=torch.int64), keys, tuple(errors)
+
+
+class ShardStream(IterableDataset):
+    """The batches of one rank's epoch; each DataLoader worker produces its share of them, in order."""
+
+    def __init__(self, info: VariantInfo, plan, cfg: LoaderConfig, transform: BatchTransform | None,
+                 start_step: int = 0, factors_k: int | None = None):
+        self.urls, self.encoding, self.stored = list(info.urls), info.encoding, tuple(info.image_size)
+        self.plan, self.cfg, self.transform = plan, cfg, transform
+        self.start_step, self.factors_k = start_step, factors_k
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = get_worker_info()
+        w, nw = (worker.id, worker.num_workers) if worker else (0, 1)
+        readers: dict[int, ShardReader] = {}
+        try:
+            for group in self.plan.groups(worker_batches(self.plan.steps, self.start_step, w, nw)):
+                wanted = {j: self.plan.batch_positions(j) for j in group}
+                raw = read_positions(readers, self.urls, self.plan.stream, np.unique(np.concatenate(list(wanted.values()))))
+                for j in group:
+                    yield self._batch(j, [raw[int(p)] for p in wanted[j]])
+                _close_unused(readers)
+        finally:
+            for r in readers.values():
+                r.close()
+
+    def _batch(self, j: int, samples: list[tuple]) -> Batch:
+        x, y, keys, errors = collate(samples, self.encoding, self.factors_k, self.cfg.on_error, self.stored)
+        seed = self.plan.seed_of(j)
+        if self.transform is not None:
+            x = self.transform(x, seed)
+        return Batch(x, y, keys, j, seed, errors)
+
+
+OPEN_SHARDS = 8  # shard readers kept open per worker (each holds a file handle and its header index)
+
+
+def _close_unused(readers: dict[int, ShardReader]) -> None:
+    """Close the least recently opened readers beyond ``OPEN_SHARDS``: handles and memory stay bounded."""
+    for s in list(readers)[:-OPEN_SHARDS]:
+        readers.pop(s).close()
+
+
+def _identity(batch):
+    return batch
+
+
+class Loader:
+    """An epoch of batches. ``len()`` is the steps per epoch (equal on every rank); after an epoch,
+    ``skipped`` counts samples skipped under on_error='skip' and ``skip_reasons`` says which and why."""
+
+    def __init__(self, stream: ShardStream, cfg: LoaderConfig, main_transform: BatchTransform | None):
+        self.stream, self.cfg, self.main_transform = stream, cfg, main_transform
+        self.plan, self.start_step = stream.plan, stream.start_step
+        self.skipped, self.skip_reasons = 0, []
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped, self.skip_reasons = 0, []
+        workers = self.cfg.workers
+        loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
+                            pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        for batch in loader:
+            if batch.errors:
+                self.skipped += len(batch.errors)
+                self.skip_reasons.extend(batch.errors)
+            if self.cfg.device is not None:
+                batch = batch.to(self.cfg.device)
+            if self.main_transform is not None:
+                batch = replace(batch, x=self.main_transform(batch.x, batch.seed))
+            yield batch
+        self._report()
+
+    def _report(self) -> None:
+        if self.skipped:
+            message = (f"skipped {self.skipped} unreadable sample(s) this epoch (on_error='skip'); first: "
+                       f"{self.skip_reasons[0]}")
+            log.warning(message)
+            warnings.warn(message, LoaderWarning, stacklevel=3)
+
+
+def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): as given, else from torch.distributed, else env RANK/WORLD_SIZE, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        auto = dist.get_rank(), dist.get_world_size()
+    else:
+        auto = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = auto[0] if rank is None else rank, auto[1] if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LoaderError(f"rank {rank} of world size {world_size}: need 0 <= rank < world_size")
+    return rank, world_size
+
+
+def _factors_k(info: VariantInfo, cfg: LoaderConfig) -> int | None:
+    if info.encoding != "factors":
+        if cfg.factors_k is not None:
+            raise LoaderError(f"{info.folder}: factors_k={cfg.factors_k} applies to factors-K variants only "
+                              f"(this one is {info.encoding}); use rank=('low', k) for on-the-fly rank")
+        return None
+    if cfg.factors_k is not None and cfg.factors_k > info.rank:
+        raise LoaderError(f"{info.folder}: factors_k={cfg.factors_k} exceeds the K={info.rank} factors stored; "
+                          f"materialize with --factors {cfg.factors_k} or lower factors_k")
+    return cfg.factors_k
+
+
+def _build(info: VariantInfo, cfg: LoaderConfig, plan, transform: BatchTransform, start_step: int) -> Loader:
+    in_worker = not cfg.on_device
+    stream = ShardStream(info, plan, cfg, transform if in_worker else None, start_step, _factors_k(info, cfg))
+    return Loader(stream, cfg, None if in_worker else transform)
+
+
+def train_loader(info: VariantInfo, cfg: LoaderConfig, epoch: int = 0, rank: int | None = None,
+                 world_size: int | None = None, start_step: int = 0) -> Loader:
+    """One training epoch for this rank: ``len()`` steps on every rank, batches a function of
+    (seed, epoch, rank, world size, batch size) only; ``start_step`` resumes mid-epoch exactly."""
+    rank, world_size = distributed_rank(rank, world_size)
+    plan = TrainPlan(tuple(info.shard_sizes), cfg.batch_size, rank, world_size, cfg.seed, epoch,
+                     cfg.shuffle_buffer, cfg.drop_last)
+    if not 0 <= start_step <= plan.steps:
+        raise LoaderError(f"start_step {start_step} is outside the epoch's {plan.steps} steps")
+    size = cfg.crop_size or tuple(info.image_size)
+    return _build(info, cfg, plan, BatchTransform(cfg.augment, size, cfg.rank, cfg.svd_backend), start_step)
+
+
+def eval_loader(info: VariantInfo, cfg: LoaderConfig, rank: int | None = None,
+                world_size: int | None = None) -> Loader:
+    """Every sample exactly once across ranks and workers, in manifest order, never augmented (a center
+    crop when ``crop_size`` is smaller than the stored size); all ranks run the same number of steps."""
+    rank, world_size = distributed_rank(rank, world_size)
+    plan = EvalPlan(tuple(info.shard_sizes), cfg.batch_size, rank, world_size)
+    size = cfg.crop_size or tuple(info.image_size)
+    return _build(info, cfg, plan, BatchTransform("none", size, cfg.rank, cfg.svd_backend), 0)

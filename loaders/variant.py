@@ -1,0 +1,147 @@
+"""Resolve a materialized variant by its manifest: shard list, sample counts, classes, normalization.
+
+A loader never trusts a folder listing: the manifest names the shards and their sizes, and a variant
+whose files do not match it is refused before any worker starts (a half-written or hand-edited folder
+would otherwise show up as a hang or a silently short epoch).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from braceexpand import braceexpand
+
+from preprocess.shards import sha256_file
+
+from .errors import LoaderError
+from .normalization import normalization_for
+
+FORMAT = "rankshard/1"
+IMAGE_ENCODINGS = ("png", "npy", "factors")
+REBUILD = "rerun the same `rankshard-preprocess` command (it resumes and rewrites missing shards)"
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """One variant folder as the loaders see it. ``urls`` are local shard paths in manifest order."""
+
+    folder: Path
+    urls: list[str]
+    shard_sizes: list[int]          # samples per shard, aligned with urls
+    num_samples: int
+    classes: list[str]
+    num_classes: int
+    image_size: tuple[int, int]     # stored (h, w): rank is defined at this resolution
+    encoding: str                   # png | npy | factors
+    mode: str                       # full | low | high | factors
+    rank: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["variant"]
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]
+
+    @property
+    def split(self) -> str:
+        return self.manifest["split"]
+
+
+def _expand(spec: str | Sequence[str]) -> list[str]:
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    out = [u for s in specs for u in braceexpand(str(s))]
+    remote = [u for u in out if "://" in u or u.startswith("pipe:")]
+    if remote:
+        raise LoaderError(f"{remote[0]}: only local shard files are supported (the loaders seek inside tars); "
+                          "copy or mount the shards locally")
+    return out
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise LoaderError(f"{folder}: no manifest.json, so this is not a finished rankshard variant folder "
+                          f"(or its materialization was interrupted); {REBUILD}, or point open_variant at "
+                          "<root>/<dataset>/<split>/<variant>")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoaderError(f"{path}: unreadable ({exc}); delete it and {REBUILD}") from exc
+    if manifest.get("format") != FORMAT:
+        raise LoaderError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rewrite the shards "
+                          "with this version of rankshard-preprocess")
+    if manifest.get("encoding") not in IMAGE_ENCODINGS:
+        raise LoaderError(f"{folder}: variant {manifest.get('variant')!r} holds no images "
+                          f"(encoding {manifest.get('encoding')!r}); open a full, rank-, high- or factors- variant")
+    return manifest
+
+
+def _check_files(folder: Path, manifest: dict, selected: list[dict], verify_sha256: bool) -> None:
+    listed = {s["name"] for s in manifest["shards"]}
+    extra = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
+    if extra:
+        raise LoaderError(f"{folder / extra[0]}: a shard not listed in manifest.json (the folder mixes "
+                          f"materializations); remove {len(extra)} unlisted shard(s) or {REBUILD} with --overwrite")
+    for shard in selected:
+        path = folder / shard["name"]
+        if not path.exists():
+            raise LoaderError(f"{path}: listed in manifest.json but missing; {REBUILD}")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise LoaderError(f"{path}: {size} bytes, manifest.json says {shard['bytes']} (truncated or replaced); "
+                              f"delete it and {REBUILD}")
+        if verify_sha256 and sha256_file(path) != shard["sha256"]:
+            raise LoaderError(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); delete it and {REBUILD}")
+
+
+def _locate(root, dataset, split, variant) -> tuple[Path, list[str] | None]:
+    """The variant folder, and the selected shard names when ``root`` was a URL pattern or list."""
+    if not isinstance(root, (str, os.PathLike)) or str(root).endswith(".tar") or "{" in str(root):
+        urls = _expand(root)
+        folders = {Path(u).resolve().parent for u in urls}
+        if len(folders) != 1:
+            raise LoaderError(f"shard URLs span {len(folders)} folders; open one variant folder at a time "
+                              "(join_variants combines variants)")
+        return folders.pop(), [Path(u).name for u in urls]
+    folder = Path(root).joinpath(*[p for p in (dataset, split, variant) if p])
+    return folder, None
+
+
+def open_variant(root, dataset: str | None = None, split: str | None = None, variant: str | None = None,
+                 verify_sha256: bool = False) -> VariantInfo:
+    """Open ``<root>/<dataset>/<split>/<variant>`` (or a variant folder, or a brace-expanded shard URL/list).
+
+    Checks that every selected shard exists with the size its manifest records (and, on request, its
+    sha256); raises ``LoaderError`` naming the file and the fix otherwise.
+    """
+    folder, names = _locate(root, dataset, split, variant)
+    manifest = _read_manifest(folder)
+    by_name = {s["name"]: s for s in manifest["shards"]}
+    if names is None:
+        selected = list(manifest["shards"])
+    else:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise LoaderError(f"{folder / unknown[0]}: not a shard of this variant's manifest.json; check the URL "
+                              f"pattern (the manifest lists {manifest['shards'][0]['name']} ...)")
+        selected = [by_name[n] for n in names]
+    _check_files(folder, manifest, selected, verify_sha256)
+    mean, std = normalization_for(manifest["dataset"])
+    sizes = [int(s["num_samples"]) for s in selected]
+    if names is None and sum(sizes) != manifest["num_samples"]:
+        raise LoaderError(f"{folder}/manifest.json: shard sample counts sum to {sum(sizes)}, not num_samples "
+                          f"{manifest['num_samples']}; {REBUILD} with --overwrite")
+    return VariantInfo(
+        folder=folder, urls=[str(folder / s["name"]) for s in selected], shard_sizes=sizes,
+        num_samples=sum(sizes), classes=list(manifest["classes"]), num_classes=len(manifest["classes"]),
+        image_size=tuple(manifest["image_size"]), encoding=manifest["encoding"], mode=manifest["mode"],
+        rank=manifest["rank"], mean=mean, std=std, manifest=manifest,
+    )

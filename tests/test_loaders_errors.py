@@ -1,0 +1,133 @@
+"""Bad shards and bad folders: raise naming shard and key, or skip and count; refuse broken manifests."""
+import json
+import shutil
+
+import pytest
+
+from loaders import (LoaderConfig, LoaderError, LoaderWarning, ShardReadError, eval_loader, open_variant,
+                     train_loader)
+from loaders_shards import PNG_SAMPLES, built_root, copy_variant
+from loaders.tario import scan_shard
+
+
+def _corrupt_png(folder, shard_index=2, sample=3):
+    """Flip bytes inside one sample's PNG data (same file size): returns (shard path, key)."""
+    path = folder / f"train-{shard_index:06d}.tar"
+    index = scan_shard(str(path))
+    offset, size = index.members[sample]["png"]
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2: offset + size // 2 + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    return path, index.keys[sample]
+
+
+def test_corrupt_sample_raises_naming_shard_and_key(tmp_path):
+    folder = copy_variant(tmp_path)
+    path, key = _corrupt_png(folder)
+    info = open_variant(folder)  # same size: only sha256 can tell before reading
+    with pytest.raises(ShardReadError) as err:
+        list(eval_loader(info, LoaderConfig(batch_size=32, workers=0)))
+    assert str(path) in str(err.value) and f"sample {key}" in str(err.value) and "on_error='skip'" in str(err.value)
+
+
+def test_corrupt_sample_raises_through_workers_as_the_same_type(tmp_path):
+    folder = copy_variant(tmp_path)
+    path, key = _corrupt_png(folder)
+    with pytest.raises(ShardReadError, match=f"sample {key}"):
+        list(eval_loader(open_variant(folder), LoaderConfig(batch_size=32, workers=2)))
+
+
+def test_sha256_check_finds_the_corruption_up_front(tmp_path):
+    folder = copy_variant(tmp_path)
+    path, _ = _corrupt_png(folder)
+    with pytest.raises(LoaderError, match="sha256 mismatch"):
+        open_variant(folder, verify_sha256=True)
+
+
+def test_skip_policy_counts_and_reports_at_epoch_end(tmp_path):
+    folder = copy_variant(tmp_path)
+    _, key = _corrupt_png(folder)
+    loader = eval_loader(open_variant(folder), LoaderConfig(batch_size=32, workers=2, on_error="skip"))
+    with pytest.warns(LoaderWarning, match="skipped 1 unreadable sample"):
+        keys = [k for b in loader for k in b.keys]
+    assert loader.skipped == 1 and key in loader.skip_reasons[0] and len(keys) == PNG_SAMPLES - 1
+    assert key not in keys
+
+
+def test_truncated_shard_raises_or_skips_the_lost_samples(tmp_path):
+    folder = copy_variant(tmp_path)
+    info = open_variant(folder)  # opened while whole; the file is cut afterwards (e.g. a failing disk)
+    path = folder / "train-000001.tar"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ShardReadError, match="train-000001.tar.*truncated"):
+        list(eval_loader(info, LoaderConfig(batch_size=16, workers=0)))
+    loader = train_loader(info, LoaderConfig(batch_size=10, workers=0, on_error="skip", drop_last=False))
+    with pytest.warns(LoaderWarning):
+        n = sum(len(b) for b in loader)
+    assert loader.skipped > 0 and n + loader.skipped == len(loader) * 10
+
+
+def test_truncated_shard_is_refused_at_open(tmp_path):
+    folder = copy_variant(tmp_path)
+    path = folder / "train-000004.tar"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(LoaderError, match="train-000004.tar: 5000 bytes, manifest.json says"):
+        open_variant(folder)
+
+
+def test_missing_manifest_is_refused_with_the_fix(tmp_path):
+    folder = copy_variant(tmp_path)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(LoaderError, match="no manifest.json.*rerun the same `rankshard-preprocess` command"):
+        open_variant(folder)
+
+
+def test_missing_and_unlisted_shards_are_refused(tmp_path):
+    folder = copy_variant(tmp_path)
+    shutil.copy(folder / "train-000000.tar", folder / "train-000099.tar")
+    with pytest.raises(LoaderError, match="train-000099.tar: a shard not listed"):
+        open_variant(folder)
+    (folder / "train-000099.tar").unlink()
+    (folder / "train-000003.tar").unlink()
+    with pytest.raises(LoaderError, match="train-000003.tar: listed in manifest.json but missing"):
+        open_variant(folder)
+
+
+def test_mismatched_manifest_is_refused(tmp_path):
+    folder = copy_variant(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["num_samples"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError, match="sum to 230, not num_samples 231"):
+        open_variant(folder)
+    manifest["format"] = "other/9"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError, match="format 'other/9'"):
+        open_variant(folder)
+
+
+def test_spectra_and_unknown_urls_are_refused():
+    root = built_root()
+    with pytest.raises(LoaderError, match="holds no images"):
+        open_variant(root, "cifar10", "train", "spectra")
+    with pytest.raises(LoaderError, match="not a shard of this variant"):
+        open_variant(str(root / "cifar10/train/full/train-{000005..000009}.tar"))
+    with pytest.raises(LoaderError, match="only local shard files"):
+        open_variant("https://example.org/train-{000000..000001}.tar")
+
+
+def test_configuration_errors_name_the_fix():
+    info = open_variant(built_root(), "cifar10", "train", "factors-006")
+    with pytest.raises(LoaderError, match="augment="):
+        LoaderConfig(augment="autoaugment")
+    with pytest.raises(LoaderError, match="on_error="):
+        LoaderConfig(on_error="ignore")
+    with pytest.raises(LoaderError, match="rank="):
+        LoaderConfig(rank=("middle", 3))
+    assert LoaderConfig(rank="high:2").rank == ("high", 2) and LoaderConfig(rank=5).rank == ("low", 5)
+    with pytest.raises(LoaderError, match="exceeds the K=6 factors"):
+        eval_loader(info, LoaderConfig(factors_k=7))
+    with pytest.raises(LoaderError, match="rank 2 of world size 2"):
+        eval_loader(info, LoaderConfig(), rank=2, world_size=2)
+    with pytest.raises(LoaderError, match="start_step 99"):
+        train_loader(info, LoaderConfig(batch_size=16), start_step=99)
