@@ -13,6 +13,8 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
+from train.models import INPUT_SIZE
+
 
 class Batch(NamedTuple):
     """Images [B, C, H, W] float in [0, 1], labels [B] int64, sample keys (for joining evaluation results)."""
@@ -157,12 +159,18 @@ class ShardData:
             self._test[variant] = info
         return self._test[variant]
 
+    def _crop(self) -> int | None:
+        """ImageNet-style training crops (and eval center crops) at the stem's input size (224), capped by the
+        stored size; CIFAR-style training keeps the stored size (pad-4 crop)."""
+        if self.augment != "imagenet":
+            return None
+        return min(INPUT_SIZE[self.cfg.model_variant], *self.train_info.image_size)
+
     def _loader_config(self, batch_size: int, augment: str) -> Any:
         from loaders import LoaderConfig
 
-        crop = self.train_info.image_size if augment == "imagenet" else None
         return LoaderConfig(batch_size=batch_size, workers=self.cfg.workers, augment=augment, seed=self.cfg.seed,
-                            crop_size=crop)
+                            crop_size=self._crop())
 
     def train_batches(self, epoch: int, batch_size: int, rank: int, world_size: int, start_step: int = 0):
         from loaders import train_loader
