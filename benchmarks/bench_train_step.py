@@ -58,7 +58,7 @@ def provenance(device: torch.device, rounds: int) -> dict:
 def _trainer(stem: str, side: int, batch: int, mode: dict, device: torch.device, compile_: bool, run_dir: str):
     data = TensorData.synthetic(per_class=-(-batch // 10), size=side, test_per_class=1)
     cfg = from_preset("cifar10-fast", {"model_variant": stem, "batch_size": str(batch), "device": device.type,
-                                       "compile": compile_, "epochs": "1", **mode})
+                                       "compile": compile_, **mode})
     trainer = Trainer(cfg, run_dir, data, log=lambda _m: None)
     batch_data = next(iter(data.train_batches(0, batch, 0, 1)))
     return trainer, batch_data
