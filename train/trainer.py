@@ -118,6 +118,9 @@ class Trainer:
         model = build_model(cfg.arch, cfg.model_variant, len(self.data.classes), cfg.width, self.data.mean,
                             self.data.std, cfg.zero_init_residual)
         if cfg.sync_bn and self.env.distributed:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                                  "drop --sync-bn on CPU (BN statistics are averaged over ranks each epoch anyway)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         train_model: nn.Module = model
