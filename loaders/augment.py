@@ -25,17 +25,23 @@ def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def cifar(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
-    """Zero-pad by 4, take a random ``size`` crop per image, flip half of them (torchvision's recipe)."""
+    """Zero-pad by 4, take a random ``size`` crop per image, flip half of them (torchvision's recipe).
+
+    One gather does all three (a flipped crop reads its columns backwards), on any dtype: the loaders
+    run it on uint8 batches, before the float conversion, which moves 4x fewer bytes.
+    """
     n, _, h, w = x.shape
     oy = torch.randint(0, h + 2 * CIFAR_PAD - size[0] + 1, (n,), generator=g)
     ox = torch.randint(0, w + 2 * CIFAR_PAD - size[1] + 1, (n,), generator=g)
-    padded = F.pad(x, (CIFAR_PAD,) * 4)
+    flip = torch.rand(n, generator=g) < 0.5
+    cols = torch.arange(size[1])
+    cols = torch.where(flip[:, None], size[1] - 1 - cols, cols)
     rows = (oy[:, None] + torch.arange(size[0])).to(x.device)
-    cols = (ox[:, None] + torch.arange(size[1])).to(x.device)
+    cols = (ox[:, None] + cols).to(x.device)
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, CIFAR_PAD, CIFAR_PAD, CIFAR_PAD, CIFAR_PAD))  # NHWC
     ix = torch.arange(n, device=x.device)[:, None, None]
-    # advanced indices around a slice: result is [n, size_h, size_w, C]
-    out = padded.permute(0, 2, 3, 1)[ix, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    return _flip(out.contiguous(), g)
+    # advanced indices on N, H, W: result is [n, size_h, size_w, C]
+    return padded[ix, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def rrc_params(height: int, width: int, g: torch.Generator, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
@@ -65,19 +71,28 @@ def rrc_params(height: int, width: int, g: torch.Generator, scale=RRC_SCALE, rat
 def resized_crop(x: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Tensor:
     """Crop ``box`` (top, left, h, w) of [C,H,W] ``x`` and resize bilinearly (antialiased, as torchvision)."""
     i, j, h, w = box
-    crop = x[None, :, i:i + h, j:j + w]
+    crop = x[None, :, i:i + h, j:j + w].float()  # only the crop is converted (uint8 input: 0..255 scale kept)
     if (h, w) == tuple(size):
         return crop[0]
     return F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 def imagenet(x: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) then a horizontal flip of half the batch."""
+    """RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) then RandomHorizontalFlip, per image.
+
+    Draws in torchvision's order (crop box, then flip coin, image after image), so a per-sample
+    torchvision pipeline on the same generator picks the same boxes. The flip is applied to the crop
+    before resizing (the resize kernel is symmetric, so they commute) while it is still small.
+    """
     _, c, h, w = x.shape
-    out = torch.empty(len(x), c, *size, device=x.device, dtype=x.dtype)
+    out = torch.empty(len(x), c, *size, device=x.device, dtype=torch.float32)  # same scale as x (0..255 for uint8)
     for n in range(len(x)):
-        out[n] = resized_crop(x[n], rrc_params(h, w, g), size)
-    return _flip(out, g)
+        i, j, bh, bw = rrc_params(h, w, g)
+        crop = x[n, :, i:i + bh, j:j + bw]
+        if torch.rand(1, generator=g).item() < 0.5:
+            crop = crop.flip(-1)
+        out[n] = resized_crop(crop, (0, 0, bh, bw), size)
+    return out
 
 
 def center(x: torch.Tensor, size: tuple[int, int], g: torch.Generator | None = None) -> torch.Tensor:
@@ -88,6 +103,10 @@ def center(x: torch.Tensor, size: tuple[int, int], g: torch.Generator | None = N
     top, left = (h - size[0]) // 2, (w - size[1]) // 2
     return x[..., top:top + size[0], left:left + size[1]]
 
+
+# Augmentations that accept uint8 batches and keep their 0..255 scale (the loaders divide once, after):
+# converting only what survives the crop is cheaper than converting whole stored images.
+UINT8_INPUT = frozenset({"none", "cifar", "imagenet"})
 
 AUGMENTS: dict[str, Callable[[torch.Tensor, tuple[int, int], torch.Generator], torch.Tensor]] = {
     "none": center, "cifar": cifar, "imagenet": imagenet,

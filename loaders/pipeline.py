@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from preprocess.engine import RankEngine
 
-from .augment import AUGMENTS
+from .augment import AUGMENTS, UINT8_INPUT
 from .config import LoaderConfig
 from .decode import decode_sample
 from .errors import LoaderError, LoaderWarning, shard_error
@@ -75,13 +75,22 @@ class BatchTransform:
     svd_backend: str = "auto"
 
     def __call__(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        g = torch.Generator().manual_seed(seed)
+        if self.rank is None and self.augment in UINT8_INPUT:
+            # crops, flips and resizing commute with the [0, 1] scaling: augment first, scale once after
+            out = AUGMENTS[self.augment](x, self.size, g)
+            return out.to(torch.float32).div_(255) if x.dtype == torch.uint8 else out.to(torch.float32).contiguous()
+        x = _to_float(x)
         if self.rank is not None and len(x):
             mode, k = self.rank
             engine = _engine(self.svd_backend, x.device)
             x = (engine.low_rank if mode == "low" else engine.high_rank)(x, [k])[k]
-        g = torch.Generator().manual_seed(seed)
         return AUGMENTS[self.augment](x, self.size, g).contiguous()
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    """float32 on the [0, 1] scale, contiguous (uint8 PNG pixels are divided by 255)."""
+    return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32).contiguous()
 
 
 def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,

@@ -120,7 +120,8 @@ class EvalPlan:
         object.__setattr__(self, "stream", Stream(tuple(self.sizes), tuple(range(len(self.sizes)))))
         object.__setattr__(self, "begin", self.rank * n // w)
         object.__setattr__(self, "end", (self.rank + 1) * n // w)
-        object.__setattr__(self, "steps", -(-(-(-n // w)) // self.batch_size))
+        largest_part = -(-n // w)  # ceil(N / W)
+        object.__setattr__(self, "steps", -(-largest_part // self.batch_size))
 
     def batch_positions(self, j: int) -> np.ndarray:
         lo = min(self.begin + j * self.batch_size, self.end)

@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 BLOCK = 512
-REGULAR = (b"0", b"\0")  # typeflags of regular files
-SKIPPED_TYPES = (b"5", b"x", b"g")  # directories and pax headers carry no sample member
+REGULAR = (b"0", b"\0")  # typeflags of regular files; directories and pax headers carry no member
 
 
 @dataclass
@@ -65,7 +64,7 @@ def scan_shard(path: str) -> ShardIndex:
                 index.problem = f"truncated inside member {name} (needs {data_at + size} bytes, file has {end})"
                 break
             f.seek(offset)
-            if kind in SKIPPED_TYPES or kind not in REGULAR:
+            if kind not in REGULAR:
                 continue
             key, _, ext = os.path.basename(name).partition(".")
             if not index.keys or index.keys[-1] != key:

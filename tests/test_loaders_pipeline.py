@@ -162,3 +162,13 @@ def test_join_variants_pairs_rank_k_with_its_full_twin(root):
     b = joined[0]
     ref = reference_low_rank(b.xs[1].double().numpy(), 5)
     assert np.max(np.abs(b.xs[0].numpy() - np.clip(ref, 0, 1))) < 0.5 / 255 + 2e-4  # png rounding
+
+
+@pytest.mark.gpu
+def test_device_path_gives_the_cpu_batches(root):
+    """With device='cuda', rank and augmentation run after the transfer, from the same seeds."""
+    base = dict(batch_size=16, workers=0, augment="cifar", rank=("low", 5), shuffle_buffer=40)
+    cpu = list(train_loader(_info(root, "full"), LoaderConfig(**base)))
+    gpu = list(train_loader(_info(root, "full"), LoaderConfig(device="cuda", **base)))
+    for a, b in zip(cpu, gpu):
+        assert b.x.is_cuda and a.keys == b.keys and torch.allclose(a.x, b.x.cpu(), atol=1e-4)

@@ -96,15 +96,18 @@ def test_augmentation_keeps_rank_at_most_k(name, size):
         assert _tail_ratio(img, k) < 1e-5  # float32 round-off only; a rank increase would be O(1e-2)
 
 
-def test_cifar_crop_matches_a_literal_loop():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_cifar_crop_matches_a_literal_loop(dtype):
     x = torch.from_numpy(natural_batch(5, seed=2)).float()
+    x = (x * 255).round().to(dtype) if dtype == torch.uint8 else x
     out = cifar(x, (32, 32), torch.Generator().manual_seed(7))
+    assert out.dtype == dtype
     g = torch.Generator().manual_seed(7)  # the same draws, in the same order, applied one image at a time
     oy = torch.randint(0, 2 * CIFAR_PAD + 1, (5,), generator=g)
     ox = torch.randint(0, 2 * CIFAR_PAD + 1, (5,), generator=g)
     flip = torch.rand(5, generator=g) < 0.5
     for n in range(5):
-        padded = np.zeros((3, 40, 40), np.float32)
+        padded = np.zeros((3, 40, 40), x.numpy().dtype)
         padded[:, 4:36, 4:36] = x[n].numpy()
         ref = padded[:, oy[n]:oy[n] + 32, ox[n]:ox[n] + 32]
         ref = ref[:, :, ::-1] if flip[n] else ref
