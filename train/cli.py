@@ -104,7 +104,8 @@ def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs
         raise ConfigError("--run-dir is required (where checkpoints and metrics go)")
     from train.run import run
 
-    run(cfg, run_dir, resume=resume_dir is not None, overwrite=overwrite, stop_after_epochs=stop_after_epochs)
+    run(cfg, run_dir, resume=resume_dir is not None, overwrite=overwrite, stop_after_epochs=stop_after_epochs,
+        handle_signals=True)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ def _main_then_agree(env: DistEnv, fn: Callable[[], None]) -> None:
 
 def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         stop_after_epochs: int | None = None, data: TrainData | None = None,
-        env: DistEnv | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        env: DistEnv | None = None, log: Callable[[str], None] = print,
+        handle_signals: bool = False) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` (``resume``: continue from its last.pt); returns this call's epoch records.
 
     Under torchrun every process calls this; rank 0 writes the folder, all ranks train. ``data`` defaults
-    to the shards named by ``cfg`` (``ShardData``).
+    to the shards named by ``cfg`` (``ShardData``). ``handle_signals`` (the CLI): SIGTERM/SIGUSR1 save
+    last.pt at the next check and stop, so a preempted job resumes exactly.
     """
     own_env = env is None
     env = env or init_distributed(cfg.device)
@@ -51,7 +53,8 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
         trainer = Trainer(cfg, run_dir, data if data is not None else ShardData(cfg), env, log)
         if resume:
             trainer.resume()
-        trainer.install_signal_handlers()
+        if handle_signals:
+            trainer.install_signal_handlers()
         records = trainer.fit(stop_after_epochs=stop_after_epochs)
         if env.is_main and trainer.epoch >= cfg.epochs:
             log(f"done: best {cfg.test_variant} top-1 {100 * trainer.best_top1:.2f}% -> {run_dir / 'best.pt'}")
