@@ -21,11 +21,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# MadryLab robustness CIFAR-10 constants (robustness/datasets.py), used by their released CIFAR models.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2023, 0.1994, 0.2010)
+# One source of truth for dataset statistics: the loaders' (which the trainer stores in checkpoints).
+# MadryLab checkpoints carry their own normalizer buffers (their CIFAR std is 0.2023/0.1994/0.2010),
+# which checkpoint loading reads from the file; these defaults only fill in for plain state dicts.
+from loaders.normalization import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 VARIANTS = ("imagenet", "cifar")
 INPUT_SIZE = {"imagenet": 224, "cifar": 32}  # pixels (square side) each stem was designed for
