@@ -13,8 +13,13 @@ from .shards import read_shard
 
 
 def _first_samples(folder: Path, count: int) -> list[tuple[str, dict]]:
-    manifest = read_json(folder / "manifest.json")
-    return read_shard(folder / manifest["shards"][0]["name"])[:count]
+    """The first ``count`` samples of a variant, reading only as many shards as that takes."""
+    samples: list[tuple[str, dict]] = []
+    for shard in read_json(folder / "manifest.json")["shards"]:
+        if len(samples) >= count:
+            break
+        samples += read_shard(folder / shard["name"])
+    return samples[:count]
 
 
 def _split_dirs(root: Path) -> list[Path]:
@@ -67,7 +72,7 @@ def energy_plot(split_dir: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spectra = np.stack([decode_npy(m["s.npy"]).astype(np.float64) for _, m in _first_samples(folder, 512)])
+    spectra = np.stack([decode_npy(m["s.npy"]).astype(np.float64) for _, m in _first_samples(folder, 4096)])
     energy = np.cumsum(spectra**2, axis=-1) / np.maximum((spectra**2).sum(-1, keepdims=True), 1e-300)
     mean = energy.mean(axis=0)  # [C, n]
     ranks = np.arange(1, mean.shape[-1] + 1)
