@@ -1,14 +1,13 @@
 """``rankshard-preprocess``: materialize rank-k datasets into WebDataset shards, verify, preview, demo."""
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import RankshardError
+from .errors import friendly_errors
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -18,18 +17,6 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
         return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 5,10,20") from None
-
-
-def friendly_errors(fn):
-    """Report user mistakes (RankshardError) as one clear message and exit status 2, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RankshardError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-    return wrapper
 
 
 def default_workers() -> int:

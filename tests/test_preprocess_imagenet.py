@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from click.testing import CliRunner
 from preprocess import shards as shards_module
 from preprocess.cli import main
 from preprocess.errors import LockedError, RankshardError, SourceError
-from preprocess.imagejob import folder_source, imagenet_source, wds_source
+from preprocess.imagejob import imagenet_source
 from preprocess.images import Geometry
 from preprocess.listing import read_bytes
 from preprocess.locking import RunLock

@@ -72,7 +72,7 @@ def test_round_trip_is_weights_only_readable(tmp_path):
 def test_documented_safe_leaves_survive_weights_only(tmp_path):
     obj = {"size": torch.Size([2, 3]), "dtype": torch.float16, "device": torch.device("cpu"), "c": 1 + 2j,
            "b": b"\x00\x01", "t": (1, 2.5, "x"), "od": OrderedDict(a=1), "p": torch.nn.Parameter(torch.ones(2)),
-           1: None, True: 3.0}
+           2: None, True: 3.0}
     ckpt.check_weights_only_safe(obj)
     torch.save(obj, tmp_path / "leaves.pt")
     back = torch.load(tmp_path / "leaves.pt", weights_only=True)

@@ -1,6 +1,5 @@
 """TrainConfig presets, overrides, validation, and the lr schedules against independent references."""
 import json
-import math
 
 import pytest
 import torch

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from preprocess.errors import RankshardError
 from train.models import ARCHS, INPUT_SIZE, ArchSpec, ResNet, build_model, default_normalization
 
 FORMAT = "rankshard-checkpoint/1"
@@ -41,7 +42,7 @@ _SAFE_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.Size, t
 _SAFE_TENSORS = (torch.Tensor, nn.Parameter)
 
 
-class CheckpointError(Exception):
+class CheckpointError(RankshardError):
     """A checkpoint cannot be written, read or understood; the message names the file and the fix."""
 
 

@@ -6,36 +6,20 @@ Every ``TrainConfig`` field is an option (``--lr 0.2``, ``--milestones 100,150``
 """
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from dataclasses import Field
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from preprocess.errors import RankshardError
-from train.checkpoint import CheckpointError
+from preprocess.errors import RankshardError, exit_on
 from train.config import PRESETS, ConfigError, TrainConfig, apply_overrides, dataclass_fields, from_preset
 from train.trainer import TrainingDiverged
 
 DEFAULT_PRESET = "cifar10-paper"
 # Exit statuses: 2 for a user mistake (config, data, checkpoint), 3 when training diverged.
-EXIT_CODES: dict[type[Exception], int] = {TrainingDiverged: 3, RankshardError: 2, CheckpointError: 2}
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Report user mistakes and divergence as one clear line and an exit status, not a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except tuple(EXIT_CODES) as exc:
-            code = next(c for kind, c in EXIT_CODES.items() if isinstance(exc, kind))
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(code)
-    return wrapper
+friendly_errors = exit_on({TrainingDiverged: 3, RankshardError: 2})
 
 
 def _field_option(f: Field) -> Callable:
