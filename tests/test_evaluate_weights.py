@@ -233,3 +233,27 @@ def test_run_weights_analysis_writes_outputs(tmp_path):
     compare = json.loads((tmp_path / "compare.json").read_text())
     assert "a:unfolded_alpha" in compare[0] and "b:operator_stable_rank" in compare[0]
     assert json.loads((tmp_path / "config.json").read_text())["weights"]["input_size"] == [32, 32]
+
+
+def test_weights_command_end_to_end(tmp_path):
+    from click.testing import CliRunner
+    from evaluate.weights_cli import make_weights_command
+
+    ckpts = []
+    for name in ("m1", "m2"):
+        p = tmp_path / f"{name}.pt"
+        p.write_bytes(b"")
+        ckpts.append(str(p))
+
+    def load(path, trust=False):
+        torch.manual_seed(len(path))
+        return SmallCNN(), {"input_size": 32}
+
+    out = tmp_path / "report"
+    res = CliRunner().invoke(make_weights_command(load), [*ckpts, "--out", str(out), "--layers", "stem,block.*",
+                                                          "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "m1: 3 layers analysed at 32x32" in res.output
+    assert (out / "compare.csv").exists() and (out / "m2" / "filters.png").exists()
+    bad = CliRunner().invoke(make_weights_command(load), [ckpts[0], "--layers", "nope"])
+    assert bad.exit_code == 2 and "matches none" in bad.output
