@@ -8,24 +8,33 @@ Python loop over all ``H x W`` frequencies calling ``np.linalg.svd(compute_uv=Fa
 symmetry, no batching). Also timed: the full analysis (unfolded + operator spectra, RMT statistics,
 permuted baselines) as a user runs it. ``--quick`` times the baseline on every 4th conv only and scales
 nothing: the ratio is over the same layer subset. Writes benchmarks/results/weights-cpu.json.
+
+Both sides run single-threaded (BLAS/OpenMP thread variables default to 1 before numpy and torch load):
+threaded LAPACK on small batched matrices gains nothing and, on a shared 2-vCPU machine, spins at
+barriers (a 420 x 128 x 512 complex batch: 49 s with two threads, 2.4-3 s with one).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import torch
-from torch import nn
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,  # noqa: E402
-                              dilate_kernel, operator_grid, polyphase_kernel)
+                              dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
 
 
 class _Bottleneck(nn.Module):
@@ -66,13 +75,18 @@ def build_model() -> tuple[nn.Module, str]:
 
 
 def loop_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups) -> np.ndarray:
-    """Baseline: full fft2, then one np.linalg.svd per frequency (and per group) in a Python loop."""
-    kernel = polyphase_kernel(dilate_kernel(torch.from_numpy(weight), dilation), stride).numpy()
+    """Baseline: full fft2, then one np.linalg.svd per frequency (and per group) in a Python loop.
+
+    It shares the kernel preparation (dilation, polyphase, dropping all-zero channels) with the batched
+    code, so the ratio measures batching, conjugate symmetry and the 1x1 shortcut only.
+    """
+    kernel = polyphase_kernel(dilate_kernel(torch.from_numpy(weight), dilation), stride)
     m1, m2 = operator_grid(hw, stride)
-    o = kernel.shape[0] // groups
-    out = []
+    kernel = kernel.reshape(groups, kernel.shape[0] // groups, *kernel.shape[1:])
+    kernel, zeros = drop_zero_channels(kernel, (m1, m2))
+    out = [np.zeros(zeros)]
     for g in range(groups):
-        spec = np.fft.fft2(kernel[g * o:(g + 1) * o], s=(m1, m2))  # [o, c, m1, m2]
+        spec = np.fft.fft2(kernel[g].numpy(), s=(m1, m2))  # [o, c, m1, m2]
         for f1 in range(m1):
             for f2 in range(m2):
                 out.append(np.linalg.svd(spec[:, :, f1, f2], compute_uv=False))
@@ -91,13 +105,15 @@ def time_spectra(layers, dtype: torch.dtype) -> tuple[float, float, float]:
                                     info.dilation, info.groups)
         t2 = time.perf_counter()
         t_fast, t_loop = t_fast + t1 - t0, t_loop + t2 - t1
+        print(f"  {info.name:24s} {tuple(info.weight.shape)} at {info.input_hw} stride {info.stride}: "
+              f"batched {t1 - t0:.3f} s, loop {t2 - t1:.3f} s", file=sys.stderr, flush=True)
         worst = max(worst, float(np.abs(fast.double().numpy() - ref).max() / ref.max()))
     return t_fast, t_loop, worst
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="baseline on every 4th conv only")
+    ap.add_argument("--quick", action="store_true", help="time both sides on every 4th conv only")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "weights-cpu.json"))
@@ -122,6 +138,8 @@ def main() -> None:
         "ratio_loop_over_batched": round(t_loop / t_fast, 2), "max_rel_diff": worst,
         "full_analysis_s": round(t_full, 3), "full_analysis_layers": len(results),
         "full_analysis_includes": "unfolded+operator spectra, RMT stats, permuted baselines",
+        "threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                        "OPENBLAS_NUM_THREADS")},
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
     }
