@@ -21,7 +21,7 @@ import contextlib
 import fnmatch
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -308,7 +308,7 @@ def discover_layers(model: nn.Module, cfg: WeightsConfig) -> list[LayerInfo]:
             stride=as_pair(m.stride) if conv else (1, 1), dilation=as_pair(m.dilation) if conv else (1, 1),
             groups=m.groups if conv else 1, input_hw=hw if conv else None, calls=calls))
     layers.sort(key=lambda layer: layer.index)
-    return [LayerInfo(**{**layer.__dict__, "index": i}) for i, layer in enumerate(layers)]
+    return [replace(layer, index=i) for i, layer in enumerate(layers)]
 
 
 # ---------------------------------------------------------------------------------------------------------
