@@ -1,0 +1,152 @@
+"""Whole-ResNet-50 weight analysis: batched FFT + svdvals against a per-frequency numpy loop.
+
+    python benchmarks/bench_weights.py [--quick] [--input-size 224] [--dtype float32]
+
+Both sides compute the exact circular operator spectrum of every Conv2d at the resolution it sees
+(stride > 1 through the polyphase kernel). Baseline: ``np.fft.fft2`` of the zero-padded kernel, then a
+Python loop over all ``H x W`` frequencies calling ``np.linalg.svd(compute_uv=False)`` (no conjugate
+symmetry, no batching). Also timed: the full analysis (unfolded + operator spectra, RMT statistics,
+permuted baselines) as a user runs it. ``--quick`` times the baseline on every 4th conv only and scales
+nothing: the ratio is over the same layer subset. Writes benchmarks/results/weights-cpu.json.
+
+Both sides run single-threaded (BLAS/OpenMP thread variables default to 1 before numpy and torch load):
+threaded LAPACK on small batched matrices gains nothing and, on a shared 2-vCPU machine, spins at
+barriers (a 420 x 128 x 512 complex batch: 49 s with two threads, 2.4-3 s with one).
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,  # noqa: E402
+                              dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
+
+
+class _Bottleneck(nn.Module):
+    """torchvision-shaped ResNet-50 v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.downsample = (nn.Conv2d(cin, cout, 1, stride, bias=False)
+                           if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return torch.relu(self.conv3(y) + self.downsample(x))
+
+
+def local_resnet50_shapes(num_classes: int = 1000) -> nn.Module:
+    """LOCAL STAND-IN: the conv/linear shapes and strides of torchvision's resnet50 (no BatchNorm)."""
+    layers, cin = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)], 64
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            layers.append(_Bottleneck(cin, width, stride if b == 0 else 1))
+            cin = width * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_model() -> tuple[nn.Module, str]:
+    """The project's ResNet-50 when train.models provides it, else the clearly labelled local stand-in."""
+    try:
+        from train.models import build_model as project_build
+        return project_build("resnet50", "imagenet", 1000), "train.models.build_model('resnet50', 'imagenet', 1000)"
+    except (ImportError, AttributeError) as err:
+        return local_resnet50_shapes(), f"local ResNet-50-shaped conv stack (train.models unavailable: {err})"
+
+
+def loop_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups) -> np.ndarray:
+    """Baseline: full fft2, then one np.linalg.svd per frequency (and per group) in a Python loop.
+
+    It shares the kernel preparation (dilation, polyphase, dropping all-zero channels) with the batched
+    code, so the ratio measures batching, conjugate symmetry and the 1x1 shortcut only.
+    """
+    kernel = polyphase_kernel(dilate_kernel(torch.from_numpy(weight), dilation), stride)
+    m1, m2 = operator_grid(hw, stride)
+    kernel = kernel.reshape(groups, kernel.shape[0] // groups, *kernel.shape[1:])
+    kernel, zeros = drop_zero_channels(kernel, (m1, m2))
+    out = [np.zeros(zeros)]
+    for g in range(groups):
+        spec = np.fft.fft2(kernel[g].numpy(), s=(m1, m2))  # [o, c, m1, m2]
+        for f1 in range(m1):
+            for f2 in range(m2):
+                out.append(np.linalg.svd(spec[:, :, f1, f2], compute_uv=False))
+    return np.sort(np.concatenate(out))[::-1]
+
+
+def time_spectra(layers, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(batched seconds, loop seconds, max relative difference of the two spectra) over conv layers."""
+    t_fast = t_loop = 0.0
+    worst = 0.0
+    for info in layers:
+        t0 = time.perf_counter()
+        fast = conv_operator_svdvals(info.weight, info.input_hw, info.stride, info.dilation, info.groups, dtype)
+        t1 = time.perf_counter()
+        ref = loop_operator_svdvals(info.weight.double().numpy(), info.input_hw, info.stride,
+                                    info.dilation, info.groups)
+        t2 = time.perf_counter()
+        t_fast, t_loop = t_fast + t1 - t0, t_loop + t2 - t1
+        print(f"  {info.name:24s} {tuple(info.weight.shape)} at {info.input_hw} stride {info.stride}: "
+              f"batched {t1 - t0:.3f} s, loop {t2 - t1:.3f} s", file=sys.stderr, flush=True)
+        worst = max(worst, float(np.abs(fast.double().numpy() - ref).max() / ref.max()))
+    return t_fast, t_loop, worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="time both sides on every 4th conv only")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "weights-cpu.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, source = build_model()
+    cfg = WeightsConfig(input_size=(args.input_size, args.input_size), dtype=args.dtype)
+    convs = [layer for layer in discover_layers(model, cfg) if layer.kind == "conv"]
+    subset = convs[::4] if args.quick else convs
+    cdtype = {"float32": torch.complex64, "float64": torch.complex128}[args.dtype]
+    t_fast, t_loop, worst = time_spectra(subset, cdtype)
+    t0 = time.perf_counter()
+    results = analyse_model(model, cfg)
+    t_full = time.perf_counter() - t0
+    record = {
+        "benchmark": "weights", "model": source, "input_size": args.input_size, "dtype": args.dtype,
+        "quick": args.quick, "convs_timed": len(subset), "convs_total": len(convs),
+        "operator_values_timed": int(sum(np.prod(operator_grid(c.input_hw, c.stride)) * c.groups
+                                         * min(c.weight.shape[0] // c.groups, c.weight.shape[1] * np.prod(c.stride))
+                                         for c in subset)),
+        "batched_operator_s": round(t_fast, 3), "loop_operator_s": round(t_loop, 3),
+        "ratio_loop_over_batched": round(t_loop / t_fast, 2), "max_rel_diff": worst,
+        "full_analysis_s": round(t_full, 3), "full_analysis_layers": len(results),
+        "full_analysis_includes": "unfolded+operator spectra, RMT stats, permuted baselines",
+        "threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                        "OPENBLAS_NUM_THREADS")},
+        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+    }
+    print(json.dumps(record, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

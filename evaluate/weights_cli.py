@@ -1,0 +1,67 @@
+"""``rankshard-evaluate weights CKPT... [--layers PATTERN] [--input-size N] [--out DIR]``.
+
+The command is built around a loader so that this module does not fix how checkpoints are read; the
+evaluate CLI wires it with ``make_weights_command(train.checkpoint.model_from_checkpoint)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from torch import nn
+
+from evaluate.weights import WeightsConfig
+from evaluate.weights_report import ReportConfig, run_weights_analysis
+
+LoadModel = Callable[..., tuple[nn.Module, dict[str, Any]]]  # (path, trust=bool) -> (model, meta)
+
+
+def _model_names(paths: tuple[str, ...]) -> list[str]:
+    """File stems, made unique with the parent folder when two checkpoints share a stem."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{Path(p).parent.name}_{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
+
+
+def make_weights_command(load_model: LoadModel) -> click.Command:
+    """The click command; ``load_model(path, trust=...)`` returns ``(model, meta)``."""
+
+    @click.command("weights")
+    @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--layers", default="*", show_default=True,
+                  help="Comma-separated fnmatch patterns over module names, e.g. 'layer1.*,fc'.")
+    @click.option("--input-size", type=int, default=None,
+                  help="Probe resolution; default: the checkpoint's input_size, else 224.")
+    @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="weights-report",
+                  show_default=True)
+    @click.option("--top-k", type=int, default=8, show_default=True, help="Singular vectors kept per layer.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permuted baselines.")
+    @click.option("--no-operator", is_flag=True, help="Skip the exact operator spectra (unfolded SVD only).")
+    @click.option("--no-permuted", is_flag=True, help="Skip the randomly permuted baselines.")
+    @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+    @click.option("--esd-layers", type=int, default=16, show_default=True, help="ESD panels per model.")
+    @click.option("--trust-checkpoint", is_flag=True,
+                  help="Allow full unpickling (only for checkpoints from a source you trust).")
+    def weights_command(checkpoints, layers, input_size, out_dir, top_k, seed, no_operator, no_permuted, dtype,
+                        esd_layers, trust_checkpoint):
+        """SVD of every Conv2d/Linear weight: unfolded and exact operator spectra, RMT fits, figures."""
+        models, sizes = {}, set()
+        for name, path in zip(_model_names(checkpoints), checkpoints):
+            model, meta = load_model(path, trust=trust_checkpoint)
+            models[name] = model
+            sizes.add(int(meta.get("input_size", 224)))
+        if input_size is None and len(sizes) > 1:
+            raise click.UsageError(f"checkpoints were trained at different input sizes {sorted(sizes)}; "
+                                   f"pass --input-size to analyse them at one resolution")
+        size = input_size or sizes.pop()
+        cfg = WeightsConfig(top_k=top_k, seed=seed, operator=not no_operator, permuted=not no_permuted,
+                            dtype=dtype)
+        try:
+            results = run_weights_analysis(models, size, out_dir, layers, cfg, ReportConfig(esd_layers=esd_layers))
+        except ValueError as err:
+            raise click.UsageError(str(err)) from err
+        for name, res in results.items():
+            click.echo(f"{name}: {len(res)} layers analysed at {size}x{size} in "
+                       f"{sum(r.seconds for r in res):.1f} s -> {Path(out_dir) / name}")
+
+    return weights_command
