@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import itertools
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import time
