@@ -87,10 +87,11 @@ def layer_bases(model: nn.Module, patterns: str, top_k: int | None) -> dict[str,
 
 def direction_magnitudes(activation: torch.Tensor, basis: LayerBasis) -> torch.Tensor:
     """``[B, K]``: per image, the L2 norm over positions of the (bias-free) activation projected on each ``u_i``."""
-    act = activation.detach().float()
-    u = basis.u.to(act.device)
+    act = activation.detach()
+    act = act if act.dtype == torch.float64 else act.float()  # half-precision activations: project in float32
+    u = basis.u.to(act.device, act.dtype)
     if basis.bias is not None:
-        act = act - basis.bias.to(act.device).reshape(1, -1, *([1] * (act.dim() - 2)))
+        act = act - basis.bias.to(act.device, act.dtype).reshape(1, -1, *([1] * (act.dim() - 2)))
     flat = act.reshape(act.shape[0], act.shape[1], -1)  # [B, out, positions]
     coeffs = torch.einsum("bop,ok->bkp", flat, u)
     return coeffs.norm(dim=2)
@@ -114,7 +115,8 @@ def influential(magnitudes: torch.Tensor, mass: float) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_magnitudes(model: nn.Module, batches: Iterable, bases: dict[str, LayerBasis], num_classes: int,
-                       per_class: int, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                       per_class: int, device: torch.device | str = "cpu"
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward up to ``per_class`` images of each class; returns (layer -> magnitudes ``[N, K]``, labels ``[N]``)."""
     modules = dict(model.named_modules())
     current: dict[str, torch.Tensor] = {}
