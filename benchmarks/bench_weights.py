@@ -36,7 +36,7 @@ from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdval
                               dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
 
 
-def build_model() -> tuple[nn.Module, str]:
+def build_model() -> tuple[torch.nn.Module, str]:
     """The project's ResNet-50 (random init: the timing depends on shapes, not on trained values)."""
     from train.models import build_model as project_build
     return project_build("resnet50", "imagenet", 1000), "train.models.build_model('resnet50', 'imagenet', 1000)"
