@@ -29,7 +29,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,41 +36,10 @@ from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdval
                               dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
 
 
-class _Bottleneck(nn.Module):
-    """torchvision-shaped ResNet-50 v1.5 bottleneck (stride on the 3x3 conv)."""
-
-    def __init__(self, cin: int, width: int, stride: int):
-        super().__init__()
-        cout = width * 4
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.downsample = (nn.Conv2d(cin, cout, 1, stride, bias=False)
-                           if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return torch.relu(self.conv3(y) + self.downsample(x))
-
-
-def local_resnet50_shapes(num_classes: int = 1000) -> nn.Module:
-    """LOCAL STAND-IN: the conv/linear shapes and strides of torchvision's resnet50 (no BatchNorm)."""
-    layers, cin = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)], 64
-    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
-        for b in range(blocks):
-            layers.append(_Bottleneck(cin, width, stride if b == 0 else 1))
-            cin = width * 4
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
-
-
-def build_model() -> tuple[nn.Module, str]:
-    """The project's ResNet-50 when train.models provides it, else the clearly labelled local stand-in."""
-    try:
-        from train.models import build_model as project_build
-        return project_build("resnet50", "imagenet", 1000), "train.models.build_model('resnet50', 'imagenet', 1000)"
-    except (ImportError, AttributeError) as err:
-        return local_resnet50_shapes(), f"local ResNet-50-shaped conv stack (train.models unavailable: {err})"
+def build_model() -> tuple[torch.nn.Module, str]:
+    """The project's ResNet-50 (random init: the timing depends on shapes, not on trained values)."""
+    from train.models import build_model as project_build
+    return project_build("resnet50", "imagenet", 1000), "train.models.build_model('resnet50', 'imagenet', 1000)"
 
 
 def loop_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups) -> np.ndarray:

@@ -13,7 +13,7 @@ from torch import nn
 
 from evaluate.rmt import (RMTConfig, effective_rank, fit_marchenko_pastur, fit_powerlaw, mp_density,
                           mp_quantile, powerlaw_mle, stable_rank, esd)
-from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,
+from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers, gram_svdvals,
                               layer_row, permuted_weight, select_layers, unfold_svd)
 from evaluate.weights_report import run_weights_analysis
 
@@ -50,20 +50,22 @@ OPERATOR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("method,cdtype", [("gram", torch.complex128), ("gram", torch.complex64),
+                                           ("svd", torch.complex128)])
 @pytest.mark.parametrize("o,c,kh,kw,hw,stride,dilation,groups", OPERATOR_CASES)
-def test_operator_spectrum_matches_dense_matrix(o, c, kh, kw, hw, stride, dilation, groups):
+def test_operator_spectrum_matches_dense_matrix(o, c, kh, kw, hw, stride, dilation, groups, method, cdtype):
     gen = torch.Generator().manual_seed(o * 100 + c * 10 + kh)
     weight = torch.randn(o, c // groups, kh, kw, generator=gen, dtype=torch.float64)
     ref = np.linalg.svd(dense_circular_conv(weight, hw, stride, dilation, groups), compute_uv=False)
-    got = conv_operator_svdvals(weight, hw, stride, dilation, groups, dtype=torch.complex128).numpy()
+    got = conv_operator_svdvals(weight, hw, stride, dilation, groups, dtype=cdtype, method=method).numpy()
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-5 * ref.max(), rtol=0)
 
 
 def test_operator_spectrum_float32_close_to_float64():
     w = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1))
-    lo = conv_operator_svdvals(w, 10, 2, dtype=torch.complex64).double()
-    hi = conv_operator_svdvals(w, 10, 2, dtype=torch.complex128)
+    lo = conv_operator_svdvals(w, 10, 2, dtype=torch.complex64, method="svd").double()
+    hi = conv_operator_svdvals(w, 10, 2, dtype=torch.complex128, method="svd")
     assert torch.allclose(lo, hi, atol=1e-4 * hi.max().item())
 
 
@@ -257,3 +259,16 @@ def test_weights_command_end_to_end(tmp_path):
     assert (out / "compare.csv").exists() and (out / "m2" / "filters.png").exists()
     bad = CliRunner().invoke(make_weights_command(load), [ckpts[0], "--layers", "nope"])
     assert bad.exit_code == 2 and "matches none" in bad.output
+
+
+def test_gram_svdvals_match_numpy_on_rank_deficient_batches():
+    """Near-zero singular values are where squaring hurts most: still within 1e-7 of the largest."""
+    gen = torch.Generator().manual_seed(5)
+    low = torch.randn(4, 7, 2, generator=gen, dtype=torch.float64) @ torch.randn(4, 2, 9, generator=gen,
+                                                                               dtype=torch.float64)
+    cplx = torch.complex(torch.randn(3, 9, 5, generator=gen, dtype=torch.float64),
+                         torch.randn(3, 9, 5, generator=gen, dtype=torch.float64))
+    for mats in (low, low.mT, cplx, cplx.mT):
+        ref = np.linalg.svd(mats.numpy(), compute_uv=False)[..., ::-1]
+        got = gram_svdvals(mats).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-7 * ref.max(), rtol=0)
