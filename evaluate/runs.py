@@ -5,10 +5,11 @@ The CLI parses options and calls these; tests and notebooks call them directly w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from preprocess.engine import RankEngine
+from preprocess.progress import Progress
 
 from .accuracy import accuracy_records, summarize_accuracy
 from .checkpoints import LoadedCheckpoint, check_fits
@@ -19,6 +20,15 @@ from .results import provenance, safe_name, write_csv, write_json
 from .robustness import PGDEvalConfig, pgd_records, summarize_pgd
 from .spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
 from .tables import markdown_table, pgd_table_rows
+
+
+def _batches(data: EvalData, ctx: DistContext, desc: str) -> Iterator:
+    """This rank's batches, with a progress bar (images/s, ETA) on rank 0: attacks and spectra take hours."""
+    bar = Progress(-(-data.num_samples // ctx.world_size), desc, enabled=ctx.is_main)
+    for batch in data.batches(ctx.rank, ctx.world_size):
+        yield batch
+        bar.update(len(batch.keys))
+    bar.close()
 
 
 def _gathered(records: dict, data: EvalData, ctx: DistContext, what: str) -> dict | None:
@@ -35,7 +45,8 @@ def run_accuracy(ckpts: Sequence[LoadedCheckpoint], datasets: Sequence[EvalData]
     for data in datasets:
         for ck in ckpts:
             check_fits(ck, data, allow_size_mismatch)
-            merged = _gathered(accuracy_records(ck.model, data.batches(ctx.rank, ctx.world_size), ctx.device),
+            batches = _batches(data, ctx, f"accuracy {ck.name} on {data.name}")
+            merged = _gathered(accuracy_records(ck.model, batches, ctx.device),
                                data, ctx, f"accuracy of {ck.name} on {data.name}")
             if merged is None:
                 continue
@@ -56,7 +67,8 @@ def run_spectrum(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: Spectru
     out, results = Path(out), {}
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
-        records = spectrum_records(ck.model, data.batches(ctx.rank, ctx.world_size), engine, cfg, ctx.device)
+        batches = _batches(data, ctx, f"spectrum {ck.name} ({len(cfg.ranks)} ranks)")
+        records = spectrum_records(ck.model, batches, engine, cfg, ctx.device)
         merged = _gathered(records, data, ctx, f"spectrum of {ck.name} on {data.name}")
         if merged is None:
             continue
@@ -91,7 +103,8 @@ def run_pgd(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: PGDEvalConfi
     out, rows = Path(out), []
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
-        records = pgd_records(ck.model, data.batches(ctx.rank, ctx.world_size), data.num_classes, cfg, ctx.device)
+        batches = _batches(data, ctx, f"PGD {ck.name}")
+        records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device)
         merged = _gathered(records, data, ctx, f"PGD on {ck.name} with {data.name}")
         if merged is None:
             continue
