@@ -211,9 +211,11 @@ class Trainer:
     def _progress(self, position: int, tic: float) -> None:
         loss, correct, count = self.partial.tolist()
         rate = count * self.env.world_size / max(time.perf_counter() - tic, 1e-9)
+        # count covers this epoch's steps since tic; the global batch is cfg.batch_size images per step
+        eta = (self.steps_per_epoch - position) * self.cfg.batch_size / max(rate, 1e-9)
         self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {position}/{self.steps_per_epoch} "
                  f"loss {loss / max(count, 1):.4f} top-1 {100 * correct / max(count, 1):.2f}% "
-                 f"lr {self.schedule.lr(self.step - 1):.4g} {rate:.0f} img/s")
+                 f"lr {self.schedule.lr(self.step - 1):.4g} {rate:.0f} img/s epoch eta {eta:.0f} s")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
