@@ -23,7 +23,7 @@ class LoadedCheckpoint:
     model: nn.Module
     num_classes: int
     input_size: int | None
-    trained_on: str      # payload data.variant when recorded (e.g. rank-010), else "?"
+    trained_on: str      # payload data.train_variant when recorded (e.g. rank-010), else "?"
 
 
 def split_names(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -44,7 +44,10 @@ def split_names(specs: Sequence[str]) -> list[tuple[str, str]]:
 
 def _trained_on(payload: dict[str, Any]) -> str:
     data = payload.get("data") or {}
-    return str(data.get("variant", "?")) if isinstance(data, dict) else "?"
+    if not isinstance(data, dict):
+        return "?"
+    # rankshard-train records "train_variant"; hand-made checkpoints may say "variant"
+    return str(data.get("train_variant", data.get("variant", "?")))
 
 
 def load_checkpoints(specs: Sequence[str], device: str, trust: bool = False) -> list[LoadedCheckpoint]:

@@ -93,3 +93,11 @@ def test_per_sample_generators_make_pgd_batch_independent():
     assert torch.equal(whole[3:5], part)
     with pytest.raises(ValueError, match="2 per-sample generators for a batch of 6"):
         pgd(net, x, y, cfg, generator=sample_generators(0, keys[:2], "start", "cpu"))
+
+
+def test_trained_on_reads_what_the_trainer_records():
+    from evaluate.checkpoints import _trained_on
+
+    assert _trained_on({"data": {"train_variant": "rank-005", "dataset": "cifar10"}}) == "rank-005"
+    assert _trained_on({"data": {"variant": "rank-010"}}) == "rank-010"
+    assert _trained_on({}) == "?"
