@@ -24,9 +24,10 @@ from torch import nn
 
 from preprocess.engine import Decomposition, RankEngine
 from preprocess.errors import RankshardError
-from train.checkpoint import CheckpointError, model_from_checkpoint
+from train.checkpoint import model_from_checkpoint
 
 from .attribution import SIGNED_REDUCTIONS
+from .checkpoints import split_names
 from .rig_check import randomization_table, randomized_models
 from .rig_figures import Column, save_rows_figure
 from .rig_inputs import InputBatch
@@ -68,16 +69,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_checkpoints(paths: list[str], trust: bool, device: torch.device) -> list[Loaded]:
-    """Models in eval mode on ``device``, named by file stem (made unique with an index when stems repeat)."""
-    loaded, seen = [], {}
-    for p in paths:
-        try:
-            model, payload = model_from_checkpoint(p, trust=trust)
-        except CheckpointError as exc:
-            raise RankshardError(str(exc)) from exc
-        stem = Path(p).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        name = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+    """Models in eval mode on ``device``, from ``[NAME=]PATH`` named as every evaluate subcommand names them."""
+    loaded = []
+    for name, p in split_names(paths):
+        model, payload = model_from_checkpoint(p, trust=trust)
         loaded.append(Loaded(name, str(p), model.to(device).eval(), payload))
     return loaded
 

@@ -12,22 +12,17 @@ import click
 from torch import nn
 
 from evaluate.weights import WeightsConfig
+from evaluate.checkpoints import split_names
 from evaluate.weights_report import ReportConfig, run_weights_analysis
 
 LoadModel = Callable[..., tuple[nn.Module, dict[str, Any]]]  # (path, trust=bool) -> (model, meta)
-
-
-def _model_names(paths: tuple[str, ...]) -> list[str]:
-    """File stems, made unique with the parent folder when two checkpoints share a stem."""
-    stems = [Path(p).stem for p in paths]
-    return [f"{Path(p).parent.name}_{s}" if stems.count(s) > 1 else s for p, s in zip(paths, stems)]
 
 
 def make_weights_command(load_model: LoadModel) -> click.Command:
     """The click command; ``load_model(path, trust=...)`` returns ``(model, meta)``."""
 
     @click.command("weights")
-    @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+    @click.argument("checkpoints", nargs=-1, required=True, metavar="[NAME=]CKPT...")
     @click.option("--layers", default="*", show_default=True,
                   help="Comma-separated fnmatch patterns over module names, e.g. 'layer1.*,fc'.")
     @click.option("--input-size", type=int, default=None,
@@ -46,7 +41,7 @@ def make_weights_command(load_model: LoadModel) -> click.Command:
                         esd_layers, trust_checkpoint):
         """SVD of every Conv2d/Linear weight: unfolded and exact operator spectra, RMT fits, figures."""
         models, sizes = {}, set()
-        for name, path in zip(_model_names(checkpoints), checkpoints):
+        for name, path in split_names(checkpoints):  # the naming every evaluate subcommand uses
             model, meta = load_model(path, trust=trust_checkpoint)
             models[name] = model
             sizes.add(int(meta.get("input_size", 224)))

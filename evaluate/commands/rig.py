@@ -64,7 +64,7 @@ def _report(summary: dict) -> None:
 
 
 @click.command("rig")
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True, metavar="[NAME=]CKPT...")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="shard root: <out> or <out>/<dataset>")
 @click.option("--split", default="val", show_default=True, help="split whose `full` shards are read")
 @click.option("--keys", help="comma-separated 8-digit sample keys, e.g. 00000003,00000017")
