@@ -6,12 +6,12 @@ that is not exactly-once) so that results never depend on the number of processe
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
+
+from train.dist import init_distributed
 
 from .errors import EvaluationError
 
@@ -33,27 +33,10 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> str:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is present, else ``cpu``; anything else passes through."""
-    if device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device}: no CUDA device is visible; use --device cpu (or auto)")
-    return f"cuda:{local_rank}" if device == "cuda" else device
-
-
 def init_from_env(device: str = "auto") -> DistContext:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
-    if world == 1:
-        return DistContext(0, 1, dev)
-    if not dist.is_initialized():
-        if dev.startswith("cuda"):
-            torch.cuda.set_device(torch.device(dev))
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), dev)
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (the trainer's setup: NCCL on CUDA, gloo on CPU)."""
+    env = init_distributed(device)
+    return DistContext(env.rank, env.world_size, str(env.device))
 
 
 def merge_by_key(parts: Iterable[Mapping[str, dict]]) -> dict[str, dict]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from preprocess.engine import Decomposition, RankEngine
+from preprocess.devices import resolve_device
 from preprocess.errors import RankshardError
 from train.checkpoint import model_from_checkpoint
 
@@ -61,11 +62,6 @@ class Loaded:
     path: str
     model: nn.Module
     payload: dict
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
 
 
 def load_checkpoints(paths: list[str], trust: bool, device: torch.device) -> list[Loaded]:

@@ -62,9 +62,9 @@ def main():
 
 
 def _resolve_device(device: str | None) -> str:
-    import torch
+    from .devices import resolve_device
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(resolve_device(device))
 
 
 def _sized(options: dict, **defaults) -> dict:

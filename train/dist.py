@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from preprocess.devices import resolve_device
+
 # gloo runs collectives on CPU tensors, nccl on CUDA tensors (and is far faster there).
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -35,22 +37,14 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's CUDA device when present, else CPU; ``cuda`` without CUDA is an error."""
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
 def init_distributed(device_choice: str = "auto") -> DistEnv:
     """Join the process group described by torchrun's environment (or run alone without it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_choice, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(BACKENDS[device.type], init_method="env://", rank=rank, world_size=world_size,

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from preprocess.cli import friendly_errors
-from preprocess.errors import RankshardError
+from preprocess.devices import resolve_device
+from preprocess.errors import RankshardError, friendly_errors
 
 from ..attribution import OUTPUTS, REDUCTIONS, RULES, IGConfig, SmoothGradConfig
 from ..rig import RIGConfig
 from ..rig_check import RANDOMIZATIONS
 from ..rig_inputs import InputBatch, load_image_files, parse_index, read_shard_samples
 from ..rig_maps import METHODS, MapConfig
-from ..rig_run import RunConfig, check_input_size, load_checkpoints, resolve_device, run_rig
+from ..rig_run import RunConfig, check_input_size, load_checkpoints, run_rig
 
 
 def _split_list(values: tuple[str, ...] | str | None) -> list[str]:
