@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -436,9 +438,18 @@ def analyse_layer(info: LayerInfo, cfg: WeightsConfig) -> LayerResult:
     return LayerResult(info, stats, spectra, top, notes, time.perf_counter() - t0)
 
 
-def analyse_model(model: nn.Module, cfg: WeightsConfig = WeightsConfig()) -> list[LayerResult]:
-    """Analyse every selected Conv2d/Linear layer of ``model`` in forward order."""
-    return [analyse_layer(info, cfg) for info in discover_layers(model, cfg)]
+def analyse_model(model: nn.Module, cfg: WeightsConfig = WeightsConfig(), workers: int | None = None
+                  ) -> list[LayerResult]:
+    """Analyse every selected Conv2d/Linear layer of ``model``; results in forward order.
+
+    Layers are independent, so they run on ``workers`` threads (default: one per core), each with
+    single-threaded LAPACK: torch releases the GIL inside its kernels, and one thread per layer scales
+    where MKL's own threading inside one small SVD did not (see ``lapack_threads``).
+    """
+    infos = discover_layers(model, cfg)
+    # set once here: per-call save/restore from several threads would race on the global setting
+    with lapack_threads(1), ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda info: analyse_layer(info, cfg), infos))
 
 
 def layer_row(result: LayerResult) -> dict:
