@@ -12,6 +12,16 @@ from .verify import print_report, verify_tree
 from .synth import labelled_images
 
 
+# A tiny net trains on the demo shards in seconds on a CPU; the same commands scale to the paper's runs.
+NEXT_STEPS = """
+Next steps on these shards (a tiny ResNet-18, seconds on a CPU):
+  rankshard-train --preset cifar10-paper --data-root {shards} --train-variant rank-005 --run-dir {runs}/rank-005 \\
+      --arch resnet18 --width 8 --epochs 2 --batch-size 64 --milestones 1 --workers 2
+  rankshard-evaluate spectrum {runs}/rank-005/best.pt --data {shards} --split test --ranks all --out {results}/spectrum
+  rankshard-evaluate pgd {runs}/rank-005/best.pt --data {shards} --eps 4/255 --steps 20 --targeted --out {results}/pgd
+"""
+
+
 def build_demo_archive(folder: Path, per_class: int = 100, test_per_class: int = 20, seed: int = 0) -> Path:
     """A CIFAR-10-python-format archive of synthetic natural-looking images (deterministic)."""
     train = labelled_images(per_class, seed=seed)
@@ -41,3 +51,4 @@ def run_demo(out: Path, per_class: int = 100, workers: int = 1) -> None:
     for path in write_previews(shards):
         click.echo(f"wrote {path}")
     click.echo(f"\nDone. Shards: {shards}/cifar10/<split>/<variant>/ ; previews: {shards}/cifar10/*/preview*.png")
+    click.echo(NEXT_STEPS.format(shards=shards, runs=out / "runs", results=out / "results"))
