@@ -104,3 +104,18 @@ def test_arch_shortcuts_and_spec_validation():
     with pytest.raises(ValueError, match="3 values"):
         build_model("resnet18", mean=(0.5,), std=(0.5,))
     assert ModelSpec("resnet18", "cifar").mean == CIFAR10_MEAN and ModelSpec("resnet18").std == IMAGENET_STD
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["resnet50", "resnet18"])
+def test_logits_match_torchvision(arch):
+    """Where torchvision imports (GPU machines): torchvision's weights give torchvision's logits (fp32)."""
+    pytest.importorskip("torchvision")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from crosscheck_torchvision import TOLERANCE, max_logit_difference
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    assert max_logit_difference(arch, torch.device("cuda"), batch=4) <= TOLERANCE
