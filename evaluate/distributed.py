@@ -7,36 +7,21 @@ that is not exactly-once) so that results never depend on the number of processe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from train.dist import init_distributed
+from train.dist import DistEnv, init_distributed
 
 from .errors import EvaluationError
 
 
-@dataclass(frozen=True)
-class DistContext:
-    """This process's place in the job: ``rank`` of ``world_size`` (1 without torchrun) and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+# Evaluation's view of its place in a torchrun job is the trainer's: rank, world size, device.
+DistContext = DistEnv
 
 
 def init_from_env(device: str = "auto") -> DistContext:
     """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (the trainer's setup: NCCL on CUDA, gloo on CPU)."""
-    env = init_distributed(device)
-    return DistContext(env.rank, env.world_size, str(env.device))
+    return init_distributed(device)
 
 
 def merge_by_key(parts: Iterable[Mapping[str, dict]]) -> dict[str, dict]:

@@ -16,8 +16,9 @@ import torch
 FORMAT = "rankshard-eval/1"  # every result JSON carries it, with "kind" (accuracy | spectrum | pgd)
 
 
-def provenance(device: str, world_size: int = 1) -> dict[str, Any]:
+def provenance(device: str | torch.device, world_size: int = 1) -> dict[str, Any]:
     """Where and with what a result was computed (SPEC: results carry their hardware and versions)."""
+    device = str(device)
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else platform.processor()
     return {"device": device, "device_name": name or platform.machine(), "world_size": world_size,
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),

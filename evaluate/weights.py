@@ -17,20 +17,20 @@ each value is counted twice where its mirror frequency was dropped.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import os
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from evaluate.rmt import RMTConfig, spectrum_stats
+from preprocess.devices import torch_threads
 
 Pair = tuple[int, int]
 
@@ -65,20 +65,9 @@ _COMPLEX = {"float32": torch.complex64, "float64": torch.complex128}
 _REAL = {"float32": torch.float32, "float64": torch.float64}
 
 
-@contextlib.contextmanager
-def lapack_threads(n: int = 1) -> Iterator[None]:
-    """Run torch's CPU kernels with ``n`` intra-op threads, restoring the previous setting afterwards.
-
-    Batched LAPACK calls on small matrices gain nothing from intra-op threading, and MKL's threaded
-    ``cgesdd`` spins at barriers: on a shared 2-vCPU machine a 420 x 128 x 512 batch took 49 s with two
-    threads and 2.4-3 s with one (measured). The SVDs here therefore run single-threaded by default.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# Batched LAPACK on small matrices: single-threaded by default. MKL's threaded cgesdd spins at barriers:
+# on a shared 2-vCPU machine a 420 x 128 x 512 batch took 49 s with two threads, 2.4-3 s with one.
+lapack_threads = torch_threads
 
 
 def as_pair(v: int | tuple[int, ...]) -> Pair:

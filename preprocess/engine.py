@@ -30,6 +30,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from .devices import torch_threads
+
 ACCURACY_BAR = 1e-4          # max-abs error on the [0, 1] scale vs the float64 reference (SPEC)
 CPU_PREFERENCE = ("gram64", "torch")  # fastest first, as measured by benchmarks/bench_rank_engine.py
 CALIBRATION_MARGIN = 10.0    # auto wants error <= bar / margin on synthetic images: real photos are harder
@@ -349,12 +351,8 @@ def _intra_op_threads(device: torch.device, threads: int) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _sync(device: torch.device) -> None:

@@ -32,6 +32,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
+from .devices import torch_threads
 from .engine import RankEngine, RankOutputs, energy_retained
 from .errors import ConfigMismatchError, RankshardError, SourceError
 from .listing import Loaded, run_job
@@ -140,12 +141,8 @@ def _cpu_share(workers: int):
     Oversubscribed, torch's thread pool made the small per-batch tensor ops 2-3x slower (measured on 2
     cores: quantization 1.2 s -> 0.5 s per 3000 CIFAR images with one thread instead of two).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    try:
+    with torch_threads((os.cpu_count() or 1) - workers):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _stored_png(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

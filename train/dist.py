@@ -25,8 +25,11 @@ class DistEnv:
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # a string such as "cuda:1" is accepted and converted
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
 
     @property
     def is_main(self) -> bool:
@@ -49,7 +52,7 @@ def init_distributed(device_choice: str = "auto") -> DistEnv:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(BACKENDS[device.type], init_method="env://", rank=rank, world_size=world_size,
                                 **kwargs)
-    return DistEnv(rank, world_size, local_rank, device)
+    return DistEnv(rank, world_size, device, local_rank)
 
 
 def shutdown(env: DistEnv) -> None:
