@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _results import write_result  # noqa: E402  (benchmarks/ is the script's folder)
+
 import webdataset as wds  # noqa: E402
 
 from loaders import LoaderConfig, open_variant, train_loader  # noqa: E402
@@ -133,10 +135,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         for name, case in CASES["quick" if args.quick else "full"].items():
             result["cases"][name] = bench_case(Path(tmp), name, case, args.workers, rounds)
-    out = Path(args.out or Path(__file__).parent / "results" / "loader-cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, "loader-cpu", args.out)
     return result
 
 

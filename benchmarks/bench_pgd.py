@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _results import write_result  # noqa: E402  (benchmarks/ is the script's folder)
+
 from evaluate.robustness import PGDEvalConfig, attack_batch  # noqa: E402
 from preprocess.synth import labelled_images  # noqa: E402
 from train.attacks import PGDConfig, frozen_parameters, pgd, random_targets  # noqa: E402
@@ -124,11 +126,7 @@ def main(argv=None) -> dict:
         print(f"  {name:20s} {s:8.3f} s  {result['samples_per_s'][name]:9.1f} samples/s"
               + (f"  {share:.3f} of ideal (goal >= 0.85)" if share else ""))
     dev = result["provenance"]["device"].split(":")[0]
-    tag = "-quick" if args.quick else ""
-    out = Path(args.out or Path(__file__).parent / "results" / f"pgd-{dev}{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, f"pgd-{dev}" + ("-quick" if args.quick else ""), args.out)
     return result
 
 

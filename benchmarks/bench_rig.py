@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from _results import write_result  # noqa: E402  (benchmarks/ is the script's folder)
+
 from evaluate.rig import RIGConfig, rig  # noqa: E402
 from preprocess.engine import RankEngine  # noqa: E402
 from preprocess.synth import natural_batch  # noqa: E402
@@ -131,11 +133,7 @@ def main(argv=None) -> dict:
         line += f"; literal loop: {result['loop']['images_per_s']:.3f} images/s; speedup x{result['speedup']:.2f}" \
                 f"; max relative map difference {result['max_rel_map_difference']:.2e}"
     print(line)
-    suffix = "-quick" if args.quick else ""
-    out = Path(args.out or Path(__file__).parent / "results" / f"rig-{device.type}{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, f"rig-{device.type}" + ("-quick" if args.quick else ""), args.out)
     return result
 
 
