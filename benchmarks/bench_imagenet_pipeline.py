@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from preprocess.imagejob import Placement, imagenet_source, run_image_job  # noqa: E402
-from preprocess.images import Geometry  # noqa: E402
-from preprocess.pipeline import peak_rss_mb  # noqa: E402
-from preprocess.spec import ShardSpec  # noqa: E402
-from preprocess.synth import class_images  # noqa: E402
-from preprocess.synthtree import WNIDS, jpeg_bytes  # noqa: E402
+from rankshard.preprocess.imagejob import Placement, imagenet_source, run_image_job  # noqa: E402
+from rankshard.preprocess.sources.images import Geometry  # noqa: E402
+from rankshard.preprocess.pipeline import peak_rss_mb  # noqa: E402
+from rankshard.preprocess.spec import ShardSpec  # noqa: E402
+from rankshard.preprocess.sources.synth import class_images  # noqa: E402
+from rankshard.preprocess.sources.synthtree import WNIDS, jpeg_bytes  # noqa: E402
 
 RANKS = (30, 40, 50, 100)
 

@@ -30,11 +30,11 @@ from _results import write_result  # noqa: E402  (benchmarks/ is the script's fo
 
 import webdataset as wds  # noqa: E402
 
-from loaders import LoaderConfig, open_variant, train_loader  # noqa: E402
-from loaders.augment import cifar, imagenet  # noqa: E402
-from preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
-from preprocess.spec import ShardSpec  # noqa: E402
-from preprocess.synth import labelled_images  # noqa: E402
+from rankshard.loaders import LoaderConfig, open_variant, train_loader  # noqa: E402
+from rankshard.loaders.augment import cifar, imagenet  # noqa: E402
+from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
+from rankshard.preprocess.spec import ShardSpec  # noqa: E402
+from rankshard.preprocess.sources.synth import labelled_images  # noqa: E402
 
 # name: (side, samples, shard size, batch size, augmentation) -- full run, then --quick
 CASES = {

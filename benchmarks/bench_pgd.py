@@ -3,8 +3,8 @@
 A 20-step PGD needs 20 forward + input-gradient backward passes plus one forward of the last iterate (the
 best iterate is kept), so 21 forward + backward passes on the same batch bound it from below. Both use the
 same model with frozen parameters (no weight gradients), the same batch and device; rounds are interleaved
-and the best time of each kept (shared, noisy machines). Reported: samples/s of ``train.attacks.pgd`` and of
-the evaluation path ``evaluate.robustness.attack_batch`` (adds keyed targets/starts and the clean and
+and the best time of each kept (shared, noisy machines). Reported: samples/s of ``rankshard.train.attacks.pgd`` and of
+the evaluation path ``rankshard.evaluate.robustness.attack_batch`` (adds keyed targets/starts and the clean and
 adversarial predictions), each as a share of the ideal (goal >= 0.85).
 
     python benchmarks/bench_pgd.py [--quick] [--device cpu|cuda] [--arch resnet50 --width 64 --batch 8]
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from _results import write_result  # noqa: E402  (benchmarks/ is the script's folder)
 
-from evaluate.robustness import PGDEvalConfig, attack_batch  # noqa: E402
-from preprocess.synth import labelled_images  # noqa: E402
-from train.attacks import PGDConfig, frozen_parameters, pgd, random_targets  # noqa: E402
-from train.models import build_model  # noqa: E402
+from rankshard.evaluate.robustness import PGDEvalConfig, attack_batch  # noqa: E402
+from rankshard.preprocess.sources.synth import labelled_images  # noqa: E402
+from rankshard.train.attacks import PGDConfig, frozen_parameters, pgd, random_targets  # noqa: E402
+from rankshard.train.models import build_model  # noqa: E402
 
 STEPS = 20
 

@@ -27,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
-from preprocess.spec import ShardSpec  # noqa: E402
-from preprocess.synth import CIFAR10_CLASSES, labelled_images  # noqa: E402
+from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
+from rankshard.preprocess.spec import ShardSpec  # noqa: E402
+from rankshard.preprocess.sources.synth import CIFAR10_CLASSES, labelled_images  # noqa: E402
 
 RANKS = (5, 10, 20)
 

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from preprocess.engine import ACCURACY_BAR, RankEngine, available_backends, calibrate  # noqa: E402
-from preprocess.synth import natural_batch  # noqa: E402
+from rankshard.preprocess.rank.engine import ACCURACY_BAR, RankEngine, available_backends, calibrate  # noqa: E402
+from rankshard.preprocess.sources.synth import natural_batch  # noqa: E402
 
 RANKS = (10, 30, 50, 100)
 SIZES = {"full": ((32, 512), (224, 32)), "quick": ((32, 256), (224, 12))}  # (side, images)

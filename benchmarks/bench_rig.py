@@ -2,7 +2,7 @@
 
 Baseline (measured in the same run): Eq. 3 literally, per image: one float64 ``np.linalg.svd`` per channel,
 then for every rank k = 1..n its reconstruction, one forward and one backward pass, the channel reduction
-and the weighted sum. The candidate is ``evaluate.rig.rig``: one decomposition per image through the rank
+and the weighted sum. The candidate is ``rankshard.evaluate.rig.rank_ig.rig``: one decomposition per image through the rank
 engine, all ranks through the model ``--batch-size`` at a time, one backward pass per batch. Both explain
 the same images with the same model; the max-abs difference between their maps is reported too. Rounds
 are interleaved and the best time of each kept (shared, noisy machines).
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from _results import write_result  # noqa: E402  (benchmarks/ is the script's folder)
 
-from evaluate.rig import RIGConfig, rig  # noqa: E402
-from preprocess.engine import RankEngine  # noqa: E402
-from preprocess.synth import natural_batch  # noqa: E402
-from train.models import build_model  # noqa: E402
+from rankshard.evaluate.rig.rank_ig import RIGConfig, rig  # noqa: E402
+from rankshard.preprocess.rank.engine import RankEngine  # noqa: E402
+from rankshard.preprocess.sources.synth import natural_batch  # noqa: E402
+from rankshard.train.models import build_model  # noqa: E402
 
 PRESETS = {  # name -> (arch, variant, width, side, images)
     "quick": ("resnet18", "cifar", 8, 32, 2),

@@ -3,7 +3,7 @@ algorithm measured in the same run.
 
 Literal baseline: per image, per channel ``np.linalg.svd`` (float64), then one model call per rank on that
 single rank-k image. rankshard: one engine decomposition per batch of images, ranks rebuilt on the fly and
-batched through the model (``evaluate.spectrum.spectrum_records``). The baseline is timed on a few images and
+batched through the model (``rankshard.evaluate.spectrum.spectrum_records``). The baseline is timed on a few images and
 reported per image, since at 224x224 with all ranks it takes minutes per image on a CPU.
 
     python benchmarks/bench_spectrum.py [--quick] [--device cuda] [--images 1000] [--size 224]
@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from evaluate.data import tensor_data  # noqa: E402
-from evaluate.spectrum import SpectrumConfig, spectrum_records  # noqa: E402
-from preprocess.engine import RankEngine, reference_low_rank  # noqa: E402
-from preprocess.synth import labelled_images  # noqa: E402
-from train.models import build_model  # noqa: E402
+from rankshard.evaluate.data import tensor_data  # noqa: E402
+from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_records  # noqa: E402
+from rankshard.preprocess.rank.engine import RankEngine, reference_low_rank  # noqa: E402
+from rankshard.preprocess.sources.synth import labelled_images  # noqa: E402
+from rankshard.train.models import build_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from train.config import from_preset  # noqa: E402
-from train.data import TensorData  # noqa: E402
-from train.trainer import Trainer  # noqa: E402
+from rankshard.train.config import from_preset  # noqa: E402
+from rankshard.train.data import TensorData  # noqa: E402
+from rankshard.train.trainer import Trainer  # noqa: E402
 
 MODES = {"fp32": {"precision": "fp32", "channels_last": "off"},     # the baseline
          "bf16_cl": {"precision": "bf16", "channels_last": "on"}}

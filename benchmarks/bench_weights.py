@@ -32,14 +32,14 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,  # noqa: E402
+from rankshard.evaluate.weights.spectra import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,  # noqa: E402
                               dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
 
 
 def build_model() -> tuple[torch.nn.Module, str]:
     """The project's ResNet-50 (random init: the timing depends on shapes, not on trained values)."""
-    from train.models import build_model as project_build
-    return project_build("resnet50", "imagenet", 1000), "train.models.build_model('resnet50', 'imagenet', 1000)"
+    from rankshard.train.models import build_model as project_build
+    return project_build("resnet50", "imagenet", 1000), "rankshard.train.models.build_model('resnet50', 'imagenet', 1000)"
 
 
 def loop_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups) -> np.ndarray:

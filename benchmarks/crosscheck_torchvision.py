@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from train.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
+from rankshard.train.models import IMAGENET_MEAN, IMAGENET_STD, build_model  # noqa: E402
 
 TOLERANCE = 1e-4  # max |logit difference| in fp32
 

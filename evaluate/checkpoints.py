@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from train.checkpoint import model_from_checkpoint
+from rankshard.train.checkpoint import model_from_checkpoint
 
-from .data import EvalData
-from .errors import EvaluationError
+from rankshard.evaluate.data import EvalData
+from rankshard.evaluate.errors import EvaluationError
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _trained_on(payload: dict[str, Any]) -> str:
 
 
 def load_checkpoints(specs: Sequence[str], device: str, trust: bool = False) -> list[LoadedCheckpoint]:
-    """Load every ``[NAME=]PATH`` with ``train.checkpoint.model_from_checkpoint`` (weights_only unless ``trust``)."""
+    """Load every ``[NAME=]PATH`` with ``rankshard.train.checkpoint.model_from_checkpoint`` (weights_only unless ``trust``)."""
     loaded = []
     for name, path in split_names(specs):
         if not Path(path).is_file():

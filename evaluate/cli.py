@@ -1,16 +1,20 @@
 """``rankshard-evaluate``: accuracy, rank spectrum, PGD, RIG and weight analysis of checkpoints.
 
-Each subcommand lives in its own module under ``evaluate/commands/`` and exposes ``command`` (a click
-command); the group discovers them, so adding an analysis never touches this file.
+Every subcommand is registered here by name, so a reader (or a tool) can follow the CLI to its code. Data
+evaluation commands live in ``evaluate/commands/``, the saliency room in ``evaluate/rig/`` and the weight
+analyses in ``evaluate/weights/``.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import click
 
-from . import commands
+from rankshard.evaluate.commands.accuracy import command as accuracy
+from rankshard.evaluate.commands.pgd import command as pgd
+from rankshard.evaluate.commands.report import command as report
+from rankshard.evaluate.commands.spectrum import command as spectrum
+from rankshard.evaluate.rig.command import command as rig
+from rankshard.evaluate.weights.command import command as weights
+from rankshard.evaluate.weights.profile_command import command as svd_profile
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,8 +22,8 @@ def main():
     """Evaluate checkpoints on rank-k data: accuracy, spectrum, PGD robustness, RIG saliency, weights."""
 
 
-for _info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-    main.add_command(importlib.import_module(f"{commands.__name__}.{_info.name}").command)
+for _command in (accuracy, spectrum, pgd, rig, weights, svd_profile, report):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import EvaluationError
+from rankshard.evaluate.errors import EvaluationError
 
 
 class EvalBatch(NamedTuple):
@@ -96,7 +96,7 @@ def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, 
     ``limit`` keeps the first N samples of the manifest order (keys 0..N-1: SPEC's keys are the global
     output index), reading only the shards that hold them.
     """
-    from loaders import LoaderConfig, eval_loader, open_variant
+    from rankshard.loaders import LoaderConfig, eval_loader, open_variant
 
     check_limit(limit)
     dataset = resolve_dataset(root, dataset)

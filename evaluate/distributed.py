@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping
 
 import torch.distributed as dist
 
-from train.dist import DistEnv, init_distributed
+from rankshard.train.dist import DistEnv, init_distributed
 
-from .errors import EvaluationError
+from rankshard.evaluate.errors import EvaluationError
 
 
 # Evaluation's view of its place in a torchrun job is the trainer's: rank, world size, device.

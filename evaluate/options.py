@@ -6,9 +6,9 @@ from pathlib import Path
 import click
 import torch.distributed as dist
 
-from .checkpoints import LoadedCheckpoint, load_checkpoints
-from .data import EvalData, shard_data
-from .distributed import DistContext, init_from_env
+from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
+from rankshard.evaluate.data import EvalData, shard_data
+from rankshard.evaluate.distributed import DistContext, init_from_env
 
 
 def _stack(options):

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EvaluationError
-from .plots import curve_from_rows, plot_gaps, plot_spectra
-from .results import read_results, safe_name
-from .tables import accuracy_table_rows, markdown_table, pgd_table_rows, spectrum_table_rows
+from rankshard.evaluate.errors import EvaluationError
+from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
+from rankshard.evaluate.results import read_results, safe_name
+from rankshard.evaluate.tables import accuracy_table_rows, markdown_table, pgd_table_rows, spectrum_table_rows
 
 
 @dataclass

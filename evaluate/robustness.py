@@ -1,6 +1,6 @@
 """Targeted / untargeted PGD evaluation (SPEC metrics; the paper's Table 2), per sample and reproducible.
 
-The attack is ``train.attacks.pgd``. What evaluation adds: per-sample seeding (each sample's target and
+The attack is ``rankshard.train.attacks.pgd``. What evaluation adds: per-sample seeding (each sample's target and
 random start come from generators seeded by (seed, key), so a sample's result does not depend on its batch,
 the batch size, or the number of DDP ranks), per-sample records, and the metrics:
 
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from train.attacks import PGDConfig, pgd, random_targets
+from rankshard.train.attacks import PGDConfig, pgd, random_targets
 
-from .accuracy import predict
+from rankshard.evaluate.accuracy import predict
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,18 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from preprocess.engine import RankEngine
-from preprocess.progress import Progress
+from rankshard.preprocess.rank.engine import RankEngine
+from rankshard.preprocess.progress import Progress
 
-from .accuracy import accuracy_records, summarize_accuracy
-from .checkpoints import LoadedCheckpoint, check_fits
-from .data import EvalData
-from .distributed import DistContext, check_complete, gather_by_key
-from .plots import curve_from_rows, plot_gaps, plot_spectra
-from .results import provenance, safe_name, write_csv, write_json
-from .robustness import PGDEvalConfig, pgd_records, summarize_pgd
-from .spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
-from .tables import markdown_table, pgd_table_rows
+from rankshard.evaluate.accuracy import accuracy_records, summarize_accuracy
+from rankshard.evaluate.checkpoints import LoadedCheckpoint, check_fits
+from rankshard.evaluate.data import EvalData
+from rankshard.evaluate.distributed import DistContext, check_complete, gather_by_key
+from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
+from rankshard.evaluate.results import provenance, safe_name, write_csv, write_json
+from rankshard.evaluate.robustness import PGDEvalConfig, pgd_records, summarize_pgd
+from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
+from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
 
 def _batches(data: EvalData, ctx: DistContext, desc: str) -> Iterator:

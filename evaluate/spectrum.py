@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from preprocess.engine import RankEngine
+from rankshard.preprocess.rank.engine import RankEngine
 
-from .accuracy import predict
-from .errors import EvaluationError
+from rankshard.evaluate.accuracy import predict
+from rankshard.evaluate.errors import EvaluationError
 
 # How the model input is formed from the image x and its low-rank reconstruction x_k.
 MODES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

@@ -1,10 +1,10 @@
 """Streaming WebDataset loaders for rankshard shards: training, exactly-once evaluation, joins by key."""
-from .config import LoaderConfig
-from .errors import LoaderError, LoaderWarning, ShardReadError
-from .join import JoinedBatch, join_variants
-from .normalization import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, normalization_for
-from .pipeline import Batch, Loader, eval_loader, train_loader
-from .variant import VariantInfo, open_variant
+from rankshard.loaders.config import LoaderConfig
+from rankshard.loaders.errors import LoaderError, LoaderWarning, ShardReadError
+from rankshard.loaders.join import JoinedBatch, join_variants
+from rankshard.loaders.normalization import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, normalization_for
+from rankshard.loaders.pipeline import Batch, Loader, eval_loader, train_loader
+from rankshard.loaders.variant import VariantInfo, open_variant
 
 __all__ = [
     "Batch", "CIFAR10_MEAN", "CIFAR10_STD", "IMAGENET_MEAN", "IMAGENET_STD", "JoinedBatch", "Loader",

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .augment import AUGMENTS
-from .errors import LoaderError
+from rankshard.loaders.augment import AUGMENTS
+from rankshard.loaders.errors import LoaderError
 
 ON_ERROR = ("raise", "skip")
 RANK_MODES = ("low", "high")

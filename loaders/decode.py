@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from preprocess.codec import decode_npy, decode_png
+from rankshard.preprocess.format.codec import decode_npy, decode_png
 
 
 def _png(members: dict[str, bytes], k: int | None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Loader errors: each names the shard (and sample key) at fault and how to fix it."""
 from __future__ import annotations
 
-from preprocess.errors import RankshardError
+from rankshard.preprocess.errors import RankshardError
 
 
 class LoaderError(RankshardError):

@@ -10,10 +10,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import LoaderError
-from .pipeline import BatchTransform, collate, distributed_rank, read_positions
-from .plan import EvalPlan
-from .variant import VariantInfo
+from rankshard.loaders.errors import LoaderError
+from rankshard.loaders.pipeline import BatchTransform, collate, distributed_rank, read_positions
+from rankshard.loaders.plan import EvalPlan
+from rankshard.loaders.variant import VariantInfo
 
 
 @dataclass

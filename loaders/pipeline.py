@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from preprocess.engine import RankEngine
+from rankshard.preprocess.rank.engine import RankEngine
 
-from .augment import AUGMENTS, UINT8_INPUT
-from .config import LoaderConfig
-from .decode import decode_sample
-from .errors import LoaderError, LoaderWarning, shard_error
-from .plan import EvalPlan, Stream, TrainPlan, worker_batches
-from .tario import ShardReader
-from .variant import VariantInfo
+from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
+from rankshard.loaders.config import LoaderConfig
+from rankshard.loaders.decode import decode_sample
+from rankshard.loaders.errors import LoaderError, LoaderWarning, shard_error
+from rankshard.loaders.plan import EvalPlan, Stream, TrainPlan, worker_batches
+from rankshard.preprocess.format.tarindex import ShardReader
+from rankshard.loaders.variant import VariantInfo
 
 log = logging.getLogger(__name__)
 

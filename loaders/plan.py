@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import LoaderError
+from rankshard.loaders.errors import LoaderError
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import Sequence
 
 from braceexpand import braceexpand
 
-from preprocess.shards import sha256_file
+from rankshard.preprocess.format.tar import sha256_file
 
-from .errors import LoaderError
-from .normalization import normalization_for
+from rankshard.loaders.errors import LoaderError
+from rankshard.loaders.normalization import normalization_for
 
 FORMAT = "rankshard/1"
 IMAGE_ENCODINGS = ("png", "npy", "factors")

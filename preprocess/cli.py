@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .errors import friendly_errors
+from rankshard.preprocess.errors import friendly_errors
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -62,7 +62,7 @@ def main():
 
 
 def _resolve_device(device: str | None) -> str:
-    from .devices import resolve_device
+    from rankshard.preprocess.devices import resolve_device
 
     return str(resolve_device(device))
 
@@ -84,10 +84,10 @@ def _sized(options: dict, **defaults) -> dict:
 @friendly_errors
 def cifar10_command(source, download, verify_md5, splits, out, workers, device, overwrite, **options):
     """Turn CIFAR-10 (official python version) into rank-k shards, both splits by default."""
-    from .cifar import download_cifar10, load_cifar10
-    from .pipeline import ArraySource, materialize_split
-    from .report import print_summary
-    from .spec import ShardSpec
+    from rankshard.preprocess.sources.cifar import download_cifar10, load_cifar10
+    from rankshard.preprocess.pipeline import ArraySource, materialize_split
+    from rankshard.preprocess.report import print_summary
+    from rankshard.preprocess.spec import ShardSpec
 
     if download:
         source = download_cifar10(source if source.suffix != ".gz" else source.parent)
@@ -102,7 +102,7 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
         print_summary(materialize_split(src, spec, out, overwrite=overwrite))
 
 
-from .cli_images import folder_command, imagenet_command, wds_command  # noqa: E402  (they use main's options)
+from rankshard.preprocess.cli_images import folder_command, imagenet_command, wds_command  # noqa: E402  (they use main's options)
 
 main.add_command(imagenet_command)
 main.add_command(folder_command)
@@ -116,7 +116,7 @@ main.add_command(wds_command)
 @friendly_errors
 def verify_command(root, samples):
     """Re-hash shards against their manifests, count and decode samples, recheck ranks. Exit 1 on mismatch."""
-    from .verify import print_report, verify_tree
+    from rankshard.preprocess.verify import print_report, verify_tree
 
     report = verify_tree(root, reference_samples=samples)
     print_report(report)
@@ -131,7 +131,7 @@ def verify_command(root, samples):
 @friendly_errors
 def preview_command(root, count, out):
     """Write a PNG grid of the same images across all variants, and mean retained energy vs rank."""
-    from .preview import write_previews
+    from rankshard.preprocess.preview import write_previews
 
     for path in write_previews(root, count=count, out=out):
         click.echo(f"wrote {path}")
@@ -145,7 +145,7 @@ def preview_command(root, count, out):
 @friendly_errors
 def demo_command(out, per_class, workers):
     """Offline end-to-end run: build a small CIFAR-10-format archive, materialize, verify, preview."""
-    from .demo import run_demo
+    from rankshard.preprocess.demo import run_demo
 
     run_demo(out, per_class=per_class, workers=default_workers() if workers is None else workers)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _sized, default_workers, friendly_errors, shard_options
+from rankshard.preprocess.cli import _sized, default_workers, friendly_errors, shard_options
 
 # Sized for 224 x 224: a shard job carries ~150 KB per image per variant to its writer, so 500 images x
 # (full + 4 ranks) is ~375 MB per job in flight; a 250-image SVD batch needs ~1 GB of float32 outputs.
@@ -34,9 +34,9 @@ def image_options(fn):
 
 def _run(make_source, dataset: str, split: str, out: Path, resize, crop, max_pixels, strict, shuffle, quiet,
          workers, device, overwrite, options: dict) -> None:
-    from .imagejob import Placement, cache_dir, default_geometry, run_image_job
-    from .report import print_summary
-    from .spec import ShardSpec
+    from rankshard.preprocess.imagejob import Placement, cache_dir, default_geometry, run_image_job
+    from rankshard.preprocess.report import print_summary
+    from rankshard.preprocess.spec import ShardSpec
 
     placement = Placement.from_env()
     geometry = default_geometry(split, resize, crop, max_pixels)
@@ -61,7 +61,7 @@ def _run(make_source, dataset: str, split: str, out: Path, resize, crop, max_pix
 def imagenet_command(source, split, devkit, verify_md5, out, resize, crop, max_pixels, strict, shuffle, quiet,
                      workers, device, overwrite, **options):
     """ILSVRC2012 (ImageNet-1k) train or val into rank-k shards; run under torchrun to scale out."""
-    from .imagejob import imagenet_source
+    from rankshard.preprocess.imagejob import imagenet_source
 
     make = lambda g, c: imagenet_source(source, split, g, c, devkit, verify_md5)  # noqa: E731
     _run(make, "imagenet", split, out, resize, crop, max_pixels, strict, shuffle, quiet, workers, device,
@@ -79,7 +79,7 @@ def imagenet_command(source, split, devkit, verify_md5, out, resize, crop, max_p
 def folder_command(source, name, split, out, resize, crop, max_pixels, strict, shuffle, quiet, workers, device,
                    overwrite, **options):
     """Any image-folder dataset into rank-k shards."""
-    from .imagejob import folder_source
+    from rankshard.preprocess.imagejob import folder_source
 
     make = lambda g, c: folder_source(source, g, c)  # noqa: E731
     _run(make, name or source.resolve().name, split, out, resize, crop, max_pixels, strict, shuffle, quiet,
@@ -97,7 +97,7 @@ def folder_command(source, name, split, out, resize, crop, max_pixels, strict, s
 def wds_command(source, name, split, out, resize, crop, max_pixels, strict, shuffle, quiet, workers, device,
                 overwrite, **options):
     """Existing WebDataset shards (jpg/png/webp + cls) into rank-k shards."""
-    from .imagejob import wds_source
+    from rankshard.preprocess.imagejob import wds_source
 
     make = lambda g, c: wds_source(source, g, c)  # noqa: E731
     _run(make, name, split, out, resize, crop, max_pixels, strict, shuffle, quiet, workers, device, overwrite,

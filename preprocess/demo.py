@@ -5,11 +5,11 @@ from pathlib import Path
 
 import click
 
-from .cifar import ARCHIVE, write_cifar10_archive
-from .errors import RankshardError
-from .preview import write_previews
-from .verify import print_report, verify_tree
-from .synth import labelled_images
+from rankshard.preprocess.sources.cifar import ARCHIVE, write_cifar10_archive
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.preview import write_previews
+from rankshard.preprocess.verify import print_report, verify_tree
+from rankshard.preprocess.sources.synth import labelled_images
 
 
 # A tiny net trains on the demo shards in seconds on a CPU; the same commands scale to the paper's runs.
@@ -31,7 +31,7 @@ def build_demo_archive(folder: Path, per_class: int = 100, test_per_class: int =
 
 def run_demo(out: Path, per_class: int = 100, workers: int = 1) -> None:
     """Build the archive, run the real ``cifar10`` command on it, verify, preview, say where things are."""
-    from .cli import main
+    from rankshard.preprocess.cli import main
 
     out = Path(out)
     archive = build_demo_archive(out / "source", per_class)

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import RankshardError
+from rankshard.preprocess.errors import RankshardError
 
 
 def resolve_device(choice: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import RankshardError
-from .images import Geometry
-from .listing import FileSource, Listing, cached_listing, source_info
-from .pipeline import materialize_split
-from .spec import ShardSpec
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.sources.images import Geometry
+from rankshard.preprocess.sources.listing import FileSource, Listing, cached_listing, source_info
+from rankshard.preprocess.pipeline import materialize_split
+from rankshard.preprocess.spec import ShardSpec
 
 # torchvision's evaluation geometry for val (Resize 256, CenterCrop 224); train images are stored at the
 # 224 x 224 the network sees, so that rank k means the same thing in training and evaluation.
@@ -92,8 +92,8 @@ def file_source(listing_fn: Callable[[], Listing], signature: dict, root: Path, 
 def imagenet_source(source: Path, split: str, geometry: Geometry, cache: Path | None, devkit: Path | None = None,
                     verify_md5: bool = False) -> FileSource:
     """ILSVRC2012 ``split`` from any supported layout under ``source``."""
-    from .imagenet import detect, list_imagenet, signature, verify_archives
-    from .sources import file_md5
+    from rankshard.preprocess.sources.imagenet import detect, list_imagenet, signature, verify_archives
+    from rankshard.preprocess.sources.folders import file_md5
 
     found = detect(source, split, devkit)
     verified = verify_md5 and verify_archives(found, md5_cached(cache, file_md5) if cache else file_md5)
@@ -102,7 +102,7 @@ def imagenet_source(source: Path, split: str, geometry: Geometry, cache: Path | 
 
 def folder_source(root: Path, geometry: Geometry, cache: Path | None) -> FileSource:
     """Any ``root/<class>/<image>`` tree (ImageFolder convention)."""
-    from .sources import class_dirs, folder_signature, list_folder
+    from rankshard.preprocess.sources.folders import class_dirs, folder_signature, list_folder
 
     sig = {"kind": "folder", "tree": folder_signature(root, class_dirs(root))}
     return file_source(lambda: list_folder(root), sig, root, geometry, cache)
@@ -110,7 +110,7 @@ def folder_source(root: Path, geometry: Geometry, cache: Path | None) -> FileSou
 
 def wds_source(pattern: str, geometry: Geometry, cache: Path | None) -> FileSource:
     """Existing WebDataset shards (``jpg``/``png``/``webp`` + ``cls``), brace-expanded."""
-    from .sources import expand_urls, list_wds, wds_signature
+    from rankshard.preprocess.sources.folders import expand_urls, list_wds, wds_signature
 
     urls = expand_urls(pattern)
     return file_source(lambda: list_wds(urls), {"kind": "wds", "urls": wds_signature(urls)}, Path(pattern),

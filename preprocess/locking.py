@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import LockedError
+from rankshard.preprocess.errors import LockedError
 
 
 @contextlib.contextmanager

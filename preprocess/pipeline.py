@@ -32,16 +32,16 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .devices import torch_threads
-from .engine import RankEngine, RankOutputs, energy_retained
-from .errors import ConfigMismatchError, RankshardError, SourceError
-from .listing import Loaded, run_job
-from .locking import RunLock
-from .manifest import finalize_manifests, read_json, write_json
-from .progress import Progress
-from .spec import Layout, ShardSpec, config_hash
-from .variants import Variant
-from .writer import ShardJob, write_shard_job
+from rankshard.preprocess.devices import torch_threads
+from rankshard.preprocess.rank.engine import RankEngine, RankOutputs, energy_retained
+from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, SourceError
+from rankshard.preprocess.sources.listing import Loaded, run_job
+from rankshard.preprocess.locking import RunLock
+from rankshard.preprocess.format.manifest import finalize_manifests, read_json, write_json
+from rankshard.preprocess.progress import Progress
+from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
+from rankshard.preprocess.format.variants import Variant
+from rankshard.preprocess.writer import ShardJob, write_shard_job
 
 
 class Source(Protocol):

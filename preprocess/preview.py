@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import decode_image, decode_npy
-from .errors import RankshardError
-from .manifest import read_json
-from .shards import read_shard
+from rankshard.preprocess.format.codec import decode_image, decode_npy
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.tar import read_shard
 
 
 def _first_samples(folder: Path, count: int) -> list[tuple[str, dict]]:

@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import RankshardError
-from .variants import ENCODINGS, Variant, variants_for
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.variants import ENCODINGS, Variant, variants_for
 
 FORMAT = "rankshard/1"
 # Fields that do not change a single output byte: they stay out of the config hash.

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import decode_image, decode_npy
-from .engine import reference_low_rank
-from .errors import RankshardError
-from .manifest import read_json
-from .shards import read_shard, sha256_file
+from rankshard.preprocess.format.codec import decode_image, decode_npy
+from rankshard.preprocess.rank.engine import reference_low_rank
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.tar import read_shard, sha256_file
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
 TOLERANCE = {"png": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardRecord, write_shard
-from .variants import Variant, shard_samples
+from rankshard.preprocess.format.tar import ShardRecord, write_shard
+from rankshard.preprocess.format.variants import Variant, shard_samples
 
 
 @dataclass

@@ -10,9 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from preprocess.pipeline import ArraySource, materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synth import labelled_images
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synth import labelled_images
 
 PNG_SAMPLES, PNG_SHARD = 230, 37      # 6 shards of 37 + one of 8
 NPY_SAMPLES, NPY_SHARD = 100, 29      # 3 shards of 29 + one of 13

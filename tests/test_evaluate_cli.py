@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate.cli import main
-from preprocess.pipeline import ArraySource, materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synth import labelled_images
-from train.checkpoint import checkpoint_payload, save_checkpoint
-from train.models import build_model
+from rankshard.evaluate.cli import main
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synth import labelled_images
+from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
+from rankshard.train.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
         for sub in (["pgd", "--steps", "3", "--eps", "8/255"], ["spectrum", "--ranks", "0:32:4", "--svd-backend", "torch"]):
-            cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "evaluate", sub[0], ck["a"],
+            cmd = [torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "rankshard.evaluate", sub[0], ck["a"],
                    *map(str, _common(root, out)), *sub[1:], "--limit", "37"]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
             assert done.returncode == 0, done.stderr[-3000:]

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from evaluate.attribution import (IGConfig, SmoothGradConfig, integrated_gradients, quadrature, smoothgrad,
+from rankshard.evaluate.rig.attribution import (IGConfig, SmoothGradConfig, integrated_gradients, quadrature, smoothgrad,
                                   vanilla_gradient)
-from evaluate.rig import RankPathConfig, RIGConfig, rank_path, rig, rig_ranks
-from preprocess.engine import RankEngine
-from preprocess.synth import natural_batch
+from rankshard.evaluate.rig.rank_ig import RankPathConfig, RIGConfig, rank_path, rig, rig_ranks
+from rankshard.preprocess.rank.engine import RankEngine
+from rankshard.preprocess.sources.synth import natural_batch
 
 torch.set_num_threads(1)
 ENGINE = RankEngine("torch", device="cpu", workers=1)
@@ -221,14 +221,14 @@ def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, size=200).astype(float)  # many ties
     b = a + rng.normal(0, 2, size=200)
-    from evaluate.rig_check import spearman
+    from rankshard.evaluate.rig.check import spearman
     assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
     assert spearman(a, a) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
 
 
 def test_randomization_stages_leave_the_model_alone():
-    from evaluate.rig_check import randomized_models
-    from train.models import build_model
+    from rankshard.evaluate.rig.check import randomized_models
+    from rankshard.train.models import build_model
     torch.manual_seed(0)
     model = build_model("resnet18", "cifar", 10, width=4).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -248,11 +248,11 @@ def test_randomization_stages_leave_the_model_alone():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from preprocess.pipeline import ArraySource, materialize_split
-    from preprocess.spec import ShardSpec
-    from preprocess.synth import labelled_images
-    from train.checkpoint import checkpoint_payload, save_checkpoint
-    from train.models import build_model
+    from rankshard.preprocess.pipeline import ArraySource, materialize_split
+    from rankshard.preprocess.spec import ShardSpec
+    from rankshard.preprocess.sources.synth import labelled_images
+    from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
+    from rankshard.train.models import build_model
 
     out = tmp_path_factory.mktemp("rig")
     images, labels = labelled_images(1, seed=1)
@@ -270,7 +270,7 @@ def demo(tmp_path_factory):
 
 def _invoke(args):
     from click.testing import CliRunner
-    from evaluate.cli import main
+    from rankshard.evaluate.cli import main
     return CliRunner().invoke(main, ["rig", *map(str, args)], catch_exceptions=False)
 
 
@@ -290,7 +290,7 @@ def test_cli_maps_figures_and_summary(demo, tmp_path):
         assert ck["rank_path"]["per_image"][0]["knots"] == 9  # 0, 4, ..., 28, 32
     assert (tmp_path / "r" / "compare.png").exists()
     # the CLI's RIG equals the library call on the same shard image and checkpoint
-    from evaluate.rig_run import load_checkpoints
+    from rankshard.evaluate.rig.run import load_checkpoints
     model = load_checkpoints([str(ckpts[0])], False, torch.device("cpu"))[0].model
     x = torch.from_numpy(np.load(tmp_path / "r" / "images.npy")[0])
     direct = rig(model, x, RIGConfig(stride=4), RankEngine("torch", device="cpu")).map.numpy()

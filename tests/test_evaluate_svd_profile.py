@@ -7,15 +7,15 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from evaluate.cli import main
-from evaluate.data import tensor_data
-from evaluate.svd_profile import (ProfileConfig, ProfileError, class_counts, class_incidence, collect_magnitudes,
+from rankshard.evaluate.cli import main
+from rankshard.evaluate.data import tensor_data
+from rankshard.evaluate.weights.svd_profile import (ProfileConfig, ProfileError, class_counts, class_incidence, collect_magnitudes,
                                   influential, jaccard, layer_bases, profile_model)
-from preprocess.pipeline import ArraySource, materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synth import labelled_images, natural_batch
-from train.checkpoint import checkpoint_payload, save_checkpoint
-from train.models import build_model
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synth import labelled_images, natural_batch
+from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
+from rankshard.train.models import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")

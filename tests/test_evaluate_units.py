@@ -3,15 +3,15 @@ import pytest
 import torch
 from torch import nn
 
-from evaluate.checkpoints import split_names
-from evaluate.data import tensor_data
-from evaluate.distributed import check_complete, merge_by_key
-from evaluate.errors import EvaluationError
-from evaluate.robustness import sample_generators, sample_seed, summarize_pgd
-from evaluate.spectrum import SpectrumConfig, parse_ranks, summarize_spectrum
-from evaluate.tables import markdown_table, pct
-from preprocess.synth import natural_batch
-from train.attacks import PGDConfig, pgd
+from rankshard.evaluate.checkpoints import split_names
+from rankshard.evaluate.data import tensor_data
+from rankshard.evaluate.distributed import check_complete, merge_by_key
+from rankshard.evaluate.errors import EvaluationError
+from rankshard.evaluate.robustness import sample_generators, sample_seed, summarize_pgd
+from rankshard.evaluate.spectrum import SpectrumConfig, parse_ranks, summarize_spectrum
+from rankshard.evaluate.tables import markdown_table, pct
+from rankshard.preprocess.sources.synth import natural_batch
+from rankshard.train.attacks import PGDConfig, pgd
 
 
 def test_parse_ranks():
@@ -80,7 +80,7 @@ def test_sample_seeds_are_stable_and_distinct():
 
 
 def test_per_sample_generators_make_pgd_batch_independent():
-    """The same sample gets the same adversarial example alone or inside a batch (train.attacks extension)."""
+    """The same sample gets the same adversarial example alone or inside a batch (rankshard.train.attacks extension)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                         nn.Linear(16, 10)).double().eval()
@@ -96,7 +96,7 @@ def test_per_sample_generators_make_pgd_batch_independent():
 
 
 def test_trained_on_reads_what_the_trainer_records():
-    from evaluate.checkpoints import _trained_on
+    from rankshard.evaluate.checkpoints import _trained_on
 
     assert _trained_on({"data": {"train_variant": "rank-005", "dataset": "cifar10"}}) == "rank-005"
     assert _trained_on({"data": {"variant": "rank-010"}}) == "rank-010"

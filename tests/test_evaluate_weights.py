@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluate.rmt import (RMTConfig, effective_rank, fit_marchenko_pastur, fit_powerlaw, mp_density,
+from rankshard.evaluate.weights.rmt import (RMTConfig, effective_rank, fit_marchenko_pastur, fit_powerlaw, mp_density,
                           mp_quantile, powerlaw_mle, stable_rank, esd)
-from evaluate.weights import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers, gram_svdvals,
+from rankshard.evaluate.weights.spectra import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers, gram_svdvals,
                               layer_row, permuted_weight, select_layers, unfold_svd)
-from evaluate.weights_report import run_weights_analysis
+from rankshard.evaluate.weights.report import run_weights_analysis
 
 
 def dense_circular_conv(weight: torch.Tensor, hw: tuple[int, int], stride: int, dilation: int = 1,
@@ -239,7 +239,7 @@ def test_run_weights_analysis_writes_outputs(tmp_path):
 
 def test_weights_command_end_to_end(tmp_path):
     from click.testing import CliRunner
-    from evaluate.weights_cli import make_weights_command
+    from rankshard.evaluate.weights.cli import make_weights_command
 
     ckpts = []
     for name in ("m1", "m2"):

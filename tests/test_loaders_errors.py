@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from loaders import (LoaderConfig, LoaderError, LoaderWarning, ShardReadError, eval_loader, open_variant,
+from rankshard.loaders import (LoaderConfig, LoaderError, LoaderWarning, ShardReadError, eval_loader, open_variant,
                      train_loader)
 from loaders_shards import PNG_SAMPLES, built_root, copy_variant
-from loaders.tario import scan_shard
+from rankshard.preprocess.format.tarindex import scan_shard
 
 
 def _corrupt_png(folder, shard_index=2, sample=3):

@@ -6,7 +6,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from loaders import LoaderConfig, eval_loader, open_variant
+from rankshard.loaders import LoaderConfig, eval_loader, open_variant
 from loaders_shards import built_root
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import LoaderConfig, eval_loader, join_variants, open_variant, train_loader
+from rankshard.loaders import LoaderConfig, eval_loader, join_variants, open_variant, train_loader
 from loaders_shards import NPY_SAMPLES, PNG_SAMPLES, built_root
-from preprocess.engine import reference_low_rank
+from rankshard.preprocess.rank.engine import reference_low_rank
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")

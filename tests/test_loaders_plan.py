@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from loaders.augment import AUGMENTS, CIFAR_PAD, cifar, imagenet, rrc_params
-from loaders.errors import LoaderError
-from loaders.plan import EvalPlan, TrainPlan, worker_batches
-from preprocess.engine import reference_low_rank
-from preprocess.synth import natural_batch
+from rankshard.loaders.augment import AUGMENTS, CIFAR_PAD, cifar, imagenet, rrc_params
+from rankshard.loaders.errors import LoaderError
+from rankshard.loaders.plan import EvalPlan, TrainPlan, worker_batches
+from rankshard.preprocess.rank.engine import reference_low_rank
+from rankshard.preprocess.sources.synth import natural_batch
 
 SIZES = (37, 37, 37, 8, 37, 11)  # 167 samples: divides by nothing of interest
 
@@ -144,7 +144,7 @@ def _bilinear_up_literal(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def test_resized_crop_matches_literal_bilinear():
-    from loaders.augment import resized_crop
+    from rankshard.loaders.augment import resized_crop
     x = torch.from_numpy(natural_batch(1, size=(24, 24), seed=3)[0]).float()
     out = resized_crop(x, (2, 3, 10, 12), (20, 18)).numpy()
     for c in range(3):

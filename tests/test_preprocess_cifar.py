@@ -5,9 +5,9 @@ import tarfile
 import numpy as np
 import pytest
 
-from preprocess.cifar import FOLDER, download_cifar10, load_cifar10, safe_unpickle, write_cifar10_archive
-from preprocess.errors import SourceError
-from preprocess.synth import labelled_images
+from rankshard.preprocess.sources.cifar import FOLDER, download_cifar10, load_cifar10, safe_unpickle, write_cifar10_archive
+from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.sources.synth import labelled_images
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from preprocess.cli import main
+from rankshard.preprocess.cli import main
 
 
 def test_demo_runs_end_to_end_offline(tmp_path):

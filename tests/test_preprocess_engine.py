@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.engine import (
+from rankshard.preprocess.rank.engine import (
     ACCURACY_BAR,
     BACKENDS,
     Decomposition,
@@ -13,7 +13,7 @@ from preprocess.engine import (
     energy_retained,
     reference_low_rank,
 )
-from preprocess.synth import natural_batch
+from rankshard.preprocess.sources.synth import natural_batch
 
 BAR_RANKS = (0, 1, 5, 10, 30, 50, 100)
 CPU_EXACT = ["numpy", "torch", "gram64"]
@@ -284,7 +284,7 @@ def test_low_rank_meets_bar_on_more_224_images(backend):
 
 def test_channels_last_input_from_hwc_arrays():
     """Images decoded as HWC uint8 and permuted to NCHW are not contiguous; results must not depend on it."""
-    from preprocess.synth import labelled_images
+    from rankshard.preprocess.sources.synth import labelled_images
 
     images, _ = labelled_images(2)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255

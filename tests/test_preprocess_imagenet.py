@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from preprocess import shards as shards_module
-from preprocess.cli import main
-from preprocess.errors import LockedError, RankshardError, SourceError
-from preprocess.imagejob import imagenet_source
-from preprocess.images import Geometry
-from preprocess.listing import read_bytes
-from preprocess.locking import RunLock
-from preprocess.pipeline import materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synthtree import WNIDS, tar_bytes, write_flat_val, write_train_tar, write_train_tree
-from preprocess.verify import verify_tree
+from rankshard.preprocess.format import tar as shards_module
+from rankshard.preprocess.cli import main
+from rankshard.preprocess.errors import LockedError, RankshardError, SourceError
+from rankshard.preprocess.imagejob import imagenet_source
+from rankshard.preprocess.sources.images import Geometry
+from rankshard.preprocess.sources.listing import read_bytes
+from rankshard.preprocess.locking import RunLock
+from rankshard.preprocess.pipeline import materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synthtree import WNIDS, tar_bytes, write_flat_val, write_train_tar, write_train_tree
+from rankshard.preprocess.verify import verify_tree
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRY = Geometry(24, 24)
@@ -132,12 +132,12 @@ def test_listing_is_cached_and_rebuilt_when_the_tree_changes(tree, tmp_path):
 
 
 def test_verify_md5_checks_the_published_sums(tree, tmp_path, monkeypatch):
-    from preprocess import imagenet
+    from rankshard.preprocess.sources import imagenet
 
     archives = tree["root"] / "archives"
     with pytest.raises(SourceError, match="md5 .* published ILSVRC2012_img_train.tar"):
         imagenet_source(archives, "train", GEOMETRY, tmp_path / "c", verify_md5=True)
-    from preprocess.sources import file_md5
+    from rankshard.preprocess.sources.folders import file_md5
 
     monkeypatch.setitem(imagenet.ARCHIVE_MD5, "ILSVRC2012_img_train.tar", file_md5(archives / "ILSVRC2012_img_train.tar"))
     src = imagenet_source(archives, "train", GEOMETRY, tmp_path / "c", verify_md5=True)
@@ -239,7 +239,7 @@ def test_backend_none_runs_the_pipeline_without_svd(tree, tmp_path):
 
 
 def _cli(root, out, *extra):
-    return [sys.executable, "-m", "preprocess", "imagenet", "--source", str(root), "--split", "train", "--out",
+    return [sys.executable, "-m", "rankshard.preprocess", "imagenet", "--source", str(root), "--split", "train", "--out",
             str(out), "--ranks", "1,5", "--high", "2", "--shard-size", "8", "--batch-size", "3", "--workers", "0",
             "--backend", "gram64", "--resize", "24", "--crop", "24", "--quiet", *extra]
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.images import BadImage, Geometry, decode, open_image, transform
-from preprocess.matfile import read_mat
-from preprocess.synth import class_images
-from preprocess.synthtree import bomb_png, odd_files
+from rankshard.preprocess.sources.images import BadImage, Geometry, decode, open_image, transform
+from rankshard.preprocess.sources.matfile import read_mat
+from rankshard.preprocess.sources.synth import class_images
+from rankshard.preprocess.sources.synthtree import bomb_png, odd_files
 
 IMAGE = class_images(2, 1, (40, 56), seed=5)[0]
 
@@ -95,7 +95,7 @@ def _meta_mat(compressed: bool) -> bytes:
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_mat_reader_against_scipy_written_devkit_meta(compressed):
-    from preprocess.imagenet import devkit_synsets
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
 
     mat = read_mat(_meta_mat(compressed))
     assert mat["synsets"].dims == (4, 1) and mat["synsets"].fields[:2] == ["ILSVRC2012_ID", "WNID"]
@@ -115,7 +115,7 @@ def test_mat_reader_numeric_and_char_arrays_against_scipy():
 
 
 def test_mat_reader_refuses_other_files():
-    from preprocess.errors import SourceError
+    from rankshard.preprocess.errors import SourceError
 
     with pytest.raises(SourceError, match="level-5 MAT-file"):
         read_mat(b"not a mat file" * 20)

@@ -13,15 +13,15 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-from preprocess.cli import main
-from preprocess.engine import reference_low_rank
-from preprocess.errors import ConfigMismatchError, LockedError
-from preprocess.locking import exclusive_lock
-from preprocess.pipeline import ArraySource, materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synth import labelled_images
-from preprocess.verify import verify_tree
-from preprocess.cifar import write_cifar10_archive
+from rankshard.preprocess.cli import main
+from rankshard.preprocess.rank.engine import reference_low_rank
+from rankshard.preprocess.errors import ConfigMismatchError, LockedError
+from rankshard.preprocess.locking import exclusive_lock
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synth import labelled_images
+from rankshard.preprocess.verify import verify_tree
+from rankshard.preprocess.sources.cifar import write_cifar10_archive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ def test_resume_after_kill_9_is_byte_identical(archive, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert CliRunner().invoke(main, _cli_args(archive, whole)).exit_code == 0
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "preprocess", *_cli_args(archive, killed)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "rankshard.preprocess", *_cli_args(archive, killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     shards = killed / "cifar10/train/rank-005"

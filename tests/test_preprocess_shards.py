@@ -7,10 +7,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from preprocess.errors import RankshardError
-from preprocess.pngenc import encode_png_batch
-from preprocess.shards import partial_name, read_shard, write_shard
-from preprocess.synth import class_images
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.pngenc import encode_png_batch
+from rankshard.preprocess.format.tar import partial_name, read_shard, write_shard
+from rankshard.preprocess.sources.synth import class_images
 
 
 def _samples(n=5):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from preprocess.synth import class_images, labelled_images, natural_batch
+from rankshard.preprocess.sources.synth import class_images, labelled_images, natural_batch
 
 
 def test_images_are_deterministic_and_labelled():

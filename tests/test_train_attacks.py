@@ -1,4 +1,4 @@
-"""train.attacks: PGD constraints, determinism, agreement with a literal reference loop, targeted success."""
+"""rankshard.train.attacks: PGD constraints, determinism, agreement with a literal reference loop, targeted success."""
 import numpy as np
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 from torch import nn
 
-from preprocess.synth import labelled_images
-from train.attacks import PAPER_PGD, PGDConfig, parse_eps, pgd, random_targets
-from train.models import build_model
+from rankshard.preprocess.sources.synth import labelled_images
+from rankshard.train.attacks import PAPER_PGD, PGDConfig, parse_eps, pgd, random_targets
+from rankshard.train.models import build_model
 
 
 def _data(per_class=6, seed=0, dtype=torch.float32):
@@ -119,7 +119,7 @@ def test_our_resnet_in_eval_mode_keeps_bn_statistics():
 
 
 def _reference_pgd(model, x, goal, targeted, norm, eps, steps, alpha, restarts, use_best, gen):
-    """A literal PGD loop (Madry et al.; robustness semantics), written without train.attacks."""
+    """A literal PGD loop (Madry et al.; robustness semantics), written without rankshard.train.attacks."""
     best_x, best_obj = x.clone(), torch.full((len(x),), -float("inf"), dtype=x.dtype)
     for _ in range(restarts):
         u = torch.rand(x.shape, generator=gen, dtype=x.dtype)

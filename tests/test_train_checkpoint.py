@@ -1,4 +1,4 @@
-"""train.checkpoint: format round trip, atomic writes, foreign formats, refusal of unsafe pickles."""
+"""rankshard.train.checkpoint: format round trip, atomic writes, foreign formats, refusal of unsafe pickles."""
 import argparse
 import copy
 import functools
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import train.checkpoint as ckpt
-from preprocess.synth import natural_batch
-from train.checkpoint import (FORMAT, CheckpointError, checkpoint_payload, infer_spec, load_checkpoint,
+import rankshard.train.checkpoint as ckpt
+from rankshard.preprocess.sources.synth import natural_batch
+from rankshard.train.checkpoint import (FORMAT, CheckpointError, checkpoint_payload, infer_spec, load_checkpoint,
                               model_from_checkpoint, normalize_checkpoint, save_checkpoint)
-from train.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from rankshard.train.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 
 
 def _tiny(arch="resnet18", variant="cifar", num_classes=7, width=4, mean=None, std=None):

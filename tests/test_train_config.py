@@ -5,10 +5,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from train.cli import main
-from train.config import (PRESETS, ConfigError, TrainConfig, apply_overrides, config_hash, differences,
+from rankshard.train.cli import main
+from rankshard.train.config import (PRESETS, ConfigError, TrainConfig, apply_overrides, config_hash, differences,
                           from_json, from_preset)
-from train.schedule import Schedule
+from rankshard.train.schedule import Schedule
 
 
 def test_paper_presets_encode_the_papers():

@@ -5,11 +5,11 @@ import socket
 import torch
 import torch.multiprocessing as mp
 
-from train import rundir
-from train.checkpoint import load_checkpoint
-from train.config import from_preset
-from train.data import TensorData
-from train.dist import init_distributed, shutdown
+from rankshard.train import rundir
+from rankshard.train.checkpoint import load_checkpoint
+from rankshard.train.config import from_preset
+from rankshard.train.data import TensorData
+from rankshard.train.dist import init_distributed, shutdown
 
 
 def _free_port() -> int:
@@ -23,7 +23,7 @@ def _rank_weights_worker(rank: int, world: int, port: int, run_dir: str, out: st
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from train.trainer import Trainer
+    from rankshard.train.trainer import Trainer
 
     cfg = from_preset("cifar10-fast", {"arch": "resnet18", "width": "8", "epochs": "2", "batch_size": "40",
                                        "lr": "0.2", "warmup_epochs": "0.5", "log_every": "2", "device": "cpu"})

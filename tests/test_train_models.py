@@ -1,4 +1,4 @@
-"""train.models: torchvision key/shape compatibility, forward shapes, parameter counts, normalization."""
+"""rankshard.train.models: torchvision key/shape compatibility, forward shapes, parameter counts, normalization."""
 import json
 from pathlib import Path
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from preprocess.synth import natural_batch
-from train.models import ARCHS, CIFAR10_MEAN, IMAGENET_MEAN, IMAGENET_STD, ModelSpec, ResNet, build_model, resnet18, resnet50
+from rankshard.preprocess.sources.synth import natural_batch
+from rankshard.train.models import ARCHS, CIFAR10_MEAN, IMAGENET_MEAN, IMAGENET_STD, ModelSpec, ResNet, build_model, resnet18, resnet50
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Published torchvision parameter counts (torchvision.models docs, "Params" column).

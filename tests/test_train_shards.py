@@ -1,4 +1,4 @@
-"""rankshard-train end to end on demo shards (materialized from preprocess.synth) through the loaders."""
+"""rankshard-train end to end on demo shards (materialized from rankshard.preprocess.sources.synth) through the loaders."""
 import os
 import subprocess
 import sys
@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from preprocess.pipeline import ArraySource, materialize_split
-from preprocess.spec import ShardSpec
-from preprocess.synth import CIFAR10_CLASSES, labelled_images
-from train import rundir
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.cli import main
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.sources.synth import CIFAR10_CLASSES, labelled_images
+from rankshard.train import rundir
+from rankshard.train.checkpoint import load_checkpoint, model_from_checkpoint
+from rankshard.train.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_cli_resume_after_stop_matches_straight_run(shards, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_on_shards(shards, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train", *_args(shards, tmp_path / "ddp", "--epochs", "2")]
+           "-m", "rankshard.train", *_args(shards, tmp_path / "ddp", "--epochs", "2")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import rundir, trainer as trainer_module
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.config import ConfigError, from_preset
-from train.data import Batch, TensorData
-from train.run import run
-from train.trainer import Trainer, TrainingDiverged, parameter_groups
+from rankshard.train import rundir, trainer as trainer_module
+from rankshard.train.checkpoint import load_checkpoint, model_from_checkpoint
+from rankshard.train.config import ConfigError, from_preset
+from rankshard.train.data import Batch, TensorData
+from rankshard.train.run import run
+from rankshard.train.trainer import Trainer, TrainingDiverged, parameter_groups
 
 
 @pytest.fixture(autouse=True)

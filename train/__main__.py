@@ -1,4 +1,4 @@
-"""``python -m train`` == ``rankshard-train`` (also what ``torchrun ... -m train`` launches)."""
-from train.cli import main
+"""``python -m rankshard.train`` == ``rankshard-train`` (also what ``torchrun ... -m rankshard.train`` launches)."""
+from rankshard.train.cli import main
 
 main()

@@ -12,7 +12,7 @@ Deliberate differences from ``robustness``: the input gradient is that of the *s
 for L2 it only moves the 1e-10 guard in the normalization); restarts keep the per-sample best objective
 (theirs: the last restart that fooled the model). With ``restarts=1`` (the default) neither matters.
 
-Models take pixel-space inputs in [0, 1] (normalization is inside the model, see ``train.models``).
+Models take pixel-space inputs in [0, 1] (normalization is inside the model, see ``rankshard.train.models``).
 """
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, target: torc
         raise ValueError(f"pgd: images must be in [0, 1] pixel space (the model normalizes inside), got values "
                          f"in [{float(x.min()):.3g}, {float(x.max()):.3g}]; pass unnormalized images")
     if cfg.targeted and (target is None or target.shape != y.shape):
-        raise ValueError("pgd: a targeted attack needs target [N] (e.g. train.attacks.random_targets(y, C, gen))")
+        raise ValueError("pgd: a targeted attack needs target [N] (e.g. rankshard.train.attacks.random_targets(y, C, gen))")
     if not cfg.targeted and target is not None:
         raise ValueError("pgd: target given but cfg.targeted is False; set targeted=True or drop target")
 

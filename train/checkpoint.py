@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from preprocess.errors import RankshardError
-from train.models import ARCHS, INPUT_SIZE, ArchSpec, ResNet, build_model, default_normalization
+from rankshard.preprocess.errors import RankshardError
+from rankshard.train.models import ARCHS, INPUT_SIZE, ArchSpec, ResNet, build_model, default_normalization
 
 FORMAT = "rankshard-checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "variant", "num_classes", "normalization", "state_dict")

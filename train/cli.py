@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import click
 
-from preprocess.errors import RankshardError, exit_on
-from train.config import PRESETS, ConfigError, TrainConfig, apply_overrides, dataclass_fields, from_preset
-from train.trainer import TrainingDiverged
+from rankshard.preprocess.errors import RankshardError, exit_on
+from rankshard.train.config import PRESETS, ConfigError, TrainConfig, apply_overrides, dataclass_fields, from_preset
+from rankshard.train.trainer import TrainingDiverged
 
 DEFAULT_PRESET = "cifar10-paper"
 # Exit statuses: 2 for a user mistake (config, data, checkpoint), 3 when training diverged.
@@ -42,7 +42,7 @@ def config_options(fn: Callable) -> Callable:
 def resolve_config(preset: str | None, resume_dir: Path | None, overrides: dict[str, Any]) -> TrainConfig:
     """The run's config: ``preset`` (or, when resuming without one, the run folder's saved config) with
     ``overrides`` applied; ``rundir.prepare`` then refuses any difference from a saved config."""
-    from train.rundir import read_config
+    from rankshard.train.rundir import read_config
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if resume_dir is not None and preset is None:
@@ -86,7 +86,7 @@ def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs
     run_dir = resume_dir or run_dir
     if run_dir is None:
         raise ConfigError("--run-dir is required (where checkpoints and metrics go)")
-    from train.run import run
+    from rankshard.train.run import run
 
     run(cfg, run_dir, resume=resume_dir is not None, overwrite=overwrite, stop_after_epochs=stop_after_epochs,
         handle_signals=True)

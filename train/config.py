@@ -19,9 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from preprocess.errors import RankshardError
-from train.attacks import STEPS, parse_eps
-from train.models import ARCHS, VARIANTS
+from rankshard.preprocess.errors import RankshardError
+from rankshard.train.attacks import STEPS, parse_eps
+from rankshard.train.models import ARCHS, VARIANTS
 
 
 class ConfigError(RankshardError, ValueError):

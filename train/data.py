@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from train.models import INPUT_SIZE
+from rankshard.train.models import INPUT_SIZE
 
 
 class Batch(NamedTuple):
@@ -25,7 +25,7 @@ class Batch(NamedTuple):
 
 
 class TrainData(Protocol):
-    """The dataset interface of ``train.trainer.Trainer``."""
+    """The dataset interface of ``rankshard.train.trainer.Trainer``."""
 
     classes: tuple[str, ...]
     mean: tuple[float, ...]
@@ -114,8 +114,8 @@ class TensorData:
     @classmethod
     def synthetic(cls, per_class: int, size: int = 16, test_per_class: int = 10, num_classes: int = 10,
                   seed: int = 0) -> "TensorData":
-        """Learnable natural-spectrum images from ``preprocess.synth`` (train and test drawn with other seeds)."""
-        from preprocess.synth import labelled_images
+        """Learnable natural-spectrum images from ``rankshard.preprocess.sources.synth`` (train and test drawn with other seeds)."""
+        from rankshard.preprocess.sources.synth import labelled_images
 
         def tensors(n: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
             images, labels = labelled_images(n, (size, size), s, num_classes)
@@ -139,7 +139,7 @@ class ShardData:
     variants for evaluation). Classes and normalization come from the training variant's manifest."""
 
     def __init__(self, cfg: Any):
-        from loaders import open_variant
+        from rankshard.loaders import open_variant
 
         self.cfg = cfg
         self._open = open_variant
@@ -167,19 +167,19 @@ class ShardData:
         return min(INPUT_SIZE[self.cfg.model_variant], *self.train_info.image_size)
 
     def _loader_config(self, batch_size: int, augment: str) -> Any:
-        from loaders import LoaderConfig
+        from rankshard.loaders import LoaderConfig
 
         return LoaderConfig(batch_size=batch_size, workers=self.cfg.workers, augment=augment, seed=self.cfg.seed,
                             crop_size=self._crop())
 
     def train_batches(self, epoch: int, batch_size: int, rank: int, world_size: int, start_step: int = 0):
-        from loaders import train_loader
+        from rankshard.loaders import train_loader
 
         cfg = self._loader_config(batch_size, self.augment)
         return train_loader(self.train_info, cfg, epoch, rank=rank, world_size=world_size, start_step=start_step)
 
     def eval_batches(self, variant: str, batch_size: int, rank: int, world_size: int):
-        from loaders import eval_loader
+        from rankshard.loaders import eval_loader
 
         return eval_loader(self._test_info(variant), self._loader_config(batch_size, "none"), rank, world_size)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from preprocess.devices import resolve_device
+from rankshard.preprocess.devices import resolve_device
 
 # gloo runs collectives on CPU tensors, nccl on CUDA tensors (and is far faster there).
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}

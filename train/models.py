@@ -8,7 +8,7 @@ torchvision does not import with the CPU torch build used here, yet checkpoints 
   ``layer<n>.0.downsample.{0,1}``, ``fc``.
 * ``variant="cifar"``: the MadryLab ``robustness`` CIFAR ResNets: 3x3/1 stem conv, no max-pool, same
   blocks; their ``shortcut``/``linear`` names are mapped to ``downsample``/``fc`` when loading
-  (``train.checkpoint``), so the module tree here is the same for both variants.
+  (``rankshard.train.checkpoint``), so the module tree here is the same for both variants.
 
 Models take inputs in [0, 1] and normalize inside (non-persistent ``mean``/``std`` buffers, so the
 state dict stays exactly torchvision's); attacks and attributions then work in pixel space.
@@ -24,7 +24,7 @@ from torch import nn
 # One source of truth for dataset statistics: the loaders' (which the trainer stores in checkpoints).
 # MadryLab checkpoints carry their own normalizer buffers (their CIFAR std is 0.2023/0.1994/0.2010),
 # which checkpoint loading reads from the file; these defaults only fill in for plain state dicts.
-from loaders.normalization import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+from rankshard.loaders.normalization import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 VARIANTS = ("imagenet", "cifar")
 INPUT_SIZE = {"imagenet": 224, "cifar": 32}  # pixels (square side) each stem was designed for

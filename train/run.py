@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import torch
 
-from train import rundir
-from train.config import ConfigError, TrainConfig
-from train.data import ShardData, TrainData
-from train.dist import DistEnv, all_reduce_sum, init_distributed, shutdown
-from train.trainer import Trainer
+from rankshard.train import rundir
+from rankshard.train.config import ConfigError, TrainConfig
+from rankshard.train.data import ShardData, TrainData
+from rankshard.train.dist import DistEnv, all_reduce_sum, init_distributed, shutdown
+from rankshard.train.trainer import Trainer
 
 
 def _main_then_agree(env: DistEnv, fn: Callable[[], None]) -> None:

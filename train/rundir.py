@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from train.config import ConfigError, TrainConfig, config_hash, differences, from_json
+from rankshard.train.config import ConfigError, TrainConfig, config_hash, differences, from_json
 
 ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "best.pt")
 

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from train.config import TrainConfig
+from rankshard.train.config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train import rundir
-from train.attacks import PGDConfig, parse_eps, pgd
-from train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
-from train.config import ConfigError, TrainConfig, config_hash
-from train.data import Batch, TrainData
-from train.dist import DistEnv, all_reduce_sum, average_buffers, barrier
-from train.models import ResNet, build_model
-from train.schedule import Schedule
+from rankshard.train import rundir
+from rankshard.train.attacks import PGDConfig, parse_eps, pgd
+from rankshard.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from rankshard.train.config import ConfigError, TrainConfig, config_hash
+from rankshard.train.data import Batch, TrainData
+from rankshard.train.dist import DistEnv, all_reduce_sum, average_buffers, barrier
+from rankshard.train.models import ResNet, build_model
+from rankshard.train.schedule import Schedule
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,1 +1,1 @@
-"""One module per ``rankshard-evaluate`` subcommand, each exposing ``command``."""
+"""The data-evaluation subcommands of ``rankshard-evaluate`` (one module each, exposing ``command``)."""

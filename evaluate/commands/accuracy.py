@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..errors import friendly_errors
-from ..options import checkpoint_options, data_options, finish, open_data, setup
-from ..runs import run_accuracy
-from ..tables import accuracy_table_rows, markdown_table
+from rankshard.evaluate.errors import friendly_errors
+from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
+from rankshard.evaluate.runs import run_accuracy
+from rankshard.evaluate.tables import accuracy_table_rows, markdown_table
 
 
 @click.command("accuracy")

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import click
 
-from train.attacks import PGDConfig, parse_eps
+from rankshard.train.attacks import PGDConfig, parse_eps
 
-from ..errors import EvaluationError, friendly_errors
-from ..options import checkpoint_options, data_options, finish, open_data, setup
-from ..robustness import PGDEvalConfig
-from ..runs import describe_attack, run_pgd
-from ..tables import markdown_table, pgd_table_rows
+from rankshard.evaluate.errors import EvaluationError, friendly_errors
+from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
+from rankshard.evaluate.robustness import PGDEvalConfig
+from rankshard.evaluate.runs import describe_attack, run_pgd
+from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
 
 def _eps(ctx, param, value):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import friendly_errors
-from ..report import build_report
+from rankshard.evaluate.errors import friendly_errors
+from rankshard.evaluate.report import build_report
 
 
 @click.command("report")

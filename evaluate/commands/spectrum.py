@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import click
 
-from preprocess.engine import RankEngine
+from rankshard.preprocess.rank.engine import RankEngine
 
-from ..errors import friendly_errors
-from ..options import checkpoint_options, data_options, finish, open_data, setup
-from ..runs import run_spectrum
-from ..spectrum import SpectrumConfig, parse_ranks
-from ..tables import markdown_table, spectrum_table_rows
+from rankshard.evaluate.errors import friendly_errors
+from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
+from rankshard.evaluate.runs import run_spectrum
+from rankshard.evaluate.spectrum import SpectrumConfig, parse_ranks
+from rankshard.evaluate.tables import markdown_table, spectrum_table_rows
 
 
 @click.command("spectrum")

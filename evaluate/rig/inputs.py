@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from preprocess.codec import decode_image
-from preprocess.errors import RankshardError
-from preprocess.manifest import read_json
-from preprocess.shards import read_shard
+from rankshard.preprocess.format.codec import decode_image
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.tar import read_shard
 
 
 @dataclass

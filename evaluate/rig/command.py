@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from preprocess.devices import resolve_device
-from preprocess.errors import RankshardError, friendly_errors
+from rankshard.preprocess.devices import resolve_device
+from rankshard.preprocess.errors import RankshardError, friendly_errors
 
-from ..attribution import OUTPUTS, REDUCTIONS, RULES, IGConfig, SmoothGradConfig
-from ..rig import RIGConfig
-from ..rig_check import RANDOMIZATIONS
-from ..rig_inputs import InputBatch, load_image_files, parse_index, read_shard_samples
-from ..rig_maps import METHODS, MapConfig
-from ..rig_run import RunConfig, check_input_size, load_checkpoints, run_rig
+from rankshard.evaluate.rig.attribution import OUTPUTS, REDUCTIONS, RULES, IGConfig, SmoothGradConfig
+from rankshard.evaluate.rig.rank_ig import RIGConfig
+from rankshard.evaluate.rig.check import RANDOMIZATIONS
+from rankshard.evaluate.rig.inputs import InputBatch, load_image_files, parse_index, read_shard_samples
+from rankshard.evaluate.rig.maps import METHODS, MapConfig
+from rankshard.evaluate.rig.run import RunConfig, check_input_size, load_checkpoints, run_rig
 
 
 def _split_list(values: tuple[str, ...] | str | None) -> list[str]:

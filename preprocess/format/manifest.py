@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RankshardError
-from .spec import FORMAT, Layout
-from .variants import Variant
-
-VERSION = "0.1.0"
+from rankshard import __version__ as VERSION
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.spec import FORMAT, Layout
+from rankshard.preprocess.format.variants import Variant
 
 
 def write_json(path: Path, obj) -> None:

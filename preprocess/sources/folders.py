@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SourceError
-from .listing import Listing
+from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.sources.listing import Listing
 
 # torchvision's ImageFolder extensions (matched case-insensitively): others are ignored, not errors
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from evaluate.rmt import RMTConfig, spectrum_stats
-from preprocess.devices import torch_threads
+from rankshard.evaluate.weights.rmt import RMTConfig, spectrum_stats
+from rankshard.preprocess.devices import torch_threads
 
 Pair = tuple[int, int]
 

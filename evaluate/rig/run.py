@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.engine import Decomposition, RankEngine
-from preprocess.devices import resolve_device
-from preprocess.errors import RankshardError
-from train.checkpoint import model_from_checkpoint
+from rankshard.preprocess.rank.engine import Decomposition, RankEngine
+from rankshard.preprocess.devices import resolve_device
+from rankshard.preprocess.errors import RankshardError
+from rankshard.train.checkpoint import model_from_checkpoint
 
-from .attribution import SIGNED_REDUCTIONS
-from .checkpoints import split_names
-from .rig_check import randomization_table, randomized_models
-from .rig_figures import Column, save_rows_figure
-from .rig_inputs import InputBatch
-from .rig_maps import RANK_METHODS, TITLES, MapConfig, MapSet, compute_maps
+from rankshard.evaluate.rig.attribution import SIGNED_REDUCTIONS
+from rankshard.evaluate.checkpoints import split_names
+from rankshard.evaluate.rig.check import randomization_table, randomized_models
+from rankshard.evaluate.rig.figures import Column, save_rows_figure
+from rankshard.evaluate.rig.inputs import InputBatch
+from rankshard.evaluate.rig.maps import RANK_METHODS, TITLES, MapConfig, MapSet, compute_maps
 
 
 @dataclass(frozen=True)

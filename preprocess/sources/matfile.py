@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import SourceError
+from rankshard.preprocess.errors import SourceError
 
 MI_MATRIX, MI_COMPRESSED = 14, 15
 # data element types -> numpy dtypes (little-endian; the file's endianness is applied on read)

@@ -2,7 +2,7 @@
 
 Definition used here (Praggastis et al., "The SVD of Convolutional Weights", DeepDataProfiler's ``SVDProfiler``):
 
-* Each chosen Conv2d/Linear layer is decomposed as in ``evaluate.weights.unfold_svd``:
+* Each chosen Conv2d/Linear layer is decomposed as in ``rankshard.evaluate.weights.spectra.unfold_svd``:
   ``W.reshape(out, -1) = U S V^T``. Its *singular directions* are the left singular vectors ``u_i`` (in the
   layer's output space), ordered by singular value; ``top_k`` of them are analysed.
 * The layer's **output** activations are hooked (as DeepDataProfiler does) and the bias is removed, so at every
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EvaluationError
-from .weights import select_layers, unfold_svd
+from rankshard.evaluate.errors import EvaluationError
+from rankshard.evaluate.weights.spectra import select_layers, unfold_svd
 
 
 class ProfileError(EvaluationError):

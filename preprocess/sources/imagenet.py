@@ -19,10 +19,10 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SourceError
-from .listing import Listing
-from .matfile import read_mat
-from .sources import IMG_EXTENSIONS, _listing, class_dirs, file_md5, folder_signature, list_folder, tar_members
+from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.sources.listing import Listing
+from rankshard.preprocess.sources.matfile import read_mat
+from rankshard.preprocess.sources.folders import IMG_EXTENSIONS, _listing, class_dirs, file_md5, folder_signature, list_folder, tar_members
 
 TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 # Published md5 sums of the official archives (the values torchvision's ImageNet dataset checks).

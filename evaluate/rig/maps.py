@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.engine import Decomposition, RankEngine
+from rankshard.preprocess.rank.engine import Decomposition, RankEngine
 
-from .attribution import (REDUCTIONS, IGConfig, SmoothGradConfig, integrated_gradients, predicted_class,
+from rankshard.evaluate.rig.attribution import (REDUCTIONS, IGConfig, SmoothGradConfig, integrated_gradients, predicted_class,
                           reduce_channels, smoothgrad, vanilla_gradient)
-from .rig import RankPathConfig, RankPathResult, RIGConfig, rank_path, rig
+from rankshard.evaluate.rig.rank_ig import RankPathConfig, RankPathResult, RIGConfig, rank_path, rig
 
 
 @dataclass(frozen=True)

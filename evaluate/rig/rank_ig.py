@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocess.engine import Decomposition, RankEngine
+from rankshard.preprocess.rank.engine import Decomposition, RankEngine
 
-from .attribution import (OUTPUTS, REDUCTIONS, RULES, batched_gradients, model_output, path_integral,
+from rankshard.evaluate.rig.attribution import (OUTPUTS, REDUCTIONS, RULES, batched_gradients, model_output, path_integral,
                           predicted_class, quadrature)
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import click
 import torch
 
-from train.checkpoint import model_from_checkpoint
+from rankshard.train.checkpoint import model_from_checkpoint
 
-from ..data import shard_data
-from ..errors import friendly_errors
-from ..svd_profile import ProfileConfig, profile_model, summary, write_profile
+from rankshard.evaluate.data import shard_data
+from rankshard.evaluate.errors import friendly_errors
+from rankshard.evaluate.weights.svd_profile import ProfileConfig, profile_model, summary, write_profile
 
 
 @click.command("svd-profile")

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .pngenc import encode_png_batch
+from rankshard.preprocess.format.pngenc import encode_png_batch
 
 ENCODINGS = ("png", "npy")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import RankshardError
+from rankshard.preprocess.errors import RankshardError
 
 MTIME = 0  # fixed member timestamp: determinism beats a meaningless "now"
 MODE = 0o644

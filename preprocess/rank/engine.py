@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from .devices import torch_threads
+from rankshard.preprocess.devices import torch_threads
 
 ACCURACY_BAR = 1e-4          # max-abs error on the [0, 1] scale vs the float64 reference (SPEC)
 CPU_PREFERENCE = ("gram64", "torch")  # fastest first, as measured by benchmarks/bench_rank_engine.py
@@ -380,7 +380,7 @@ def calibrate(height: int, width: int, device: str | torch.device | None = None)
     The pick is the fastest backend whose max-abs error against a float64 SVD reference, over the
     ranks {1, 5, 10, 30, 50, 100} below n, is within ``ACCURACY_BAR / CALIBRATION_MARGIN``.
     """
-    from .synth import natural_batch  # the generator is only needed here
+    from rankshard.preprocess.sources.synth import natural_batch  # the generator is only needed here
 
     dev = _resolve_device(device)
     key = (height, width, str(dev))

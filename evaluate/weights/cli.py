@@ -1,7 +1,7 @@
 """``rankshard-evaluate weights CKPT... [--layers PATTERN] [--input-size N] [--out DIR]``.
 
 The command is built around a loader so that this module does not fix how checkpoints are read; the
-evaluate CLI wires it with ``make_weights_command(train.checkpoint.model_from_checkpoint)``.
+evaluate CLI wires it with ``make_weights_command(rankshard.train.checkpoint.model_from_checkpoint)``.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any, Callable
 import click
 from torch import nn
 
-from evaluate.weights import WeightsConfig
-from evaluate.checkpoints import split_names
-from evaluate.weights_report import ReportConfig, run_weights_analysis
+from rankshard.evaluate.weights.spectra import WeightsConfig
+from rankshard.evaluate.checkpoints import split_names
+from rankshard.evaluate.weights.report import ReportConfig, run_weights_analysis
 
 LoadModel = Callable[..., tuple[nn.Module, dict[str, Any]]]  # (path, trust=bool) -> (model, meta)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SourceError
+from rankshard.preprocess.errors import SourceError
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"
@@ -214,7 +214,7 @@ def _file_md5(path: Path) -> str:
 def write_cifar10_archive(path: str | os.PathLike, train: tuple[np.ndarray, np.ndarray],
                           test: tuple[np.ndarray, np.ndarray], classes=None) -> Path:
     """Write images/labels as a CIFAR-10-python-format ``.tar.gz`` (used by the demo and the tests)."""
-    from .synth import CIFAR10_CLASSES
+    from rankshard.preprocess.sources.synth import CIFAR10_CLASSES
 
     classes = list(classes or CIFAR10_CLASSES)
     files: dict[str, bytes] = {}

@@ -5,7 +5,7 @@ Output layout under ``out_dir``::
     config.json                       the WeightsConfig used (plus versions)
     depth.png                         alpha and stable rank across depth, all models, permuted dotted
     compare.csv / compare.json        (two or more models) chosen statistics side by side, joined by layer
-    <model>/weights.csv|json          one row per layer (see evaluate.weights.layer_row)
+    <model>/weights.csv|json          one row per layer (see rankshard.evaluate.weights.spectra.layer_row)
     <model>/vectors.npz               top-k unfolded singular triplets: "<layer>/u", "/s", "/vh"
     <model>/esd.png                   ESD histograms of the first layers with the fitted MP density
     <model>/filters.png               first-layer top right singular vectors as RGB filters (3-channel input)
@@ -28,8 +28,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from evaluate.rmt import esd, mp_density
-from evaluate.weights import LayerResult, WeightsConfig, analyse_model, as_pair, layer_row
+from rankshard.evaluate.weights.rmt import esd, mp_density
+from rankshard.evaluate.weights.spectra import LayerResult, WeightsConfig, analyse_model, as_pair, layer_row
 
 
 @dataclass(frozen=True)

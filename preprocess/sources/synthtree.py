@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .synth import class_images
+from rankshard.preprocess.sources.synth import class_images
 
 WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
 

@@ -19,8 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import RankshardError, SourceError
-from .images import BadImage, Geometry, decode
+from rankshard.preprocess.errors import RankshardError, SourceError
+from rankshard.preprocess.sources.images import BadImage, Geometry, decode
 
 LISTING_VERSION = 1
 
