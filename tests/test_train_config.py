@@ -106,3 +106,15 @@ def test_cli_reports_bad_values_without_traceback():
 def test_every_field_is_a_cli_option():
     names = {p.name for p in main.params}
     assert set(TrainConfig.__dataclass_fields__) <= names
+
+
+@pytest.mark.parametrize("flag", ["--data", "--data-root"])
+def test_cli_data_option_shares_evaluates_name_and_keeps_the_old_one(flag, tmp_path):
+    result = CliRunner().invoke(main, [flag, str(tmp_path), "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["data_root"] == str(tmp_path)
+
+
+def test_cli_requires_an_output_folder():
+    result = CliRunner().invoke(main, ["--preset", "cifar10-fast"])
+    assert result.exit_code == 2 and "--out is required" in result.output and "Traceback" not in result.output

@@ -42,7 +42,7 @@ def shards(tmp_path_factory):
 
 
 def _args(shards, run_dir, *extra):
-    return ["--preset", "cifar10-fast", "--data-root", str(shards), "--run-dir", str(run_dir), "--arch", "resnet18",
+    return ["--preset", "cifar10-fast", "--data", str(shards), "--out", str(run_dir), "--arch", "resnet18",
             "--width", "8", "--epochs", "3", "--batch-size", "50", "--lr", "0.2", "--warmup-epochs", "0.5",
             "--workers", "0", "--log-every", "3", "--device", "cpu", "--extra-variants", "rank-003", *extra]
 

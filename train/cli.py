@@ -28,7 +28,8 @@ def _field_option(f: Field) -> Callable:
     help_text = f.metadata.get("help", "")
     if isinstance(f.default, bool):
         return click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_text)
-    return click.option(f"--{flag}", f.name, type=str, default=None, metavar=type(f.default).__name__.upper(),
+    flags = f.metadata.get("flags") or (f"--{flag}",)
+    return click.option(*flags, f.name, type=str, default=None, metavar=type(f.default).__name__.upper(),
                         help=help_text + (" (comma-separated)" if isinstance(f.default, tuple) else ""))
 
 
@@ -63,33 +64,34 @@ def _list_presets(ctx: click.Context, param: click.Parameter, value: bool) -> No
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help=f"Starting values of every field (default {DEFAULT_PRESET}; with --resume: the saved config).")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder: config.json, metrics.jsonl, curves.png, last.pt, best.pt.")
+@click.option("--out", "--run-dir", "run_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder: config.json, metrics.jsonl, curves.png, last.pt, best.pt (--run-dir: same).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Continue the run in this folder from its last.pt (model, optimizer, schedule, RNG, data position).")
 @click.option("--overwrite", is_flag=True, help="Delete the run folder's checkpoints and metrics and start again.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="Stop after this many epochs in this invocation (time-limited jobs); --resume continues.")
+@click.option("--quiet", is_flag=True, help="No per-step progress lines (epoch summaries and errors still print).")
 @click.option("--list-presets", is_flag=True, expose_value=False, is_eager=True, callback=_list_presets,
               help="Show the presets and exit.")
 @config_options
 @friendly_errors
-def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs, **overrides):
+def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs, quiet, **overrides):
     """Train a ResNet on rank-k shards (single process, or every process of a torchrun job)."""
     cfg = resolve_config(preset, resume_dir, overrides)
     if print_config:
         click.echo(json.dumps(cfg.to_json(), indent=2))
         return
     if resume_dir is not None and run_dir is not None and Path(run_dir).resolve() != Path(resume_dir).resolve():
-        raise ConfigError(f"--run-dir {run_dir} and --resume {resume_dir} name different folders; give one")
+        raise ConfigError(f"--out {run_dir} and --resume {resume_dir} name different folders; give one")
     run_dir = resume_dir or run_dir
     if run_dir is None:
-        raise ConfigError("--run-dir is required (where checkpoints and metrics go)")
+        raise ConfigError("--out is required (the run folder: checkpoints and metrics go there)")
     from rankshard.train.run import run
 
     run(cfg, run_dir, resume=resume_dir is not None, overwrite=overwrite, stop_after_epochs=stop_after_epochs,
-        handle_signals=True)
+        handle_signals=True, progress=not quiet)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ class ConfigError(RankshardError, ValueError):
     """A training configuration is invalid or conflicts with a run folder; the message says the fix."""
 
 
-def _f(default: Any, help: str) -> Any:
-    """A field with its command-line help text (the CLI builds one option per field from these)."""
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, flags: tuple[str, ...] = ()) -> Any:
+    """A field with its command-line help text (the CLI builds one option per field from these); ``flags``
+    overrides the option names where the CLI-wide name differs from the field's (``--data`` for ``data_root``)."""
+    return field(default=default, metadata={"help": help, "flags": flags})
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class TrainConfig:
     """Everything that determines a training run (see the module docstring for units)."""
 
     # data (shards from rankshard-preprocess: DATA_ROOT/<dataset>/<split>/<variant>/)
-    data_root: str = _f("shards", "root of rankshard-preprocess output: ROOT/<dataset>/<split>/<variant>/")
+    # The option is --data, as in rankshard-evaluate; --data-root (the first release's name) still works.
+    data_root: str = _f("shards", "root of rankshard-preprocess output: ROOT/<dataset>/<split>/<variant>/",
+                        flags=("--data", "--data-root"))
     dataset: str = _f("cifar10", "dataset folder under data_root (cifar10, imagenet, ...)")
     train_variant: str = _f("full", "training variant: full, rank-005, high-003, ...")
     test_variant: str = _f("full", "variant of the test split that picks best.pt (the paper: full rank)")

@@ -36,12 +36,13 @@ def _main_then_agree(env: DistEnv, fn: Callable[[], None]) -> None:
 def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         stop_after_epochs: int | None = None, data: TrainData | None = None,
         env: DistEnv | None = None, log: Callable[[str], None] = print,
-        handle_signals: bool = False) -> list[dict[str, Any]]:
+        handle_signals: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` (``resume``: continue from its last.pt); returns this call's epoch records.
 
     Under torchrun every process calls this; rank 0 writes the folder, all ranks train. ``data`` defaults
     to the shards named by ``cfg`` (``ShardData``). ``handle_signals`` (the CLI): SIGTERM/SIGUSR1 save
-    last.pt at the next check and stop, so a preempted job resumes exactly.
+    last.pt at the next check and stop, so a preempted job resumes exactly. ``progress=False`` drops the
+    per-step progress lines (``--quiet``).
     """
     own_env = env is None
     env = env or init_distributed(cfg.device)
@@ -50,7 +51,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
         if env.is_main:
             log("config " + json.dumps(cfg.to_json(), sort_keys=True))
         _main_then_agree(env, lambda: rundir.prepare(run_dir, cfg, overwrite=overwrite, resume=resume))
-        trainer = Trainer(cfg, run_dir, data if data is not None else ShardData(cfg), env, log)
+        trainer = Trainer(cfg, run_dir, data if data is not None else ShardData(cfg), env, log, progress)
         if resume:
             trainer.resume()
         if handle_signals:

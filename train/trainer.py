@@ -76,10 +76,11 @@ class Trainer:
     """Train ``cfg``'s model on ``data`` into ``run_dir`` (one process of a DDP job, or alone)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, data: TrainData, env: DistEnv | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, progress: bool = True):
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), data
         self.env = env or DistEnv()
         self.log = log if self.env.is_main else (lambda _msg: None)
+        self.show_progress = progress
         self.device = self.env.device
         self.per_rank_batch = self._per_rank_batch()
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
@@ -209,6 +210,8 @@ class Trainer:
         return True
 
     def _progress(self, position: int, tic: float) -> None:
+        if not self.show_progress:
+            return
         loss, correct, count = self.partial.tolist()
         rate = count * self.env.world_size / max(time.perf_counter() - tic, 1e-9)
         # count covers this epoch's steps since tic; the global batch is cfg.batch_size images per step
