@@ -6,6 +6,7 @@ the stored top-K factors, at any k <= K.
 """
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -36,8 +37,24 @@ DECODERS: dict[str, Callable[[dict[str, bytes], int | None], np.ndarray]] = {
 }
 
 
-def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None) -> tuple[np.ndarray, int]:
-    """The image (HWC; uint8 for png, float32 otherwise) and the integer label of one sample."""
+class LabelMismatch(ValueError):
+    """The sample's ``.cls`` and ``.json`` disagree: one of them was damaged after materialization."""
+
+
+def _label(members: dict[str, bytes]) -> int:
+    """The ``.cls`` label, cross-checked against the label in ``.json`` (both are written from one value, so
+    a difference means a flipped byte that would otherwise train on a wrong label without a word)."""
     if "cls" not in members:
         raise KeyError(f"no .cls member (found {sorted(members)})")
-    return DECODERS[encoding](members, k), int(members["cls"])
+    label = int(members["cls"])
+    if "json" in members:
+        recorded = json.loads(members["json"]).get("label")
+        if recorded is not None and recorded != label:
+            raise LabelMismatch(f"label mismatch: .cls says {label}, .json says {recorded} (a damaged member)")
+    return label
+
+
+def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None) -> tuple[np.ndarray, int]:
+    """The image (HWC; uint8 for png, float32 otherwise) and the checked integer label of one sample."""
+    label = _label(members)
+    return DECODERS[encoding](members, k), label

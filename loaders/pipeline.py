@@ -22,7 +22,7 @@ from rankshard.preprocess.rank.engine import RankEngine
 
 from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
 from rankshard.loaders.config import LoaderConfig
-from rankshard.loaders.decode import decode_sample
+from rankshard.loaders.decode import LabelMismatch, decode_sample
 from rankshard.loaders.errors import LoaderError, LoaderWarning, shard_error
 from rankshard.loaders.plan import EvalPlan, Stream, TrainPlan, worker_batches
 from rankshard.preprocess.format.tarindex import ShardReader
@@ -94,8 +94,9 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,
-                   positions: np.ndarray) -> dict[int, tuple]:
-    """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order."""
+                   positions: np.ndarray, bad_shards: dict[str, str] | None = None) -> dict[int, tuple]:
+    """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order; samples
+    of ``bad_shards`` (rejected by their sha256) come back with the shard's reason and no members."""
     shards, within = stream.locate(positions)
     out = {}
     for p in np.argsort(np.asarray(positions) % max(stream.total, 1), kind="stable"):
@@ -111,6 +112,9 @@ def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Str
                                       f"{reader.index.problem or 'shorter than its manifest says'} "
                                       f"(last readable key {last})")
             continue
+        if bad_shards and url in bad_shards:
+            out[int(positions[p])] = (url, reader.index.keys[i], None, f"shard rejected: {bad_shards[url]}")
+            continue
         key, members = reader.read(i)
         out[int(positions[p])] = (url, key, members, None)
     return out
@@ -124,6 +128,8 @@ def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str,
         if reason is None:
             try:
                 image, label = decode_sample(members, encoding, k)
+            except LabelMismatch as exc:
+                reason = str(exc)
             except Exception as exc:  # any decode failure (PIL, numpy, int) is a bad sample
                 reason = f"does not decode ({type(exc).__name__}: {exc})"
         if reason is not None:
@@ -148,6 +154,7 @@ class ShardStream(IterableDataset):
                  start_step: int = 0, factors_k: int | None = None):
         self.urls, self.encoding, self.stored = list(info.urls), info.encoding, tuple(info.image_size)
         self.plan, self.cfg, self.transform = plan, cfg, transform
+        self.bad_shards = dict(info.bad_shards)
         self.start_step, self.factors_k = start_step, factors_k
 
     def __iter__(self) -> Iterator[Batch]:
@@ -157,7 +164,8 @@ class ShardStream(IterableDataset):
         try:
             for group in self.plan.groups(worker_batches(self.plan.steps, self.start_step, w, nw)):
                 wanted = {j: self.plan.batch_positions(j) for j in group}
-                raw = read_positions(readers, self.urls, self.plan.stream, np.unique(np.concatenate(list(wanted.values()))))
+                positions = np.unique(np.concatenate(list(wanted.values())))
+                raw = read_positions(readers, self.urls, self.plan.stream, positions, self.bad_shards)
                 for j in group:
                     yield self._batch(j, [raw[int(p)] for p in wanted[j]])
                 _close_unused(readers)

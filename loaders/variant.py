@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ from rankshard.loaders.normalization import normalization_for
 FORMAT = "rankshard/1"
 IMAGE_ENCODINGS = ("png", "npy", "factors")
 REBUILD = "rerun the same `rankshard-preprocess` command (it resumes and rewrites missing shards)"
+HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL: threads hash shards in parallel
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class VariantInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     manifest: dict
+    bad_shards: dict[str, str] = field(default_factory=dict)  # url -> why it was rejected (on_error="skip")
 
     @property
     def name(self) -> str:
@@ -84,7 +87,7 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _check_files(folder: Path, manifest: dict, selected: list[dict], verify_sha256: bool) -> None:
+def _check_files(folder: Path, manifest: dict, selected: list[dict]) -> None:
     listed = {s["name"] for s in manifest["shards"]}
     extra = sorted(p.name for p in folder.glob("*.tar") if p.name not in listed)
     if extra:
@@ -98,8 +101,37 @@ def _check_files(folder: Path, manifest: dict, selected: list[dict], verify_sha2
         if size != shard["bytes"]:
             raise LoaderError(f"{path}: {size} bytes, manifest.json says {shard['bytes']} (truncated or replaced); "
                               f"delete it and {REBUILD}")
-        if verify_sha256 and sha256_file(path) != shard["sha256"]:
-            raise LoaderError(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); delete it and {REBUILD}")
+
+
+_HASHED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, once per process
+
+
+def _sha256_once(path: Path) -> str:
+    """The file's sha256, computed at most once per process while its size and mtime stay the same (a
+    trainer reopens its test variants every epoch; rewriting a shard changes its mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
+def _verify_shards(folder: Path, selected: list[dict], on_error: str) -> dict[str, str]:
+    """Check every selected shard's sha256 against manifest.json. A mismatch raises, naming the shard, or
+    (``on_error="skip"``) is returned as ``{url: reason}`` so that its samples are skipped and counted."""
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        digests = list(pool.map(lambda s: _sha256_once(folder / s["name"]), selected))
+    bad = {}
+    for shard, digest in zip(selected, digests):
+        if digest == shard["sha256"]:
+            continue
+        reason = (f"sha256 {digest[:16]}... differs from manifest.json's {str(shard['sha256'])[:16]}... (the shard "
+                  "or the manifest changed after materialization)")
+        if on_error == "raise":
+            raise LoaderError(f"{folder / shard['name']}: {reason}; `rankshard-preprocess verify` lists every damaged "
+                              f"file; delete them and {REBUILD} (or pass on_error='skip' / --no-verify-shards)")
+        bad[str(folder / shard["name"])] = reason
+    return bad
 
 
 def _locate(root, dataset, split, variant) -> tuple[Path, list[str] | None]:
@@ -116,11 +148,13 @@ def _locate(root, dataset, split, variant) -> tuple[Path, list[str] | None]:
 
 
 def open_variant(root, dataset: str | None = None, split: str | None = None, variant: str | None = None,
-                 verify_sha256: bool = False) -> VariantInfo:
+                 verify_shards: bool = True, on_error: str = "raise") -> VariantInfo:
     """Open ``<root>/<dataset>/<split>/<variant>`` (or a variant folder, or a brace-expanded shard URL/list).
 
-    Checks that every selected shard exists with the size its manifest records (and, on request, its
-    sha256); raises ``LoaderError`` naming the file and the fix otherwise.
+    Checks that every selected shard exists with the size its manifest records and (``verify_shards``, the
+    default) that its sha256 matches, once per process: a flipped byte anywhere is caught before training
+    on it. Raises ``LoaderError`` naming the file and the fix; with ``on_error="skip"`` a shard whose hash
+    differs is kept in ``bad_shards`` and the loaders skip and count its samples instead.
     """
     folder, names = _locate(root, dataset, split, variant)
     manifest = _read_manifest(folder)
@@ -133,7 +167,8 @@ def open_variant(root, dataset: str | None = None, split: str | None = None, var
             raise LoaderError(f"{folder / unknown[0]}: not a shard of this variant's manifest.json; check the URL "
                               f"pattern (the manifest lists {manifest['shards'][0]['name']} ...)")
         selected = [by_name[n] for n in names]
-    _check_files(folder, manifest, selected, verify_sha256)
+    _check_files(folder, manifest, selected)
+    bad = _verify_shards(folder, selected, on_error) if verify_shards else {}
     mean, std = normalization_for(manifest["dataset"])
     sizes = [int(s["num_samples"]) for s in selected]
     if names is None and sum(sizes) != manifest["num_samples"]:
@@ -143,5 +178,5 @@ def open_variant(root, dataset: str | None = None, split: str | None = None, var
         folder=folder, urls=[str(folder / s["name"]) for s in selected], shard_sizes=sizes,
         num_samples=sum(sizes), classes=list(manifest["classes"]), num_classes=len(manifest["classes"]),
         image_size=tuple(manifest["image_size"]), encoding=manifest["encoding"], mode=manifest["mode"],
-        rank=manifest["rank"], mean=mean, std=std, manifest=manifest,
+        rank=manifest["rank"], mean=mean, std=std, manifest=manifest, bad_shards=bad,
     )

@@ -24,7 +24,7 @@ def _corrupt_png(folder, shard_index=2, sample=3):
 def test_corrupt_sample_raises_naming_shard_and_key(tmp_path):
     folder = copy_variant(tmp_path)
     path, key = _corrupt_png(folder)
-    info = open_variant(folder)  # same size: only sha256 can tell before reading
+    info = open_variant(folder, verify_shards=False)  # read-time detection: the sha256 check would stop it first
     with pytest.raises(ShardReadError) as err:
         list(eval_loader(info, LoaderConfig(batch_size=32, workers=0)))
     assert str(path) in str(err.value) and f"sample {key}" in str(err.value) and "on_error='skip'" in str(err.value)
@@ -34,20 +34,80 @@ def test_corrupt_sample_raises_through_workers_as_the_same_type(tmp_path):
     folder = copy_variant(tmp_path)
     path, key = _corrupt_png(folder)
     with pytest.raises(ShardReadError, match=f"sample {key}"):
-        list(eval_loader(open_variant(folder), LoaderConfig(batch_size=32, workers=2)))
+        list(eval_loader(open_variant(folder, verify_shards=False), LoaderConfig(batch_size=32, workers=2)))
 
 
-def test_sha256_check_finds_the_corruption_up_front(tmp_path):
+def _flip(path, offset, new: bytes):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + len(new)] = new
+    path.write_bytes(bytes(data))
+
+
+def test_sha256_check_finds_the_corruption_up_front_by_default(tmp_path):
     folder = copy_variant(tmp_path)
     path, _ = _corrupt_png(folder)
-    with pytest.raises(LoaderError, match="sha256 mismatch"):
-        open_variant(folder, verify_sha256=True)
+    with pytest.raises(LoaderError, match="differs from manifest.json") as err:
+        open_variant(folder)
+    assert str(path) in str(err.value) and "--no-verify-shards" in str(err.value)
+
+
+def test_a_flipped_npy_byte_in_a_high_rank_shard_is_caught(tmp_path):
+    folder = copy_variant(tmp_path, variant="high-002")
+    path = folder / "train-000003.tar"
+    offset, size = scan_shard(str(path)).members[5]["npy"]
+    _flip(path, offset + size - 2, b"\x7b")  # a float16 payload byte: decodes fine, value silently wrong
+    with pytest.raises(LoaderError, match=f"{path.name}: sha256"):
+        open_variant(folder)
+
+
+def test_a_zeroed_manifest_hash_is_caught(tmp_path):
+    folder = copy_variant(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][4]["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LoaderError, match="train-000004.tar: sha256"):
+        open_variant(folder)
+
+
+def _relabel(folder, shard_index=1, sample=2):
+    """Change one sample's .cls digit (same length), as a flipped byte would: returns (path, key, old label)."""
+    path = folder / f"train-{shard_index:06d}.tar"
+    index = scan_shard(str(path))
+    offset, size = index.members[sample]["cls"]
+    old = int(path.read_bytes()[offset:offset + size])
+    _flip(path, offset, str((old + 1) % 10).encode())
+    return path, index.keys[sample], old
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cls_is_cross_checked_against_the_json_label(tmp_path, workers):
+    folder = copy_variant(tmp_path)
+    path, key, old = _relabel(folder)
+    # the tar header checksum does not cover member data, so only the sha256 or the cross-check can see it
+    with pytest.raises(ShardReadError) as err:
+        list(eval_loader(open_variant(folder, verify_shards=False), LoaderConfig(batch_size=32, workers=workers)))
+    message = str(err.value)
+    assert str(path) in message and f"sample {key}" in message
+    assert f".cls says {(old + 1) % 10}, .json says {old}" in message
+
+
+def test_skip_policy_skips_and_counts_a_rejected_shard(tmp_path):
+    folder = copy_variant(tmp_path)
+    path, _ = _corrupt_png(folder, shard_index=2)
+    info = open_variant(folder, on_error="skip")
+    assert list(info.bad_shards) == [str(path)]
+    loader = eval_loader(info, LoaderConfig(batch_size=32, workers=2, on_error="skip"))
+    with pytest.warns(LoaderWarning, match="skipped 37 unreadable sample"):
+        keys = [k for b in loader for k in b.keys]
+    assert loader.skipped == 37 and len(keys) == PNG_SAMPLES - 37
+    assert all("shard rejected: sha256" in r and str(path) in r for r in loader.skip_reasons)
 
 
 def test_skip_policy_counts_and_reports_at_epoch_end(tmp_path):
     folder = copy_variant(tmp_path)
     _, key = _corrupt_png(folder)
-    loader = eval_loader(open_variant(folder), LoaderConfig(batch_size=32, workers=2, on_error="skip"))
+    loader = eval_loader(open_variant(folder, verify_shards=False),
+                         LoaderConfig(batch_size=32, workers=2, on_error="skip"))
     with pytest.warns(LoaderWarning, match="skipped 1 unreadable sample"):
         keys = [k for b in loader for k in b.keys]
     assert loader.skipped == 1 and key in loader.skip_reasons[0] and len(keys) == PNG_SAMPLES - 1

@@ -48,6 +48,8 @@ class TrainConfig:
     extra_variants: tuple[str, ...] = _f((), "more test variants evaluated each epoch")
     augment: str = _f("auto", "loader augmentation: auto (by dataset), cifar, imagenet, none")
     workers: int = _f(4, "loader worker processes per rank")
+    verify_shards: bool = _f(True, "check every shard's sha256 against its manifest once per process before "
+                                   "reading it (--no-verify-shards: skip; ~0.5-1 s per GB per process)")
     # model
     arch: str = _f("resnet50", "resnet18, resnet34, resnet50, resnet101")
     model_variant: str = _f("cifar", "stem: cifar (3x3/1, no max-pool) or imagenet (7x7/2 + max-pool)")
@@ -97,7 +99,7 @@ class TrainConfig:
 
 # Fields that change how fast a run goes, not what it computes (bit-for-bit on CPU; the GPU kernels chosen
 # may differ): they may differ between a run folder's config and the resuming command.
-RUNTIME_FIELDS = ("workers", "compile", "eval_batch_size", "log_every", "device")
+RUNTIME_FIELDS = ("workers", "compile", "eval_batch_size", "log_every", "device", "verify_shards")
 
 FIELD_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(TrainConfig)}
 

@@ -143,7 +143,8 @@ class ShardData:
 
         self.cfg = cfg
         self._open = open_variant
-        self.train_info = open_variant(cfg.data_root, cfg.dataset, "train", cfg.train_variant)
+        self.train_info = open_variant(cfg.data_root, cfg.dataset, "train", cfg.train_variant,
+                                       verify_shards=cfg.verify_shards)
         self.classes = tuple(self.train_info.classes)
         self.mean, self.std = tuple(self.train_info.mean), tuple(self.train_info.std)
         self.augment = _auto_augment(cfg.dataset) if cfg.augment == "auto" else cfg.augment
@@ -151,7 +152,8 @@ class ShardData:
 
     def _test_info(self, variant: str) -> Any:
         if variant not in self._test:
-            info = self._open(self.cfg.data_root, self.cfg.dataset, "test", variant)
+            info = self._open(self.cfg.data_root, self.cfg.dataset, "test", variant,
+                              verify_shards=self.cfg.verify_shards)
             if tuple(info.classes) != self.classes:
                 raise ValueError(f"{info.folder}: classes differ from the training variant's "
                                  f"({len(info.classes)} vs {len(self.classes)}); were they materialized from the "
