@@ -295,6 +295,7 @@ class Materializer:
         self.order = sample_order(len(self.source), self.spec)
         self.num_shards = -(-len(self.order) // self.spec.shard_size)
         self.stats.rank, self.stats.world = self.rank, self.world
+        self.recorded_svd: dict | None = None  # set when resuming an ``auto`` run (see _engine_and_config)
 
     # -- setup ------------------------------------------------------------------------------------
     def _make_engine(self, backend: str):
@@ -311,7 +312,10 @@ class Materializer:
         backend = self.spec.backend
         if recorded and backend == "auto" and not self.overwrite:
             backend = recorded["config"]["backend"]  # resume (or join other ranks) with the recorded backend
+            # this run never calibrates, so the manifest keeps the first run's account of auto's choice
+            self.recorded_svd = recorded.get("svd")
         self.image_size = tuple(self.source.image_size)
+        self.spec.check_image_size(*self.image_size)
         engine = self._make_engine(backend)
         self.spec = replace(self.spec, backend=engine.describe()["backend"], device=engine.device.type)
         cfg = self.spec.hashed_config(self.source.info)
@@ -330,7 +334,7 @@ class Materializer:
     def _mine(self, index: int) -> bool:
         return index % self.world == self.rank
 
-    def _prepare_dirs(self, cfg: dict, digest: str) -> None:
+    def _prepare_dirs(self, engine, cfg: dict, digest: str) -> None:
         for v in self.variants:
             d = self.layout.variant_dir(v)
             d.mkdir(parents=True, exist_ok=True)
@@ -338,7 +342,11 @@ class Materializer:
                 index = stale.name[len(self.spec.split) + 2:].split(".")[0]
                 if index.isdigit() and self._mine(int(index)):  # other ranks may be writing theirs right now
                     stale.unlink(missing_ok=True)
-        write_json(self.layout.config_path, {"config": cfg, "config_hash": digest})
+        write_json(self.layout.config_path, {"config": cfg, "config_hash": digest, "svd": self._svd(engine)})
+
+    def _svd(self, engine) -> dict:
+        """The manifest's ``svd`` block: this engine's, or on a resumed ``auto`` run the first run's."""
+        return self.recorded_svd or engine.describe()
 
     def _done(self, index: int) -> bool:
         return all(self.layout.shard_path(v, index).exists() and self.layout.record_path(v, index).exists()
@@ -356,7 +364,7 @@ class Materializer:
         with RunLock(self.layout.split_dir, self.rank, self.world) as lock, _cpu_share(self.spec.workers):
             with lock.gate():  # one rank at a time resolves the backend and writes the config
                 engine, cfg, digest = self._engine_and_config()
-                self._prepare_dirs(cfg, digest)
+                self._prepare_dirs(engine, cfg, digest)
             todo = [i for i in range(self.num_shards) if self._mine(i) and not self._done(i)]
             self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
             desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
@@ -375,7 +383,7 @@ class Materializer:
         errors = [e for r in records for e in r.get("errors", [])]
         num_samples = sum(r["num_samples"] for r in records)
         return finalize_manifests(self.layout, self.variants, self.num_shards, self.source, cfg, digest,
-                                  engine.describe(), self.stats.as_dict(), num_samples, self.image_size, errors)
+                                  self._svd(engine), self.stats.as_dict(), num_samples, self.image_size, errors)
 
     def _shard_len(self, index: int) -> int:
         return min(self.spec.shard_size, len(self.order) - index * self.spec.shard_size)

@@ -37,9 +37,8 @@ class ShardSpec:
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
             raise RankshardError(f"--encoding {self.encoding!r}: choose one of {', '.join(ENCODINGS)}")
-        for k in (*self.ranks, *self.high):
-            if k < 0:
-                raise RankshardError(f"rank {k} is negative; ranks count singular values kept (low) or removed (high)")
+        for flag, ks in (("--ranks", self.ranks), ("--high", self.high)):
+            _check_rank_list(flag, ks)
         if self.factors is not None and self.factors < 1:
             raise RankshardError(f"--factors {self.factors}: must be at least 1")
         if self.shard_size < 1 or self.batch_size < 1:
@@ -48,6 +47,18 @@ class ShardSpec:
             raise RankshardError(f"--png-level {self.png_level}: zlib levels run from 0 to 9")
         if self.workers < 0:
             raise RankshardError("--workers must be 0 (in-process) or more")
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse ranks that the images cannot have: with ``n = min(H, W)`` singular values per channel, low
+        rank ``k >= n`` is a copy of ``full`` and high rank ``k >= n`` is all zeros (and so is the
+        ``factors`` variant past ``n`` components, which could not be stored)."""
+        n = min(height, width)
+        for flag, ks in (("--ranks", self.ranks), ("--high", self.high), ("--factors", (self.factors or 0,))):
+            too_big = [k for k in ks if k >= n + (flag == "--factors")]
+            if too_big:
+                raise RankshardError(f"{flag} {','.join(map(str, too_big))}: these {height}x{width} images have only "
+                                     f"{n} singular values per channel, so rank {too_big[0]} would store "
+                                     f"{'a copy of full' if flag == '--ranks' else 'nothing useful'}; use ranks below {n}")
 
     def variants(self) -> list[Variant]:
         return variants_for(self.ranks, self.high, self.factors, self.spectra, self.encoding)
@@ -59,6 +70,17 @@ class ShardSpec:
         cfg["source_fingerprint"] = source["fingerprint"]
         cfg["format"] = FORMAT
         return cfg
+
+
+def _check_rank_list(flag: str, ks: tuple[int, ...]) -> None:
+    """Ranks count singular values kept (low) or removed (high): each at least 1, each given once."""
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise RankshardError(f"{flag} {bad[0]}: ranks start at 1 (low rank 0 is an all-zero image and high rank "
+                             "0 is the full image, which the `full` variant already stores)")
+    repeated = sorted({k for k in ks if ks.count(k) > 1})
+    if repeated:
+        raise RankshardError(f"{flag}: rank {repeated[0]} is listed twice; give each rank once")
 
 
 def config_hash(cfg: dict) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from rankshard.preprocess.cli import main
 from rankshard.preprocess.rank.engine import reference_low_rank
-from rankshard.preprocess.errors import ConfigMismatchError, LockedError
+from rankshard.preprocess.errors import ConfigMismatchError, LockedError, RankshardError
 from rankshard.preprocess.locking import exclusive_lock
 from rankshard.preprocess.pipeline import ArraySource, materialize_split
 from rankshard.preprocess.spec import ShardSpec
@@ -209,3 +209,36 @@ def test_cli_verify_and_preview(archive, tmp_path):
     (tmp_path / "cifar10/train/rank-002/train-000000.tar").unlink()
     result = runner.invoke(main, ["verify", str(tmp_path)])
     assert result.exit_code == 1 and "missing" in result.output
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(ranks=(0, 5)), "--ranks 0: ranks start at 1"),
+    (dict(high=(0,)), "--high 0: ranks start at 1"),
+    (dict(ranks=(5, 3, 5)), "--ranks: rank 5 is listed twice"),
+])
+def test_meaningless_rank_lists_are_refused(kw, needle):
+    with pytest.raises(RankshardError, match=needle):
+        _spec(**kw)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(ranks=(5, 32, 1000)), "--ranks 32,1000: these 32x32 images have only 32 singular values"),
+    (dict(high=(40,)), "--high 40"),
+    (dict(factors=33), "--factors 33"),
+])
+def test_ranks_beyond_the_image_are_refused_before_anything_is_written(kw, needle, tmp_path):
+    with pytest.raises(RankshardError, match=needle):
+        materialize_split(_source(per_class=2), _spec(**kw), tmp_path, show_progress=False)
+    assert not list(tmp_path.rglob("*.tar"))
+
+
+def test_resumed_auto_run_keeps_autos_account_in_the_manifest(tmp_path):
+    spec = _spec(backend="auto", ranks=(5,), high=(), factors=None)
+    materialize_split(_source(per_class=4), spec, tmp_path, show_progress=False)
+    manifest = tmp_path / "cifar10/train/rank-005/manifest.json"
+    first = json.loads(manifest.read_text())["svd"]
+    assert "auto" in first
+    (tmp_path / "cifar10/train/rank-005/train-000001.tar").unlink()
+    manifest.unlink()
+    materialize_split(_source(per_class=4), spec, tmp_path, show_progress=False)
+    assert json.loads(manifest.read_text())["svd"] == first
