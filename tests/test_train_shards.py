@@ -1,4 +1,5 @@
 """rankshard-train end to end on demo shards (materialized from rankshard.preprocess.sources.synth) through the loaders."""
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,22 @@ def test_torchrun_two_cpu_processes_on_shards(shards, tmp_path):
     records = rundir.read_metrics(tmp_path / "ddp")
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 2 * 6
     assert records[-1]["train"]["images"] == 300 and records[-1]["eval"]["full"]["n"] == 100
+
+
+def test_damaged_last_pt_offers_the_previous_state_and_resumes_from_it(shards, tmp_path):
+    straight = CliRunner().invoke(main, _args(shards, tmp_path / "a", "--epochs", "3"))
+    assert straight.exit_code == 0, straight.output
+    first = CliRunner().invoke(main, _args(shards, tmp_path / "b", "--epochs", "3", "--stop-after-epochs", "2"))
+    assert first.exit_code == 0, first.output
+    run = tmp_path / "b"
+    assert load_checkpoint(run / "last.prev.pt")["epoch"] == 1 and load_checkpoint(run / "last.pt")["epoch"] == 2
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a torn copy / failing disk
+    refused = CliRunner().invoke(main, ["--resume", str(run), "--workers", "0"])
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "truncated or corrupt" in refused.output and f"--resume {run} --resume-from last.prev.pt" in refused.output
+    resumed = CliRunner().invoke(main, ["--resume", str(run), "--resume-from", "last.prev.pt", "--workers", "0"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

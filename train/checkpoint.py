@@ -17,6 +17,7 @@ state dict itself (block type, blocks per stage, stem kernel, width, classifier 
 from __future__ import annotations
 
 import os
+import shutil
 import pickle
 import re
 import uuid
@@ -164,6 +165,20 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def keep_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` the current content of ``path`` before ``path`` is replaced, without a window in
+    which either name is missing or torn: a hard link (no copy; a copy where links are not supported)
+    under a temp name, renamed over ``previous``."""
+    if not path.is_file():
+        return
+    tmp = previous.with_name(f".{previous.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copy2(path, tmp)
+    os.replace(tmp, previous)
 
 
 def _fsync_dir(folder: Path) -> None:

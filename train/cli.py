@@ -68,6 +68,9 @@ def _list_presets(ctx: click.Context, param: click.Parameter, value: bool) -> No
               help="Run folder: config.json, metrics.jsonl, curves.png, last.pt, best.pt (--run-dir: same).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
               help="Continue the run in this folder from its last.pt (model, optimizer, schedule, RNG, data position).")
+@click.option("--resume-from", metavar="FILE", default=None,
+              help="With --resume: continue from this checkpoint of the run folder (last.prev.pt, epoch-NNNN.pt) "
+                   "instead of last.pt, e.g. when last.pt is damaged.")
 @click.option("--overwrite", is_flag=True, help="Delete the run folder's checkpoints and metrics and start again.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
@@ -77,7 +80,7 @@ def _list_presets(ctx: click.Context, param: click.Parameter, value: bool) -> No
               help="Show the presets and exit.")
 @config_options
 @friendly_errors
-def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs, quiet, **overrides):
+def main(preset, run_dir, resume_dir, resume_from, overwrite, print_config, stop_after_epochs, quiet, **overrides):
     """Train a ResNet on rank-k shards (single process, or every process of a torchrun job)."""
     cfg = resolve_config(preset, resume_dir, overrides)
     if print_config:
@@ -85,13 +88,15 @@ def main(preset, run_dir, resume_dir, overwrite, print_config, stop_after_epochs
         return
     if resume_dir is not None and run_dir is not None and Path(run_dir).resolve() != Path(resume_dir).resolve():
         raise ConfigError(f"--out {run_dir} and --resume {resume_dir} name different folders; give one")
+    if resume_from is not None and resume_dir is None:
+        raise ConfigError("--resume-from goes with --resume RUN_DIR (it names a checkpoint inside that run)")
     run_dir = resume_dir or run_dir
     if run_dir is None:
         raise ConfigError("--out is required (the run folder: checkpoints and metrics go there)")
     from rankshard.train.run import run
 
     run(cfg, run_dir, resume=resume_dir is not None, overwrite=overwrite, stop_after_epochs=stop_after_epochs,
-        handle_signals=True, progress=not quiet)
+        handle_signals=True, progress=not quiet, resume_from=resume_from)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ def _main_then_agree(env: DistEnv, fn: Callable[[], None]) -> None:
 def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
         stop_after_epochs: int | None = None, data: TrainData | None = None,
         env: DistEnv | None = None, log: Callable[[str], None] = print,
-        handle_signals: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+        handle_signals: bool = False, progress: bool = True, resume_from: str | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` into ``run_dir`` (``resume``: continue from its last.pt); returns this call's epoch records.
 
     Under torchrun every process calls this; rank 0 writes the folder, all ranks train. ``data`` defaults
     to the shards named by ``cfg`` (``ShardData``). ``handle_signals`` (the CLI): SIGTERM/SIGUSR1 save
     last.pt at the next check and stop, so a preempted job resumes exactly. ``progress=False`` drops the
-    per-step progress lines (``--quiet``).
+    per-step progress lines (``--quiet``). ``resume_from``: resume from this checkpoint of the run folder
+    (e.g. last.prev.pt when last.pt is damaged) instead of last.pt.
     """
     own_env = env is None
     env = env or init_distributed(cfg.device)
@@ -53,7 +54,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
         _main_then_agree(env, lambda: rundir.prepare(run_dir, cfg, overwrite=overwrite, resume=resume))
         trainer = Trainer(cfg, run_dir, data if data is not None else ShardData(cfg), env, log, progress)
         if resume:
-            trainer.resume()
+            trainer.resume(resume_from)
         if handle_signals:
             trainer.install_signal_handlers()
         records = trainer.fit(stop_after_epochs=stop_after_epochs)

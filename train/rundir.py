@@ -5,6 +5,7 @@ RUN_DIR/config.json      resolved TrainConfig + its hash (written once; a differ
 RUN_DIR/metrics.jsonl    one JSON line per epoch (train loss/top-1, lr, eval top-1/loss per variant, timing)
 RUN_DIR/curves.png       loss, top-1 per variant, lr (redrawn each epoch)
 RUN_DIR/last.pt          every epoch (and on a requested stop mid-epoch); --resume continues from it
+RUN_DIR/last.prev.pt     the state saved before last.pt (a hard link: no extra disk); resumable with --resume-from
 RUN_DIR/best.pt          best top-1 on the test variant
 RUN_DIR/epoch-NNNN.pt    every --save-every epochs
 ```
@@ -19,7 +20,8 @@ from typing import Any, Callable
 
 from rankshard.train.config import ConfigError, TrainConfig, config_hash, differences, from_json
 
-ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "best.pt")
+ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "last.prev.pt", "best.pt")
+PREVIOUS = "last.prev.pt"  # the last.pt before the newest one: what --resume-from offers when last.pt is damaged
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -131,3 +133,9 @@ def plot_curves(run_dir: Path, records: list[dict[str, Any]], lr_at: Callable[[i
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def resume_candidates(run_dir: Path) -> list[str]:
+    """Whole-run checkpoints that can stand in for a damaged last.pt, newest state first."""
+    epochs = sorted((p.name for p in run_dir.glob("epoch-*.pt")), reverse=True)
+    return [name for name in (PREVIOUS, *epochs) if (run_dir / name).is_file()]

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rankshard.train import rundir
 from rankshard.train.attacks import PGDConfig, parse_eps, pgd
-from rankshard.train.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
+from rankshard.train.checkpoint import (CheckpointError, checkpoint_payload, keep_previous, load_checkpoint,
+                                        save_checkpoint)
 from rankshard.train.config import ConfigError, TrainConfig, config_hash
 from rankshard.train.data import Batch, TrainData
 from rankshard.train.dist import DistEnv, all_reduce_sum, average_buffers, barrier
@@ -270,6 +271,7 @@ class Trainer:
             self.best_top1 = record["eval"][self.cfg.test_variant]["top1"]
         if self.env.is_main:
             payload = self._payload(record, partial)
+            keep_previous(self.run_dir / "last.pt", self.run_dir / rundir.PREVIOUS)
             save_checkpoint(self.run_dir / "last.pt", payload)
             if is_best:
                 save_checkpoint(self.run_dir / "best.pt", payload)
@@ -277,11 +279,13 @@ class Trainer:
                 save_checkpoint(self.run_dir / f"epoch-{self.epoch:04d}.pt", payload)
         barrier(self.env)
 
-    def resume(self) -> None:
-        """Restore model, optimizer, step/epoch, RNG and the partial epoch statistics from last.pt."""
-        payload = load_checkpoint(self.run_dir / "last.pt")
+    def resume(self, source: str | Path | None = None) -> None:
+        """Restore model, optimizer, step/epoch, RNG and the partial epoch statistics from last.pt (or from
+        ``source``, a checkpoint of this run such as last.prev.pt or epoch-NNNN.pt)."""
+        path = self.run_dir / (source or "last.pt")
+        payload = self._load_for_resume(path, offer_others=source is None)
         if payload["config"].get("config_hash") != config_hash(self.cfg):
-            raise ConfigError(f"{self.run_dir / 'last.pt'} was written by another config; --overwrite to start again")
+            raise ConfigError(f"{path} was written by another config; --overwrite to start again")
         if payload["scheduler"]["steps_per_epoch"] != self.steps_per_epoch:
             raise ConfigError(f"{self.run_dir}: the data now gives {self.steps_per_epoch} steps per epoch, the run "
                               f"had {payload['scheduler']['steps_per_epoch']}; resume with the same data and world size")
@@ -295,6 +299,18 @@ class Trainer:
         if self.env.is_main:
             rundir.truncate_metrics(self.run_dir, self.epoch)
         self.log(f"resumed {self.run_dir} at epoch {self.epoch}, step {self.step}")
+
+    def _load_for_resume(self, path: Path, offer_others: bool) -> dict[str, Any]:
+        """The checkpoint at ``path``; when it is damaged, the error lists this run's other whole states."""
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            others = [n for n in rundir.resume_candidates(self.run_dir) if n != path.name] if offer_others else []
+            if not others:
+                raise
+            raise CheckpointError(f"{exc}\nEarlier states of this run: {', '.join(others)}. Continue from the newest "
+                                  f"with `rankshard-train --resume {self.run_dir} --resume-from {others[0]}` "
+                                  "(the steps after it are trained again, identically).") from exc
 
     # ------------------------------------------------------------------ the run
 
