@@ -9,7 +9,7 @@ import numpy as np
 from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.tar import read_shard
+from rankshard.preprocess.format.tarindex import read_shard
 
 
 def _first_samples(folder: Path, count: int) -> list[tuple[str, dict]]:

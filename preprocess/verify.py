@@ -11,7 +11,8 @@ from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.rank.engine import reference_low_rank
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.tar import read_shard, sha256_file
+from rankshard.preprocess.format.tar import sha256_file
+from rankshard.preprocess.format.tarindex import read_shard
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
 TOLERANCE = {"png": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
@@ -51,7 +52,11 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck) -> dict[str
             check.problems.append(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); "
                                   "rerun the preprocess command after deleting this file")
             continue
-        samples = read_shard(path)
+        try:
+            samples = read_shard(path)
+        except RankshardError as exc:  # the hash matched a damaged file: the manifest was written over it
+            check.problems.append(str(exc))
+            continue
         check.shards += 1
         if len(samples) != shard["num_samples"]:
             check.problems.append(f"{path}: {len(samples)} samples, manifest says {shard['num_samples']}")
