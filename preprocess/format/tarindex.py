@@ -28,8 +28,9 @@ GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL = b"L", b"K", b"x", b"g"
 POSIX_MAGIC = b"ustar\x0000"  # only POSIX headers have a name prefix; old GNU ones keep times at its place
 
 
-class TarDamage(Exception):
-    """Where and why a scan had to stop (truncated file, corrupt header, unsupported member)."""
+class TarDamage(RankshardError):
+    """Where and why a scan had to stop (truncated file, corrupt header, unsupported member); the message
+    gives the byte offset, callers put the file's name in front."""
 
 
 @dataclass(frozen=True)
