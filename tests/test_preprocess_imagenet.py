@@ -195,7 +195,7 @@ def test_nested_tar_source_gives_the_same_shards(built, tree, tmp_path):
 def test_strict_stops_at_the_first_bad_file(tree, tmp_path):
     src = imagenet_source(tree["root"], "train", GEOMETRY, None)
     with pytest.raises(SourceError, match=r"odd_(truncated|empty|bomb|text)\.JPEG.*--strict"):
-        materialize_split(src, _spec(), tmp_path, show_progress=False, strict=True)
+        materialize_split(src, _spec(), tmp_path, show_progress=False, on_error="raise")
 
 
 def test_full_disk_leaves_nothing_that_verifies_and_rerun_completes(built, tree, tmp_path, monkeypatch):
