@@ -5,10 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
+from rankshard.preprocess.devices import resolve_device
+from rankshard.preprocess.errors import ON_ERROR
 from rankshard.loaders.augment import AUGMENTS
 from rankshard.loaders.errors import LoaderError
 
-ON_ERROR = ("raise", "skip")
 RANK_MODES = ("low", "high")
 
 
@@ -45,7 +46,8 @@ class LoaderConfig:
     factors_k: int | None = None        # factors-K variants: reconstruct at this k <= K (default K)
     pin_memory: bool | None = None      # None: pin when CUDA is available
     drop_last: bool = True              # training: floor (True) or ceil (False, wrapping) steps per epoch
-    device: str | None = None           # move batches there; on-the-fly rank and augmentation then run there
+    device: str | None = None           # move batches there ("auto": this rank's GPU, else the CPU); on-the-fly
+                                        # rank and augmentation then run there
     svd_backend: str = "auto"           # rank engine backend for on-the-fly rank
     prefetch_factor: int = 2            # batches in flight per worker
 
@@ -59,6 +61,8 @@ class LoaderConfig:
         if self.factors_k is not None and self.factors_k < 0:
             raise LoaderError(f"factors_k={self.factors_k}: must be >= 0")
         object.__setattr__(self, "rank", _parse_rank(self.rank))
+        if self.device is not None:  # "auto" / "cuda" -> this rank's own GPU, resolved once (preprocess.devices)
+            object.__setattr__(self, "device", str(resolve_device(self.device)))
         if isinstance(self.crop_size, int):
             object.__setattr__(self, "crop_size", (self.crop_size, self.crop_size))
 

@@ -9,7 +9,6 @@ and reports them when the epoch ends.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rankshard.preprocess.devices import Placement
+from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.rank.engine import RankEngine
 
 from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
@@ -231,16 +232,13 @@ class Loader:
 
 
 def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world size): as given, else from torch.distributed, else env RANK/WORLD_SIZE, else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        auto = dist.get_rank(), dist.get_world_size()
-    else:
-        auto = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    rank, world_size = auto[0] if rank is None else rank, auto[1] if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LoaderError(f"rank {rank} of world size {world_size}: need 0 <= rank < world_size")
-    return rank, world_size
+    """(rank, world size): as given, else this process's ``Placement`` (process group, torchrun env, or alone)."""
+    try:
+        auto = Placement.from_env()
+        placement = Placement(auto.rank if rank is None else rank, auto.world if world_size is None else world_size)
+    except RankshardError as exc:
+        raise LoaderError(str(exc)) from None
+    return placement.rank, placement.world
 
 
 def _factors_k(info: VariantInfo, cfg: LoaderConfig) -> int | None:

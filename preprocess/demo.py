@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from rankshard.preprocess.cli_cifar import cifar10_command
 from rankshard.preprocess.sources.cifar import ARCHIVE, write_cifar10_archive
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.preview import write_previews
@@ -29,26 +30,24 @@ def build_demo_archive(folder: Path, per_class: int = 100, test_per_class: int =
     return write_cifar10_archive(folder / ARCHIVE, train, test)
 
 
-def run_demo(out: Path, per_class: int = 100, workers: int = 1) -> None:
+def run_demo(out: Path, per_class: int = 100, workers: int = 1, quiet: bool = False) -> None:
     """Build the archive, run the real ``cifar10`` command on it, verify, preview, say where things are."""
-    from rankshard.preprocess.cli import main
-
     out = Path(out)
     archive = build_demo_archive(out / "source", per_class)
     click.echo(f"demo source: {archive} ({per_class * 10} train + 200 test images, synthetic, not the real "
                "CIFAR-10, so --no-verify-md5)")
     shards = out / "shards"
     args = ["cifar10", "--source", str(archive), "--out", str(shards), "--no-verify-md5", "--ranks", "5,10,20",
-            "--high", "2,5", "--factors", "8", "--shard-size", "250", "--workers", str(workers)]
+            "--high", "2,5", "--factors", "8", "--shard-size", "250", "--workers", str(workers)] + ["--quiet"] * quiet
     click.echo(f"\n$ rankshard-preprocess {' '.join(args)}")
-    main.main(args, standalone_mode=False)
+    cifar10_command.main(args[1:], "rankshard-preprocess cifar10", standalone_mode=False)
     click.echo(f"\n$ rankshard-preprocess verify {shards}")
-    report = verify_tree(shards)
+    report = verify_tree(shards, show_progress=not quiet)
     print_report(report)
     if not report.ok:
         raise RankshardError("the demo's own shards failed verification; please report this as a bug")
     click.echo(f"\n$ rankshard-preprocess preview {shards}")
-    for path in write_previews(shards):
+    for path in write_previews(shards, show_progress=not quiet):
         click.echo(f"wrote {path}")
     click.echo(f"\nDone. Shards: {shards}/cifar10/<split>/<variant>/ ; previews: {shards}/cifar10/*/preview*.png")
     click.echo(NEXT_STEPS.format(shards=shards, runs=out / "runs", results=out / "results"))

@@ -1,27 +1,73 @@
-"""Which torch device a command runs on: one rule for every CLI and every ``torchrun`` rank."""
+"""Where a process runs: its place in a ``torchrun`` job and its torch device. One rule for every package,
+every CLI and every rank: preprocess, the loaders, the rank engine, training and evaluation all ask here."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 
 from rankshard.preprocess.errors import RankshardError
 
 
-def resolve_device(choice: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` (or None) -> this process's GPU ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU;
-    ``cuda`` -> ``cuda:LOCAL_RANK``; ``cuda:i`` and ``cpu`` as given. Asking for CUDA without one is an error."""
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits in a ``torchrun`` job: ``rank`` of ``world`` processes, ``local_rank`` on its
+    node (which GPU it owns). One process alone is ``Placement()``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world or self.local_rank < 0:
+            raise RankshardError(f"rank {self.rank} of world size {self.world} (local rank {self.local_rank}): "
+                                 "need 0 <= rank < world_size and local rank >= 0; launch with torchrun, which sets "
+                                 "RANK, WORLD_SIZE and LOCAL_RANK consistently")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Placement":
+        """From an initialized process group if there is one (it is the truth once joined), else from
+        torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else a single process."""
+        env = os.environ if env is None else env
+        try:
+            local_rank = int(env.get("LOCAL_RANK", 0))
+            if dist.is_available() and dist.is_initialized():
+                return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+            return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank)
+        except ValueError as exc:
+            raise RankshardError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from None
+
+    def device(self, choice: str | torch.device | None = "auto") -> torch.device:
+        """This process's device for ``--device choice`` (see ``resolve_device``)."""
+        return resolve_device(choice, self.local_rank)
+
+
+def resolve_device(choice: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The one device rule of every package and every ``torchrun`` rank: ``auto`` (or None) -> this process's
+    GPU ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; ``cuda`` -> ``cuda:LOCAL_RANK``; ``cuda:i``
+    and ``cpu`` as given. ``local_rank`` defaults to the environment's (``Placement.from_env``). Asking for
+    CUDA without one, or for a GPU index that is not there, is a RankshardError."""
+    if local_rank is None:
+        local_rank = Placement.from_env().local_rank
     if choice is None or str(choice) == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(choice)
     except RuntimeError as exc:
         raise RankshardError(f"--device {choice}: not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise RankshardError(f"--device {choice}: no CUDA device is visible; use --device cpu (or auto)")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if device.index is None else device
+    if device.index >= torch.cuda.device_count():
+        raise RankshardError(f"--device {choice}: {device} asked for (local rank {local_rank}) but only "
+                             f"{torch.cuda.device_count()} CUDA device(s) are visible; start at most that many "
+                             "processes per node (torchrun --nproc-per-node) or check CUDA_VISIBLE_DEVICES")
     return device
 
 

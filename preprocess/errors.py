@@ -9,7 +9,10 @@ import click
 
 
 class RankshardError(Exception):
-    """An error caused by input or configuration, reported to the user without a traceback."""
+    """The root of every user-facing error in rankshard (all four packages): caused by input or configuration,
+    reported without a traceback. ``exit_code`` is the CLI exit status it maps to."""
+
+    exit_code = 2  # user mistakes (bad input, config, data, checkpoints); 1 is left to "verify found problems"
 
 
 class SourceError(RankshardError):
@@ -24,20 +27,30 @@ class LockedError(RankshardError):
     """Another run is writing to the same output folder."""
 
 
-def exit_on(codes: dict[type[BaseException], int]) -> Callable[[Callable], Callable]:
-    """A decorator for CLI commands: the listed exceptions become ``error: <message>`` and an exit status,
-    not a traceback (they are the user's to fix; anything else is a bug and keeps its traceback)."""
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except tuple(codes) as exc:
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(next(code for kind, code in codes.items() if isinstance(exc, kind)))
-        return wrapper
-    return decorate
+# The bad-input policy, one vocabulary for preprocess (``--on-error``) and the loaders (``on_error``):
+# "raise" stops at the first unreadable input naming it; "skip" drops it and records why (manifest errors,
+# loader skip counts). The defaults differ on purpose: materialization skips (one bad JPEG in 1.28 M must
+# not stop a day's job, and the manifest keeps the record), loaders raise (a shard we wrote should be whole).
+ON_ERROR = ("raise", "skip")
 
 
-# User mistakes (bad input, config, data, checkpoints) exit with status 2.
-friendly_errors = exit_on({RankshardError: 2})
+def check_on_error(value: str, what: str = "on_error") -> str:
+    """``value`` if it is a bad-input policy, else a RankshardError naming the choices."""
+    if value not in ON_ERROR:
+        raise RankshardError(f"{what}={value!r}: choose 'raise' (stop at the first bad input) or 'skip' (skip it "
+                             "and record why)")
+    return value
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """The one error policy of the three CLIs: a ``RankshardError`` becomes ``error: <message>`` on stderr and
+    its ``exit_code`` (2 unless the class says otherwise), not a traceback; it is the user's to fix. Anything
+    else is a bug and keeps its traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RankshardError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+    return wrapper

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rankshard.preprocess.devices import Placement
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.sources.images import Geometry
 from rankshard.preprocess.sources.listing import FileSource, Listing, cached_listing, source_info
@@ -31,32 +32,6 @@ def default_geometry(split: str, resize: int | None, crop: int | None, max_pixel
         return Geometry(resize, crop, **({"max_pixels": max_pixels} if max_pixels else {}))
     except ValueError as exc:
         raise RankshardError(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Which share of the shards this process writes, and on which device (torchrun's environment)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Placement":
-        try:
-            return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-        except ValueError as exc:
-            raise RankshardError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from None
-
-    def device(self, requested: str | None) -> str:
-        """cuda:LOCAL_RANK when CUDA is present (or 'cuda' was asked for), else what was requested or cpu."""
-        import torch
-
-        if requested and requested != "cuda":
-            return requested
-        if requested == "cuda" or torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return "cpu"
 
 
 def cache_dir(out: Path, dataset: str, split: str) -> Path:
@@ -117,8 +92,8 @@ def wds_source(pattern: str, geometry: Geometry, cache: Path | None) -> FileSour
                        geometry, cache)
 
 
-def run_image_job(source: FileSource, spec: ShardSpec, out: Path, overwrite: bool = False, strict: bool = False,
+def run_image_job(source: FileSource, spec: ShardSpec, out: Path, overwrite: bool = False, on_error: str = "skip",
                   placement: Placement = Placement(), show_progress: bool = True) -> dict:
     """Materialize this process's share; the manifests come back once every shard exists."""
-    return materialize_split(source, spec, out, overwrite=overwrite, show_progress=show_progress, strict=strict,
+    return materialize_split(source, spec, out, overwrite=overwrite, show_progress=show_progress, on_error=on_error,
                              rank=placement.rank, world=placement.world)

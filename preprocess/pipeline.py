@@ -32,9 +32,9 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from rankshard.preprocess.devices import torch_threads
+from rankshard.preprocess.devices import Placement, torch_threads
 from rankshard.preprocess.rank.engine import RankEngine, RankOutputs, energy_retained
-from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, SourceError
+from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, SourceError, check_on_error
 from rankshard.preprocess.sources.listing import Loaded, run_job
 from rankshard.preprocess.locking import RunLock
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json, write_json
@@ -270,8 +270,8 @@ class _Chunk:
 class Materializer:
     """Materializes one split (or, under torchrun, this rank's share of it) and finalizes the manifests.
 
-    ``rank``/``world``: this process writes the shards ``i`` with ``i % world == rank``. ``strict``: the
-    first input that cannot be decoded stops the run instead of being skipped and recorded.
+    ``rank``/``world``: this process writes the shards ``i`` with ``i % world == rank``. ``on_error``: "skip"
+    (default) skips an input that cannot be decoded and records it in the manifest; "raise" stops there.
     """
 
     source: Source
@@ -279,14 +279,14 @@ class Materializer:
     out: Path
     overwrite: bool = False
     show_progress: bool = True
-    strict: bool = False
+    on_error: str = "skip"
     rank: int = 0
     world: int = 1
     stats: RunStats = field(default_factory=RunStats)
 
     def __post_init__(self):
-        if not 0 <= self.rank < self.world:
-            raise RankshardError(f"RANK={self.rank} is outside WORLD_SIZE={self.world}; check the launcher's env")
+        Placement(self.rank, self.world)  # validates the share (one rule with every other package)
+        check_on_error(self.on_error, "--on-error")
         if self.overwrite and self.world > 1:
             raise RankshardError("--overwrite with several processes would let one rank delete another's shards; "
                                  "run once with a single process and --overwrite, or delete the folder first")
@@ -423,10 +423,11 @@ class Materializer:
         return self.source.load_job(self.order[positions], positions)
 
     def _decompose(self, engine, positions: np.ndarray, loaded: Loaded) -> _Chunk:
-        if loaded.errors and self.strict:
+        if loaded.errors and self.on_error == "raise":
             e = loaded.errors[0]
-            raise SourceError(f"{e['source']}: {e['reason']} (--strict stops at the first bad input; without it, "
-                              "bad inputs are skipped and listed in the manifest's errors)")
+            raise SourceError(f"{e['source']}: {e['reason']} (--on-error raise, or --strict, stops at the first bad "
+                              "input; with --on-error skip, the default, bad inputs are skipped and listed in the "
+                              "manifest's errors)")
         t0 = time.perf_counter()
         payloads = variant_payloads(engine, self.variants, loaded.images) if len(loaded.images) else None
         self.stats.svd += time.perf_counter() - t0
@@ -512,6 +513,6 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,
-                      show_progress: bool = True, strict: bool = False, rank: int = 0, world: int = 1) -> dict:
+                      show_progress: bool = True, on_error: str = "skip", rank: int = 0, world: int = 1) -> dict:
     """Materialize one split of a dataset into ``out``; resumes where a previous run stopped."""
-    return Materializer(source, spec, Path(out), overwrite, show_progress, strict, rank, world).run()
+    return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world).run()

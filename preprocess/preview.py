@@ -9,7 +9,8 @@ import numpy as np
 from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.tar import read_shard
+from rankshard.preprocess.progress import Progress
+from rankshard.preprocess.format.tarindex import read_shard
 
 
 def _first_samples(folder: Path, count: int) -> list[tuple[str, dict]]:
@@ -34,16 +35,20 @@ def _displayable(folder: Path, members: dict) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def variant_grid(split_dir: Path, count: int, out: Path) -> Path:
+def _grid_folders(split_dir: Path) -> list[Path]:
+    """The image variants of a split in display order: full, low rank, high rank, factors, others."""
+    folders = [f for f in sorted(split_dir.iterdir()) if (f / "manifest.json").exists() and f.name != "spectra"]
+    order = {"full": 0, "rank": 1, "high": 2, "factors": 3}
+    return sorted(folders, key=lambda f: (order.get(f.name.split("-")[0], 4), f.name))
+
+
+def variant_grid(split_dir: Path, count: int, out: Path, progress: Progress | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folders = [f for f in sorted(split_dir.iterdir()) if (f / "manifest.json").exists() and
-               f.name != "spectra"]
-    order = {"full": 0, "rank": 1, "high": 2, "factors": 3}
-    folders.sort(key=lambda f: (order.get(f.name.split("-")[0], 4), f.name))
+    folders = _grid_folders(split_dir)
     fig, axes = plt.subplots(count, len(folders), figsize=(1.3 * len(folders), 1.3 * count + 0.4), squeeze=False)
     for col, folder in enumerate(folders):
         for row, (key, members) in enumerate(_first_samples(folder, count)):
@@ -54,6 +59,8 @@ def variant_grid(split_dir: Path, count: int, out: Path) -> Path:
                 ax.set_title(folder.name, fontsize=8)
             if col == 0:
                 ax.set_ylabel(key, fontsize=6)
+        if progress:
+            progress.update(1)
     fig.suptitle(f"{split_dir.parent.name}/{split_dir.name}: same images per variant (high rank: grey = 0, stretched to max |value|)",
                  fontsize=8)
     fig.tight_layout()
@@ -90,17 +97,23 @@ def energy_plot(split_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def write_previews(root: str | Path, count: int = 6, out: Path | None = None) -> list[Path]:
-    """Grid and energy plot per split below ``root``; returns the files written."""
+def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
+                   show_progress: bool = False) -> list[Path]:
+    """Grid and energy plot per split below ``root``; returns the files written. ``show_progress``: a bar
+    with rate and ETA on stderr, counting variants read."""
     root = Path(root)
     splits = _split_dirs(root) or ([root.parent] if (root / "manifest.json").exists() else [])
     if not splits:
         raise RankshardError(f"{root}: no materialized variants (manifest.json) below it")
     written = []
+    total = sum(len(_grid_folders(s)) + (s / "spectra" / "manifest.json").exists() for s in splits)
+    progress = Progress(total, "preview", unit="variant", enabled=show_progress)
     for split_dir in splits:
         base = out if (out and len(splits) == 1) else split_dir / "preview.png"
-        written.append(variant_grid(split_dir, count, base))
+        written.append(variant_grid(split_dir, count, base, progress))
         energy = energy_plot(split_dir, base.with_name(base.stem + "-energy.png"))
         if energy:
             written.append(energy)
+            progress.update(1)
+    progress.close()
     return written

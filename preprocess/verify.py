@@ -11,7 +11,9 @@ from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.rank.engine import reference_low_rank
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.tar import read_shard, sha256_file
+from rankshard.preprocess.progress import Progress
+from rankshard.preprocess.format.tar import sha256_file
+from rankshard.preprocess.format.tarindex import read_shard
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
 TOLERANCE = {"png": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
@@ -35,7 +37,7 @@ class VerifyReport:
         return bool(self.checks) and not any(c.problems for c in self.checks)
 
 
-def _check_shards(folder: Path, manifest: dict, check: VariantCheck) -> dict[str, dict[str, bytes]]:
+def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: Progress) -> dict[str, dict[str, bytes]]:
     """Hash, parse and decode every shard; returns the first samples for the reference check."""
     listed = {s["name"] for s in manifest["shards"]}
     for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
@@ -44,6 +46,7 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck) -> dict[str
     expected_index = None
     for shard in manifest["shards"]:
         path = folder / shard["name"]
+        progress.update(shard["num_samples"])
         if not path.exists():
             check.problems.append(f"{path}: missing; rerun the preprocess command to rewrite it")
             continue
@@ -51,7 +54,11 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck) -> dict[str
             check.problems.append(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); "
                                   "rerun the preprocess command after deleting this file")
             continue
-        samples = read_shard(path)
+        try:
+            samples = read_shard(path)
+        except RankshardError as exc:  # the hash matched a damaged file: the manifest was written over it
+            check.problems.append(str(exc))
+            continue
         check.shards += 1
         if len(samples) != shard["num_samples"]:
             check.problems.append(f"{path}: {len(samples)} samples, manifest says {shard['num_samples']}")
@@ -112,17 +119,20 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
                               f"reference exceeds {tol:.1e}")
 
 
-def verify_tree(root: str | Path, reference_samples: int = 16) -> VerifyReport:
-    """Verify every variant folder (one holding ``manifest.json``) below ``root``."""
+def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:
+    """Verify every variant folder (one holding ``manifest.json``) below ``root``; ``show_progress`` draws a
+    bar with rate and ETA on stderr (samples of all variants)."""
     folders = sorted(p.parent for p in Path(root).rglob("manifest.json"))
     if not folders:
         raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
-    checks, heads, manifests = [], {}, {}
+    manifests = {folder: read_json(folder / "manifest.json") for folder in folders}
+    progress = Progress(sum(m["num_samples"] for m in manifests.values()), "verify", enabled=show_progress)
+    checks, heads = [], {}
     for folder in folders:
         check = VariantCheck(folder)
-        manifests[folder] = read_json(folder / "manifest.json")
-        heads[folder] = _check_shards(folder, manifests[folder], check)
+        heads[folder] = _check_shards(folder, manifests[folder], check, progress)
         checks.append(check)
+    progress.close()
     for check in checks:
         manifest = manifests[check.folder]
         full = heads.get(check.folder.parent / "full")

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from rankshard.preprocess.format import tar as shards_module
+from rankshard.preprocess.format.tarindex import read_shard
 from rankshard.preprocess.cli import main
 from rankshard.preprocess.errors import LockedError, RankshardError, SourceError
 from rankshard.preprocess.imagejob import imagenet_source
@@ -167,7 +168,7 @@ def test_bad_files_are_skipped_recorded_and_keys_keep_their_positions(built, tre
             assert outcome in reasons[Path(name).name]
     assert m["num_samples"] == len(src) - len(BAD) and sum(m["class_counts"]) == m["num_samples"]
     samples = [s for p in sorted((out / "imagenet/train/rank-005").glob("*.tar"))
-               for s in shards_module.read_shard(p)]
+               for s in read_shard(p)]
     keys = [int(k) for k, _ in samples]
     assert keys == sorted(keys) and len(keys) == m["num_samples"]
     gaps = sorted(set(range(len(src))) - set(keys))
@@ -194,7 +195,7 @@ def test_nested_tar_source_gives_the_same_shards(built, tree, tmp_path):
 def test_strict_stops_at_the_first_bad_file(tree, tmp_path):
     src = imagenet_source(tree["root"], "train", GEOMETRY, None)
     with pytest.raises(SourceError, match=r"odd_(truncated|empty|bomb|text)\.JPEG.*--strict"):
-        materialize_split(src, _spec(), tmp_path, show_progress=False, strict=True)
+        materialize_split(src, _spec(), tmp_path, show_progress=False, on_error="raise")
 
 
 def test_full_disk_leaves_nothing_that_verifies_and_rerun_completes(built, tree, tmp_path, monkeypatch):

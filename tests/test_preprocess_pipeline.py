@@ -242,3 +242,29 @@ def test_resumed_auto_run_keeps_autos_account_in_the_manifest(tmp_path):
     manifest.unlink()
     materialize_split(_source(per_class=4), spec, tmp_path, show_progress=False)
     assert json.loads(manifest.read_text())["svd"] == first
+
+
+def test_progress_with_rate_and_eta_and_quiet_everywhere(archive, tmp_path):
+    runner = CliRunner()
+    loud = runner.invoke(main, _cli_args(archive, tmp_path))
+    assert loud.exit_code == 0 and "img/s" in loud.stderr and " eta " in loud.stderr
+    for command in (["verify", str(tmp_path)], ["preview", str(tmp_path)]):
+        result = runner.invoke(main, command)
+        assert result.exit_code == 0 and f"{command[0]} [" in result.stderr and " eta " in result.stderr
+    for command in (_cli_args(archive, tmp_path / "quiet"), ["verify", str(tmp_path)], ["preview", str(tmp_path)]):
+        result = runner.invoke(main, command + ["--quiet"])
+        assert result.exit_code == 0 and result.stderr == "", command
+
+
+def test_strict_is_an_alias_that_cannot_contradict_on_error(tmp_path):
+    (tmp_path / "a").mkdir()
+    result = CliRunner().invoke(main, ["folder", "--source", str(tmp_path), "--out", str(tmp_path / "o"),
+                                       "--strict", "--on-error", "skip"])
+    assert result.exit_code == 2 and "--strict means --on-error raise" in result.output
+
+
+def test_preprocess_command_modules_do_not_import_the_cli_back():
+    # cli imports the command modules; were any of them to import cli, the import order would decide what works
+    for name in ("options", "cli_cifar", "cli_images", "cli_tools", "demo"):
+        source = (REPO / "preprocess" / f"{name}.py").read_text()
+        assert "rankshard.preprocess.cli import" not in source and "from rankshard.preprocess import cli" not in source

@@ -9,7 +9,8 @@ from PIL import Image
 
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.pngenc import encode_png_batch
-from rankshard.preprocess.format.tar import partial_name, read_shard, write_shard
+from rankshard.preprocess.format.tar import partial_name, write_shard
+from rankshard.preprocess.format.tarindex import read_shard
 from rankshard.preprocess.sources.synth import class_images
 
 

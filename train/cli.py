@@ -13,13 +13,12 @@ from typing import Any, Callable
 
 import click
 
-from rankshard.preprocess.errors import RankshardError, exit_on
+from rankshard.preprocess.errors import friendly_errors
 from rankshard.train.config import PRESETS, ConfigError, TrainConfig, apply_overrides, dataclass_fields, from_preset
-from rankshard.train.trainer import TrainingDiverged
 
 DEFAULT_PRESET = "cifar10-paper"
-# Exit statuses: 2 for a user mistake (config, data, checkpoint), 3 when training diverged.
-friendly_errors = exit_on({TrainingDiverged: 3, RankshardError: 2})
+# Exit statuses (the shared policy of preprocess.errors.friendly_errors): 2 for a user mistake (config, data,
+# checkpoint), 3 when training diverged (TrainingDiverged.exit_code).
 
 
 def _field_option(f: Field) -> Callable:

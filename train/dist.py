@@ -7,13 +7,12 @@ collective here is the identity, so the trainer has one code path.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from rankshard.preprocess.devices import resolve_device
+from rankshard.preprocess.devices import Placement
 
 # gloo runs collectives on CPU tensors, nccl on CUDA tensors (and is far faster there).
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -42,10 +41,9 @@ class DistEnv:
 
 def init_distributed(device_choice: str = "auto") -> DistEnv:
     """Join the process group described by torchrun's environment (or run alone without it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_choice, local_rank)
+    place = Placement.from_env()
+    rank, world_size, local_rank = place.rank, place.world, place.local_rank
+    device = place.device(device_choice)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rankshard.train import rundir
 from rankshard.train.attacks import PGDConfig, parse_eps, pgd
+from rankshard.preprocess.errors import RankshardError
 from rankshard.train.checkpoint import (CheckpointError, checkpoint_payload, keep_previous, load_checkpoint,
                                         save_checkpoint)
 from rankshard.train.config import ConfigError, TrainConfig, config_hash
@@ -36,8 +37,10 @@ from rankshard.train.models import ResNet, build_model
 from rankshard.train.schedule import Schedule
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RankshardError, RuntimeError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+    exit_code = 3  # not a usage mistake: scripts can tell "diverged, lower the lr" from "bad options"
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:

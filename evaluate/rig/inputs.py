@@ -16,7 +16,7 @@ from PIL import Image
 from rankshard.preprocess.format.codec import decode_image
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.tar import read_shard
+from rankshard.preprocess.format.tarindex import read_shard
 
 
 @dataclass

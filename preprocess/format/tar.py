@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -120,21 +119,3 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while data := f.read(chunk):
             h.update(data)
     return h.hexdigest()
-
-
-def read_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
-    """Read a shard back into ``(key, {extension: bytes})`` samples, checking the grouping."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    seen: set[str] = set()
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = os.path.basename(member.name).partition(".")
-            if not samples or samples[-1][0] != key:
-                if key in seen:
-                    raise RankshardError(f"{path}: members of sample {key} are not contiguous")
-                seen.add(key)
-                samples.append((key, {}))
-            samples[-1][1][ext] = tar.extractfile(member).read()
-    return samples

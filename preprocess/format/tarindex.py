@@ -1,17 +1,174 @@
-"""Random access to the samples of a local tar shard: one header scan, then seeks.
+"""The one tar reader: one header scan, then random access to members by seeking (never extracting).
 
-Our shards are plain USTAR written with fixed headers, so one pass over the 512-byte headers (skipping
-the data by seeking) indexes a shard in a few milliseconds. With the index a worker reads exactly the
-samples it needs and seeks past the others: the shuffle is planned in advance (see ``plan``) instead of
-buffering decoded samples, and resuming at a step costs no reading at all.
+Every tar rankshard reads goes through here: its own shards (loaders, ``verify``, ``preview``, RIG input
+selection) and foreign archives (existing WebDataset shards, the ImageNet tars, a tar inside a tar). One pass
+over the 512-byte headers, seeking past the data, indexes a shard in a few milliseconds; with the index a
+worker reads exactly the samples it needs: the shuffle is planned in advance (see ``loaders.plan``) instead
+of buffering decoded samples, and resuming at a step costs no reading at all.
+
+Our own shards are fixed USTAR (see ``format.tar``); foreign archives may also use what GNU tar and POSIX
+pax write: GNU long names (``L`` members), pax extended headers (``x`` per member, ``g`` global) that carry
+long or non-ASCII paths and sizes over 8 GiB, base-256 numbers, the USTAR name prefix, old V7 headers,
+signed checksums, directories, links and devices (no data of their own: skipped, as tarfile's ``isfile()``).
+Sparse members and multi-volume archives cannot be read in place and are reported.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator
 
-BLOCK = 512
-REGULAR = (b"0", b"\0")  # typeflags of regular files; directories and pax headers carry no member
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.tar import BLOCK
+
+REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files: their data follows the header verbatim
+UNREADABLE = {b"S": "a GNU sparse file", b"M": "a multi-volume continuation"}
+# Headers that describe the next member rather than being one: GNU long name / long link, pax local / global.
+GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL = b"L", b"K", b"x", b"g"
+POSIX_MAGIC = b"ustar\x0000"  # only POSIX headers have a name prefix; old GNU ones keep times at its place
+
+
+class TarDamage(RankshardError):
+    """Where and why a scan had to stop (truncated file, corrupt header, unsupported member); the message
+    gives the byte offset, callers put the file's name in front."""
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A regular file member: its full name, and where its data lies in the file (absolute byte offset)."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    name: str
+    size: int
+    kind: bytes
+
+
+def _number(field_: bytes) -> int:
+    """A numeric header field: octal text, or GNU base-256 (high bit set) for values octal cannot hold."""
+    if field_[:1] and field_[0] & 0x80:
+        if field_[0] != 0x80:
+            raise ValueError("negative base-256 number")
+        return int.from_bytes(field_[1:], "big")
+    text = field_.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _text(field_: bytes) -> str:
+    # tarfile's default: UTF-8, undecodable bytes kept as surrogates so that names round-trip
+    return field_.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _parse_header(block: bytes) -> _Header | None:
+    """The header in ``block``; None at the end-of-archive marker; ValueError if corrupt."""
+    if block.count(0) == BLOCK:
+        return None
+    stored = _number(block[148:156])
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - 256 * sum(b >= 128 for b in block[:148] + block[156:])  # some old tars sum signed chars
+    if stored not in (unsigned, signed):
+        raise ValueError("tar header checksum mismatch")
+    name = _text(block[:100])
+    if block[257:265] == POSIX_MAGIC and block[345] != 0:
+        name = f"{_text(block[345:500])}/{name}"
+    kind = block[156:157]
+    if kind == b"\0" and name.endswith("/"):
+        kind = b"5"  # V7 archives mark directories by a trailing slash only (tarfile's rule)
+    return _Header(name, _number(block[124:136]), kind)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records of a pax extended header (the length counts the whole record)."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+class _Scan:
+    """Reads the headers of the tar at ``start`` (``size`` bytes) of an open file, following extension headers."""
+
+    def __init__(self, f: BinaryIO, start: int, size: int):
+        self.fd, self.start, self.end = f.fileno(), start, start + size
+        self.pos = start  # next header, absolute
+        self.pax_global: dict[str, str] = {}
+
+    def _read(self, at: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, at) if at + n <= self.end else b""
+        if len(data) < n:
+            raise TarDamage(f"truncated at byte {at - self.start} (needs {at - self.start + n} bytes, the tar has "
+                            f"{self.end - self.start}; no end-of-archive marker)")
+        return data
+
+    def _header(self) -> _Header | None:
+        try:
+            return _parse_header(self._read(self.pos, BLOCK))
+        except (ValueError, IndexError) as exc:
+            raise TarDamage(f"corrupt tar header at byte {self.pos - self.start} ({exc})") from None
+
+    def _skip(self, header: _Header) -> int:
+        """Move past ``header`` and its data; returns the data's absolute offset."""
+        data_at = self.pos + BLOCK
+        if data_at + header.size > self.end:
+            raise TarDamage(f"truncated inside member {header.name} (needs {data_at + header.size - self.start} "
+                            f"bytes, the tar has {self.end - self.start})")
+        self.pos = data_at + header.size + (-header.size % BLOCK)
+        return data_at
+
+    def members(self) -> Iterator[TarMember]:
+        """Every regular file member, in archive order."""
+        local: dict[str, str] = {}
+        while (header := self._header()) is not None:
+            if header.kind in (GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL):
+                self._extension(header, self._skip(header), local)
+                continue
+            pax = {**self.pax_global, **local}
+            local = {}
+            try:  # pax values replace the header's: long or non-ASCII paths, sizes of 8 GiB and more
+                header = _Header(pax.get("path", header.name), int(pax.get("size", header.size)), header.kind)
+            except ValueError:
+                raise TarDamage(f"member {header.name}: pax size {pax['size']!r} is not a number") from None
+            if header.kind in UNREADABLE:
+                raise TarDamage(f"member {header.name} is {UNREADABLE[header.kind]}, which cannot be read in place; "
+                                "re-create the archive without sparse files or volumes")
+            data_at = self._skip(header)
+            if header.kind in REGULAR:
+                yield TarMember(header.name, data_at, header.size)
+
+    def _extension(self, header: _Header, data_at: int, local: dict[str, str]) -> None:
+        data = self._read(data_at, header.size)
+        try:
+            if header.kind == GNU_LONGNAME:
+                local["path"] = _text(data)
+            elif header.kind == PAX_LOCAL:
+                local.update(_pax_records(data))
+            elif header.kind == PAX_GLOBAL:
+                self.pax_global.update(_pax_records(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TarDamage(f"corrupt extended header at byte {data_at - BLOCK - self.start} ({exc})") from None
+
+
+def iter_tar(f: BinaryIO, start: int = 0, size: int | None = None) -> Iterator[TarMember]:
+    """Regular file members of the uncompressed tar at byte ``start`` of the open file ``f`` (``size`` bytes;
+    default: to the end of the file), e.g. a tar stored inside another tar. ``TarDamage`` where it breaks."""
+    size = os.fstat(f.fileno()).st_size - start if size is None else size
+    return _Scan(f, start, size).members()
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's ``(key, extension)`` of a member name: the extension starts at the first dot of the
+    basename; the key keeps the folder (``a/b.x.png`` -> ``("a/b", "x.png")``)."""
+    folder, base = os.path.split(name)
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext
 
 
 @dataclass
@@ -27,50 +184,20 @@ class ShardIndex:
         return len(self.keys)
 
 
-def _parse_header(block: bytes) -> tuple[str, int, bytes] | None:
-    """(name, size, typeflag) of a header block; None at the end-of-archive marker; ValueError if corrupt."""
-    if block.count(0) == BLOCK:
-        return None
-    stored = int(block[148:156].split(b"\0")[0].strip() or b"0", 8)
-    if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-        raise ValueError("tar header checksum mismatch")
-    name = block[:100].split(b"\0")[0].decode("utf-8")
-    prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
-    size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
-    return (f"{prefix}/{name}" if prefix else name), size, block[156:157]
-
-
-def scan_shard(path: str) -> ShardIndex:
-    """Index a shard's samples; a truncated or corrupt tail ends the scan and is recorded in ``problem``."""
-    index = ShardIndex(path)
-    end = os.path.getsize(path)
+def scan_shard(path: str | os.PathLike) -> ShardIndex:
+    """Index a shard's samples (members grouped by key, in order); a truncated or corrupt tail ends the scan
+    and is recorded in ``problem``, keeping the samples before it."""
+    index = ShardIndex(str(path))
     with open(path, "rb") as f:
-        offset = 0
-        while True:
-            block = f.read(BLOCK)
-            if len(block) < BLOCK:
-                index.problem = f"truncated at byte {offset} (no end-of-archive marker)"
-                break
-            try:
-                parsed = _parse_header(block)
-            except (ValueError, UnicodeDecodeError) as exc:
-                index.problem = f"corrupt tar header at byte {offset} ({exc})"
-                break
-            if parsed is None:
-                break
-            name, size, kind = parsed
-            data_at, offset = offset + BLOCK, offset + BLOCK + size + (-size % BLOCK)
-            if data_at + size > end:
-                index.problem = f"truncated inside member {name} (needs {data_at + size} bytes, file has {end})"
-                break
-            f.seek(offset)
-            if kind not in REGULAR:
-                continue
-            key, _, ext = os.path.basename(name).partition(".")
-            if not index.keys or index.keys[-1] != key:
-                index.keys.append(key)
-                index.members.append({})
-            index.members[-1][ext] = (data_at, size)
+        try:
+            for member in iter_tar(f):
+                key, ext = split_name(member.name)
+                if not index.keys or index.keys[-1] != key:
+                    index.keys.append(key)
+                    index.members.append({})
+                index.members[-1][ext] = (member.offset, member.size)
+        except TarDamage as exc:
+            index.problem = str(exc)
     if index.problem and index.members:
         index.keys.pop()  # the last sample may be missing members that lay beyond the damage
         index.members.pop()
@@ -80,7 +207,7 @@ def scan_shard(path: str) -> ShardIndex:
 class ShardReader:
     """Reads samples of one shard by position, keeping the file open for sequential seeks."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | os.PathLike):
         self.index = scan_shard(path)
         self.file = open(path, "rb")
 
@@ -96,3 +223,19 @@ class ShardReader:
 
     def close(self) -> None:
         self.file.close()
+
+
+def read_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of a whole shard as ``(key, {extension: bytes})``; RankshardError if it is damaged or
+    a sample's members are not contiguous."""
+    reader = ShardReader(path)
+    try:
+        if reader.index.problem:
+            raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "
+                                 "command) or check all shards with `rankshard-preprocess verify`")
+        if len(set(reader.index.keys)) != len(reader.index.keys):
+            again = next(k for i, k in enumerate(reader.index.keys) if k in reader.index.keys[:i])
+            raise RankshardError(f"{path}: members of sample {again} are not contiguous")
+        return [reader.read(i) for i in range(len(reader.index))]
+    finally:
+        reader.close()

@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from rankshard.preprocess.devices import torch_threads
+from rankshard.preprocess.devices import resolve_device, torch_threads
 
 ACCURACY_BAR = 1e-4          # max-abs error on the [0, 1] scale vs the float64 reference (SPEC)
 CPU_PREFERENCE = ("gram64", "torch")  # fastest first, as measured by benchmarks/bench_rank_engine.py
@@ -213,15 +213,9 @@ BACKENDS = {
 }
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Names of the backends usable on ``device`` (default: CUDA if present, else CPU); ``auto`` not included."""
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     return [name for name, b in BACKENDS.items() if b.available(dev)]
 
 
@@ -382,7 +376,7 @@ def calibrate(height: int, width: int, device: str | torch.device | None = None)
     """
     from rankshard.preprocess.sources.synth import natural_batch  # the generator is only needed here
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     key = (height, width, str(dev))
     if key not in _CALIBRATIONS:
         n = min(height, width)
@@ -431,7 +425,7 @@ class RankEngine:
 
     def __init__(self, backend: str = "auto", device: str | torch.device | None = None, chunk_mb: int = 256,
                  workers: int | None = None):
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"unknown SVD backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
         if backend != "auto" and not BACKENDS[backend].available(self.device):

@@ -1,19 +1,18 @@
-"""Listings of generic image datasets: ImageFolder trees and existing WebDataset shards; tar helpers.
+"""Listings of generic image datasets: ImageFolder trees and existing WebDataset shards.
 
-Tars are never extracted: their member headers are scanned once and each image is recorded by its
-byte offset, so readers ``pread`` the bytes in place (an uncompressed tar stores members verbatim).
+Tars are never extracted: ``format.tarindex`` scans their member headers once and each image is recorded
+by its byte offset, so readers ``pread`` the bytes in place (an uncompressed tar stores members verbatim).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.format.tarindex import TarDamage, iter_tar, split_name
 from rankshard.preprocess.sources.listing import Listing
 
 # torchvision's ImageFolder extensions (matched case-insensitively): others are ignored, not errors
@@ -21,42 +20,18 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``size`` bytes at ``start`` of an open file (a tar inside a tar)."""
-
-    def __init__(self, f, start: int, size: int):
-        self.f, self.start, self.size, self.pos = f, start, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
-        return self.pos
-
-    def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self.size - self.pos))
-        data = os.pread(self.f.fileno(), n, self.start + self.pos)
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def tar_members(f, start: int = 0, size: int | None = None, what: str = "tar") -> list[tuple[str, int, int]]:
-    """``(name, absolute data offset, size)`` of every regular file in the (uncompressed) tar at ``start``."""
-    size = os.fstat(f.fileno()).st_size - start if size is None else size
+    """``(name, absolute data offset, size)`` of every regular file in the uncompressed tar at ``start``."""
     try:
-        with tarfile.open(fileobj=io.BufferedReader(_Window(f, start, size), 1 << 16), mode="r:") as tar:
-            return [(m.name, start + m.offset_data, m.size) for m in tar if m.isfile()]
-    except tarfile.ReadError as exc:
-        raise SourceError(f"{what}: not a readable uncompressed tar ({exc}). Compressed tars cannot be read "
-                          "in place: decompress it once (the ImageNet archives are plain tars).") from exc
+        return [(m.name, m.offset, m.size) for m in iter_tar(f, start, size)]
+    except TarDamage as exc:
+        hint = (" It is gzip-compressed: compressed tars cannot be read in place; decompress it once (the ImageNet "
+                "archives are plain tars)." if os.pread(f.fileno(), 2, start) == GZIP_MAGIC else
+                " Is the file complete? Download or copy it again.")
+        raise SourceError(f"{what}: not a readable uncompressed tar ({exc}).{hint}") from None
 
 
 def file_md5(path: Path, chunk: int = 1 << 22) -> str:
@@ -135,9 +110,7 @@ def _wds_samples(path: str) -> list[tuple[str, int, int, int]]:
     samples: dict[str, dict] = {}
     with open(path, "rb") as f:
         for name, offset, size in tar_members(f, what=path):
-            base = os.path.basename(name)
-            key, _, ext = base.partition(".")
-            key = os.path.join(os.path.dirname(name), key)
+            key, ext = split_name(name)
             sample = samples.setdefault(key, {})
             if ext.lower() in WDS_IMAGE_EXTS and "image" not in sample:
                 sample["image"] = (offset, size)

@@ -1,0 +1,54 @@
+"""``rankshard-preprocess verify | preview | demo``: check, look at, and try out materialized shards."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from rankshard.preprocess.errors import friendly_errors
+from rankshard.preprocess.options import default_workers, quiet_option
+
+
+@click.command("verify")
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
+@click.option("--samples", type=int, default=16, show_default=True,
+              help="Images per variant whose ranks are recomputed with the float64 reference.")
+@quiet_option
+@friendly_errors
+def verify_command(root, samples, quiet):
+    """Re-hash shards against their manifests, count and decode samples, recheck ranks. Exit 1 on mismatch."""
+    from rankshard.preprocess.verify import print_report, verify_tree
+
+    report = verify_tree(root, reference_samples=samples, show_progress=not quiet)
+    print_report(report)
+    sys.exit(0 if report.ok else 1)
+
+
+@click.command("preview")
+@click.argument("root", type=click.Path(exists=True, path_type=Path))
+@click.option("--count", type=int, default=6, show_default=True, help="Images per variant in the grid.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Grid PNG path (default: ROOT/preview.png; the energy plot goes beside it).")
+@quiet_option
+@friendly_errors
+def preview_command(root, count, out, quiet):
+    """Write a PNG grid of the same images across all variants, and mean retained energy vs rank."""
+    from rankshard.preprocess.preview import write_previews
+
+    for path in write_previews(root, count=count, out=out, show_progress=not quiet):
+        click.echo(f"wrote {path}")
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rankshard-demo"),
+              show_default=True)
+@click.option("--per-class", type=int, default=100, show_default=True, help="Training images per class.")
+@click.option("--workers", type=int, default=None)
+@quiet_option
+@friendly_errors
+def demo_command(out, per_class, workers, quiet):
+    """Offline end-to-end run: build a small CIFAR-10-format archive, materialize, verify, preview."""
+    from rankshard.preprocess.demo import run_demo
+
+    run_demo(out, per_class=per_class, workers=default_workers() if workers is None else workers, quiet=quiet)

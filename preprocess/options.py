@@ -1,0 +1,98 @@
+"""Click options shared by the ``rankshard-preprocess`` commands (one definition, one help text each).
+
+The command modules (``cli_cifar``, ``cli_images``, ``cli_tools``) import from here and ``cli`` registers
+them; nothing imports ``cli`` back, so there is no import cycle between the commands.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from rankshard.preprocess.errors import ON_ERROR
+
+
+def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 5,10,20") from None
+
+
+def default_workers() -> int:
+    # one core stays with the main process, which runs the SVD
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def sized(options: dict, **defaults) -> dict:
+    """Options with per-command defaults filled in where the user gave none."""
+    return {**options, **{k: v for k, v in defaults.items() if options.get(k) is None}}
+
+
+def _apply(fn, options: list):
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+# --quiet: every command that shows progress (bar with rate and ETA on stderr) can silence it
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+
+
+def shard_options(fn):
+    """Options shared by every materialization command."""
+    return _apply(fn, [
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Output root; shards go to OUT/<dataset>/<split>/<variant>/."),
+        click.option("--ranks", callback=_int_list, default="5,10,20", show_default=True,
+                     help="Low ranks k: keep the k largest singular values per channel."),
+        click.option("--high", callback=_int_list, default="", help="High ranks k: remove the k largest (x - x_k)."),
+        click.option("--encoding", type=click.Choice(["png", "npy"]), default="png", show_default=True,
+                     help="png: uint8, lossless after rounding; npy: float16, no clipping."),
+        click.option("--png-level", type=click.IntRange(0, 9), default=1, show_default=True,
+                     help="zlib level of PNG members (1 is ~3x faster than 6 for ~5-10% more bytes)."),
+        click.option("--factors", type=int, default=None, help="Also store the top-K SVD factors (factors-K)."),
+        click.option("--spectra/--no-spectra", default=True, show_default=True, help="Store singular values."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training-order shuffle."),
+        click.option("--shard-size", type=int, default=None,
+                     help="Samples per shard (default: 1000 for cifar10, 500 for image datasets: a 224x224 shard "
+                          "job holds ~150 KB per image per variant in memory)."),
+        click.option("--backend", default="auto", show_default=True,
+                     help="SVD backend: auto, numpy, torch, gram64, cupy, ... (auto = fastest that meets 1e-4); "
+                          "'none' disables the SVD (benchmark baseline: outputs are NOT rank-k)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto (this process's GPU cuda:LOCAL_RANK when CUDA is present, else cpu), cpu, cuda, "
+                          "cuda:1."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
+        click.option("--workers", type=int, default=None, help="Encode/write processes (default: cores - 1; 0: none)."),
+        click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
+        quiet_option,
+    ])
+
+
+def image_options(fn):
+    """Options shared by the image-dataset commands (on top of ``shard_options``)."""
+    return _apply(fn, [
+        click.option("--resize", type=int, default=None,
+                     help="Shorter side after the (antialiased) resize; default 256 for val/test, 224 for train."),
+        click.option("--crop", type=int, default=None, help="Center crop size (default 224)."),
+        click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
+                     help="Unreadable inputs: skip (default) skips each and records it in the manifest's errors; "
+                          "raise stops at the first. The loaders' on_error uses the same words."),
+        click.option("--strict", is_flag=True, help="Alias of --on-error raise."),
+        click.option("--shuffle/--no-shuffle", default=None,
+                     help="Seeded global shuffle of the sample order (default: on for train, off otherwise)."),
+        click.option("--max-pixels", type=int, default=None,
+                     help="Refuse images declaring more pixels (decompression bombs); default 89,478,485."),
+    ])
+
+
+def bad_input_policy(on_error: str | None, strict: bool) -> str:
+    """The policy from ``--on-error`` and its alias ``--strict`` (which must not contradict each other)."""
+    if strict and on_error == "skip":
+        raise click.UsageError("--strict means --on-error raise; drop one of --strict and --on-error skip")
+    return "raise" if strict else (on_error or "skip")

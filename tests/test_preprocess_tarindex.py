@@ -1,0 +1,152 @@
+"""The one tar reader against Python's ``tarfile`` (the independent reference): our USTAR shards and the
+foreign formats GNU tar and pax write (long and non-ASCII names, prefixes, links, sizes past octal)."""
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.format.tar import write_shard
+from rankshard.preprocess.format.tarindex import (TarDamage, _parse_header, iter_tar, read_shard, scan_shard,
+                                                  split_name)
+from rankshard.preprocess.sources.folders import list_wds, tar_members
+
+LONG = "deep/" * 30 + "n01440764_10026.JPEG"          # 170 bytes: needs GNU longname or pax path
+PREFIXED = "a" * 90 + "/" + "b" * 90 + ".JPEG"          # fits the USTAR prefix + name split
+NON_ASCII = "クラス/żółw-ünïcødé.png"
+
+
+def _write(path, fmt, files: dict[str, bytes], extras=True):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        if extras:
+            d = tarfile.TarInfo("somedir")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+        for name, data in files.items():
+            tar.addfile(_info(name, len(data)), io.BytesIO(data))
+        if extras:
+            link = tarfile.TarInfo("a-link-with-a-very-long-target")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "x" * (150 if fmt != tarfile.USTAR_FORMAT else 50)  # GNU: a K member
+            tar.addfile(link)
+
+
+def _info(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.uname = size, 1_700_000_000, "someone"
+    return info
+
+
+def _reference(path):
+    """(name, data offset, size, bytes) of every regular file, as tarfile sees them."""
+    with tarfile.open(path, "r:") as tar:
+        return [(m.name, m.offset_data, m.size, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def _ours(path):
+    with open(path, "rb") as f:
+        return [(m.name, m.offset, m.size, path.read_bytes()[m.offset:m.offset + m.size]) for m in iter_tar(f)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_match_tarfile_in_every_format(tmp_path, fmt):
+    files = {"short.jpg": b"abc", PREFIXED: b"p" * 700, "empty.cls": b""}
+    if fmt != tarfile.USTAR_FORMAT:  # USTAR cannot hold these names at all
+        files |= {LONG: b"L" * 1025, NON_ASCII: b"\xff\x00" * 300}
+    path = tmp_path / "a.tar"
+    _write(path, fmt, files)
+    assert _ours(path) == _reference(path)
+    assert sorted(m[0] for m in _ours(path)) == sorted(files)
+
+
+def test_pax_global_header_and_old_v7_headers(tmp_path):
+    path = tmp_path / "g.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as tar:
+        tar.addfile(_info("one.png", 5), io.BytesIO(b"12345"))
+    v7 = tmp_path / "v7.tar"
+    with tarfile.open(v7, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.addfile(_info("two.png", 3), io.BytesIO(b"xyz"))
+    raw = bytearray(v7.read_bytes())
+    raw[257:265] = b"\0" * 8  # strip the magic: a pre-POSIX (V7) header, checksum fixed below
+    raw[148:156] = b"%06o\0 " % (sum(raw[:148]) + 256 + sum(raw[156:512]))
+    v7.write_bytes(bytes(raw))
+    for p in (path, v7):
+        assert _ours(p) == _reference(p)
+
+
+def test_base256_sizes_as_tarfile_parses_them():
+    # GNU tar writes sizes of 8 GiB and more in base-256; such a file cannot be a test fixture, its header can
+    info = _info("huge.npy", 9 * 2**30)
+    header = info.tobuf(tarfile.GNU_FORMAT)
+    assert _parse_header(header[:512]).size == tarfile.TarInfo.frombuf(header[:512], "utf-8", "strict").size
+
+
+def test_pax_size_overrides_the_header(tmp_path):
+    # pax moves a size that octal cannot hold into the extended header (header size 0); craft one that fits
+    path = tmp_path / "p.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = _info("big.bin", 1536)
+        info.pax_headers = {"size": "1536"}
+        tar.addfile(info, io.BytesIO(b"q" * 1536))
+        tar.addfile(_info("after.cls", 1), io.BytesIO(b"7"))
+    assert _ours(path) == _reference(path)
+
+
+def test_a_tar_inside_a_tar_is_read_in_place(tmp_path):
+    inner = tmp_path / "n01440764.tar"
+    _write(inner, tarfile.GNU_FORMAT, {"n01440764_1.JPEG": b"j" * 600, LONG: b"k" * 30})
+    outer = tmp_path / "train.tar"
+    _write(outer, tarfile.GNU_FORMAT, {"n01440764.tar": inner.read_bytes()})
+    with open(outer, "rb") as f:
+        (_, start, size), = tar_members(f)
+        nested = tar_members(f, start, size, "nested")
+    expected = [(n, start + o, s) for n, o, s, _ in _reference(inner)]
+    assert nested == expected
+
+
+def test_our_shards_read_back_as_tarfile_reads_them(tmp_path):
+    samples = [(f"{i:08d}", {"cls": b"%d" % i, "json": b"{}", "png": bytes(range(i, i + 90))}) for i in range(4)]
+    write_shard(tmp_path / "s.tar", samples)
+    assert read_shard(tmp_path / "s.tar") == samples
+    by_key = {}
+    for name, _, _, data in _reference(tmp_path / "s.tar"):
+        key, ext = split_name(name)
+        by_key.setdefault(key, {})[ext] = data
+    assert list(by_key.items()) == samples
+
+
+def test_foreign_wds_shards_with_folders_and_long_keys(tmp_path):
+    key = "x" * 120  # beyond USTAR's 100-byte name: GNU longname members
+    path = tmp_path / "foreign-000000.tar"
+    _write(path, tarfile.GNU_FORMAT, {f"sub/{key}.jpg": b"J", f"sub/{key}.cls": b"3", "sub/k2.png": b"P",
+                                      "sub/k2.cls": b"1"}, extras=False)
+    listing = list_wds([str(path)])
+    assert sorted(zip(listing.ids, listing.label.tolist())) == [(f"{path.name}:sub/k2", 1),
+                                                                 (f"{path.name}:sub/{key}", 3)]
+
+
+def test_damage_is_named(tmp_path):
+    samples = [(f"{i:08d}", {"cls": b"1", "png": b"x" * 2000}) for i in range(3)]
+    write_shard(tmp_path / "s.tar", samples)
+    whole = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:6000])
+    index = scan_shard(tmp_path / "cut.tar")
+    assert "truncated" in index.problem and index.keys == ["00000000"]  # the cut sample is dropped
+    with pytest.raises(Exception, match="cut.tar: truncated"):
+        read_shard(tmp_path / "cut.tar")
+    (tmp_path / "gz.tar").write_bytes(gzip.compress(whole))
+    with open(tmp_path / "gz.tar", "rb") as f, pytest.raises(SourceError, match="gzip-compressed.*decompress"):
+        tar_members(f, what="gz.tar")
+    with open(tmp_path / "cut.tar", "rb") as f, pytest.raises(TarDamage, match="truncated inside member"):
+        list(iter_tar(f))
+
+
+def test_sparse_members_are_refused(tmp_path):
+    path = tmp_path / "sparse.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = _info("holey.bin", 0)
+        info.type = tarfile.GNUTYPE_SPARSE
+        tar.addfile(info)
+    with open(path, "rb") as f, pytest.raises(TarDamage, match="sparse"):
+        list(iter_tar(f))
