@@ -147,10 +147,14 @@ def test_cli_smoke(shards, tmp_path):
     assert hyper["classes"] == list("abcdefghij") and len(hyper["incidence"]) == 10
     assert len(hyper["nodes"]) == len(hyper["incidence"][0]) and hyper["nodes"][-1] == "fc:5"
     body = json.loads((tmp_path / "o" / "svd-profile.json").read_text())
-    assert body["images_per_class"] == [3] * 10 and body["config"]["mass"] == 0.5
+    assert body["images_per_class"] == [3] * 10 and body["config"]["mass"] == 0.5 and body["kind"] == "svd-profile"
+    assert [r["layer"] for r in body["summary"]][-1] == "fc" and body["figures"] == ["jaccard.png"]
     jac = np.array(json.loads((tmp_path / "o" / "jaccard.json").read_text())["matrix"])
     assert jac.shape == (10, 10) and np.allclose(jac, jac.T) and (tmp_path / "o" / "jaccard.png").stat().st_size > 0
     bad = CliRunner().invoke(main, args[:-2] + ["--out", str(tmp_path / "b"), "--mass", "1.5"])
     assert bad.exit_code == 2 and "--mass 1.5" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(main, args[:4] + ["--layers", "nope"])
+    bad = CliRunner().invoke(main, args[:4] + ["--layers", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "matches none" in bad.output, bad.output
+    assert not (tmp_path / "n").exists()
+    missing = CliRunner().invoke(main, args[:4])
+    assert missing.exit_code == 2 and "--out" in missing.output
