@@ -46,7 +46,7 @@ class Figures:
             if not src.is_file():
                 self.skipped.append(Skipped(str(src), f"figure listed by {result['path']} is missing"))
                 continue
-            copies.append(Path(shutil.copyfile(src, self.new(src.name))))
+            copies.append(Path(shutil.copyfile(src, self.new(str(rel)))))
         return copies
 
 

@@ -23,15 +23,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from rankshard.evaluate.weights.rmt import esd, mp_density
 from rankshard.preprocess.progress import Progress
 
 from rankshard.evaluate.results import safe_name, write_result
+from rankshard.evaluate.weights.rmt import esd, mp_density
 from rankshard.evaluate.weights.spectra import (LayerResult, WeightsConfig, analyse_model, as_pair, layer_row,
                                                 select_layers)
 
