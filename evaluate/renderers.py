@@ -50,6 +50,9 @@ class Figures:
         return copies
 
 
+Renderer = Callable[[list[dict], Figures], list[Section]]
+
+
 def accuracy_sections(results: list[dict], figs: Figures) -> list[Section]:
     rows = [row for r in results for row in r["rows"]]
     return [Section("Accuracy", [f"Top-1/top-5 from {len(results)} result file(s)."],
@@ -76,14 +79,11 @@ def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
     return sections
 
 
-def pgd_sections(results: list[dict], figs: Figures) -> list[Section]:
-    sections = []
-    for r in results:
-        a = r["attack"]
-        what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
-                f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
-        sections.append(Section("PGD robustness", [what], [Table(pgd_table_rows(r["rows"]), "Table 2 layout")]))
-    return sections
+def pgd_section(r: dict, figs: Figures) -> Section:
+    a = r["attack"]
+    what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
+            f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
+    return Section("PGD robustness", [what], [Table(pgd_table_rows(r["rows"]), "Table 2 layout")])
 
 
 def _rig_lines(ck: dict) -> list[str]:
@@ -102,50 +102,43 @@ def _randomization_table(ck: dict) -> list[Table]:
                         "(high = the map does not depend on the weights)")] if rows else []
 
 
-def rig_sections(results: list[dict], figs: Figures) -> list[Section]:
-    sections = []
-    for r in results:
-        methods = ", ".join(r["config"]["maps"]["methods"])
-        sec = Section("Rank Integrated Gradients", [f"{len(r['inputs']['names'])} images "
-                      f"({', '.join(r['inputs']['names'])}); methods {methods} ({r['path']})."])
-        for ck in r["checkpoints"]:
-            sec.text += _rig_lines(ck)
-            sec.tables += _randomization_table(ck)
-        sec.figures = figs.adopt(r)
-        sections.append(sec)
-    return sections
+def rig_section(r: dict, figs: Figures) -> Section:
+    methods = ", ".join(r["config"]["maps"]["methods"])
+    sec = Section("Rank Integrated Gradients", [f"{len(r['inputs']['names'])} images "
+                  f"({', '.join(r['inputs']['names'])}); methods {methods} ({r['path']})."])
+    for ck in r["checkpoints"]:
+        sec.text += _rig_lines(ck)
+        sec.tables += _randomization_table(ck)
+    sec.figures = figs.adopt(r)
+    return sec
 
 
-def weights_sections(results: list[dict], figs: Figures) -> list[Section]:
-    sections = []
-    for r in results:
-        size = "x".join(map(str, r["config"]["weights"]["input_size"]))
-        sec = Section("Weight spectra", [f"SVD of every selected Conv2d/Linear weight at input {size} "
-                                         f"({r['path']}); full tables in the per-model CSV files."])
-        sec.tables = [Table(rows, f"{model}: {len(rows)} layers") for model, rows in r["tables"].items()]
-        sec.figures = figs.adopt(r)
-        sections.append(sec)
-    return sections
+def weights_section(r: dict, figs: Figures) -> Section:
+    size = "x".join(map(str, r["config"]["weights"]["input_size"]))
+    return Section("Weight spectra", [f"SVD of every selected Conv2d/Linear weight at input {size} ({r['path']}); "
+                                      "full tables in the per-model CSV files."],
+                   [Table(rows, f"{model}: {len(rows)} layers") for model, rows in r["tables"].items()],
+                   figs.adopt(r))
 
 
-def svd_profile_sections(results: list[dict], figs: Figures) -> list[Section]:
-    sections = []
-    for r in results:
-        pair, src = r.get("most_overlapping"), r["source"]
-        text = [f"{src['checkpoint']} on {src['data']}: {len(r['classes'])} classes, "
-                f"{sum(r['images_per_class'])} images, mass {r['config']['mass']}."]
-        if pair:
-            text.append(f"Most overlapping classes: {pair['classes'][0]} / {pair['classes'][1]} "
-                        f"(Jaccard {pair['jaccard']:.3f}).")
-        sections.append(Section("SVD profile", text, [Table(r["summary"], "influential directions per layer")],
-                                figs.adopt(r)))
-    return sections
+def svd_profile_section(r: dict, figs: Figures) -> Section:
+    pair, src = r.get("most_overlapping"), r["source"]
+    text = [f"{src['checkpoint']} on {src['data']}: {len(r['classes'])} classes, "
+            f"{sum(r['images_per_class'])} images, mass {r['config']['mass']}."]
+    if pair:
+        text.append(f"Most overlapping classes: {pair['classes'][0]} / {pair['classes'][1]} "
+                    f"(Jaccard {pair['jaccard']:.3f}).")
+    return Section("SVD profile", text, [Table(r["summary"], "influential directions per layer")], figs.adopt(r))
 
 
-Renderer = Callable[[list[dict], Figures], list[Section]]
+def each(build: Callable[[dict, Figures], Section]) -> Renderer:
+    """A renderer giving one section per result (kinds whose results are not merged across files)."""
+    return lambda results, figs: [build(r, figs) for r in results]
+
+
 RENDERERS: dict[str, Renderer] = {
-    "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": pgd_sections, "rig": rig_sections,
-    "weights": weights_sections, "svd-profile": svd_profile_sections,
+    "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": each(pgd_section), "rig": each(rig_section),
+    "weights": each(weights_section), "svd-profile": each(svd_profile_section),
 }
 
 

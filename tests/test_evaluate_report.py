@@ -3,16 +3,11 @@ renders each kind plus training curves, and lists what it skipped (with the reas
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
+from evaluate_demo import demo_shards, tiny_checkpoint
 from rankshard.evaluate.cli import main
 from rankshard.evaluate.tables import SPECTRUM_ALL_RANKS, spectrum_table
-from rankshard.preprocess.pipeline import ArraySource, materialize_split
-from rankshard.preprocess.sources.synth import labelled_images
-from rankshard.preprocess.spec import ShardSpec
-from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
-from rankshard.train.models import build_model
 from rankshard.train.rundir import append_metrics, plot_curves
 
 # one section title per kind, as report.html and report.md must show them
@@ -20,30 +15,16 @@ SECTIONS = ("Accuracy", "Rank spectrum (low rank)", "PGD robustness", "Rank Inte
             "SVD profile", "Training run full", "Skipped")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets on a shared machine: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory):
     """Demo shards (40 CIFAR-sized test images, rank 3), two untrained width-4 checkpoints, a 2-epoch run folder."""
     root = tmp_path_factory.mktemp("paper")
-    images, labels = labelled_images(4, size=(32, 32), seed=5)
-    info = {"kind": "test", "path": "memory", "fingerprint": "synth-paper", "checksum_verified": False}
-    source = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
-    materialize_split(source, ShardSpec(dataset="cifar10", split="test", ranks=(3,), high=(), factors=None,
-                                        shuffle=False, shard_size=20, workers=0, backend="torch"),
-                      root / "shards", show_progress=False)
-    ckpts = []
-    for seed, variant in enumerate(("full", "rank-003")):
-        torch.manual_seed(seed)
-        model = build_model("resnet18", "cifar", 10, width=4)
-        payload = checkpoint_payload(model, data={"train_variant": variant})
-        ckpts.append(f"{variant}={save_checkpoint(root / f'{variant}.pt', payload)}")
+    demo_shards(root / "shards", 4, seed=5)
+    ckpts = [f"{v}={tiny_checkpoint(root / f'{v}.pt', seed, train_variant=v)}"
+             for seed, v in enumerate(("full", "rank-003"))]
     run = root / "runs" / "full"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"config": {"arch": "resnet18", "train_variant": "full"}}))
