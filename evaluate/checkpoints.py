@@ -1,11 +1,16 @@
-"""Checkpoints as evaluation sees them: a display name, the model, and checks that it fits the data."""
+"""The one checkpoint loader of ``rankshard-evaluate``: ``[NAME=]PATH`` parsing, loading, and fit checks.
+
+Every subcommand (accuracy, spectrum, pgd, rig, weights, svd-profile) loads through ``load_checkpoints``, so
+names, ``--trust-checkpoint`` (full unpickling only when asked) and error messages are the same everywhere.
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rankshard.train.checkpoint import model_from_checkpoint
@@ -24,6 +29,7 @@ class LoadedCheckpoint:
     num_classes: int
     input_size: int | None
     trained_on: str      # payload data.train_variant when recorded (e.g. rank-010), else "?"
+    payload: dict[str, Any] = field(default_factory=dict, repr=False)  # arch, variant, config... as stored
 
 
 def split_names(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -50,17 +56,28 @@ def _trained_on(payload: dict[str, Any]) -> str:
     return str(data.get("train_variant", data.get("variant", "?")))
 
 
-def load_checkpoints(specs: Sequence[str], device: str, trust: bool = False) -> list[LoadedCheckpoint]:
-    """Load every ``[NAME=]PATH`` with ``rankshard.train.checkpoint.model_from_checkpoint`` (weights_only unless ``trust``)."""
+def load_checkpoints(specs: Sequence[str], device: str | torch.device = "cpu",
+                     trust: bool = False) -> list[LoadedCheckpoint]:
+    """Load every ``[NAME=]PATH`` with ``rankshard.train.checkpoint.model_from_checkpoint`` (weights_only unless
+    ``trust``: full unpickling runs code from the file); models in eval mode on ``device``."""
     loaded = []
     for name, path in split_names(specs):
         if not Path(path).is_file():
             raise EvaluationError(f"checkpoint {path}: no such file")
         model, payload = model_from_checkpoint(path, trust=trust)
         size = payload.get("input_size")
-        loaded.append(LoadedCheckpoint(name, path, model.to(device).eval(), int(payload["num_classes"]),
-                                       None if size is None else int(size), _trained_on(payload)))
+        loaded.append(LoadedCheckpoint(name, str(path), model.to(device).eval(), int(payload["num_classes"]),
+                                       None if size is None else int(size), _trained_on(payload), payload))
     return loaded
+
+
+def common_input_size(ckpts: Sequence[LoadedCheckpoint], option: str) -> int | None:
+    """The one input size the checkpoints declare (None if none does); several differing ones are an error
+    naming ``option``, the way to pick one explicitly."""
+    sizes = sorted({ck.input_size for ck in ckpts if ck.input_size is not None})
+    if len(sizes) > 1:
+        raise EvaluationError(f"the checkpoints declare different input sizes {sizes}; {option}")
+    return sizes[0] if sizes else None
 
 
 def check_fits(ckpt: LoadedCheckpoint, data: EvalData, allow_size_mismatch: bool = False) -> None:

@@ -72,6 +72,21 @@ def resolve_dataset(root: str | Path, dataset: str | None) -> str:
     return found[0]
 
 
+def _children(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def check_layout(root: str | Path, dataset: str, split: str, variant: str) -> None:
+    """Name the option that is wrong (--dataset, --split or --variant) and what exists instead, before the
+    loader reports a missing manifest: e.g. ``--split val`` on CIFAR-10, which has only ``test``."""
+    levels = (("--dataset", Path(root), dataset), ("--split", Path(root) / dataset, split),
+              ("--variant", Path(root) / dataset / split, variant))
+    for option, parent, name in levels:
+        if not (parent / name).is_dir():
+            raise EvaluationError(f"{option} {name}: no folder {parent / name}; {parent} holds "
+                                  f"{_children(parent) or 'nothing'} (layout ROOT/<dataset>/<split>/<variant>/)")
+
+
 def _first_samples(info, n: int):
     """``info`` restricted to the shards that hold the first ``n`` samples of the manifest order."""
     keep, total = 0, 0
@@ -100,6 +115,7 @@ def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, 
 
     check_limit(limit)
     dataset = resolve_dataset(root, dataset)
+    check_layout(root, dataset, split, variant)
     info = open_variant(root, dataset, split, variant)
     n = info.num_samples if limit is None else min(limit, info.num_samples)
     info = _first_samples(info, n) if n < info.num_samples else info

@@ -1,4 +1,9 @@
-"""Click options shared by the evaluation subcommands, and the setup they all do (devices, data, models)."""
+"""Click options shared by every ``rankshard-evaluate`` subcommand, and the setup they all do.
+
+One definition per option, so the same thing has the same name, default and help everywhere: ``--data ROOT``
+(+ ``--dataset``, ``--split``), ``--out`` (required wherever something is written), ``--device``,
+``--workers``, ``--quiet``, ``--trust-checkpoint`` and the ``[NAME=]CKPT`` arguments.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +15,8 @@ from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
 from rankshard.evaluate.data import EvalData, shard_data
 from rankshard.evaluate.distributed import DistContext, init_from_env
 
+SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
+
 
 def _stack(options):
     def apply(fn):
@@ -19,34 +26,61 @@ def _stack(options):
     return apply
 
 
-def checkpoint_options(fn):
-    """CKPT... ([NAME=]PATH), --device, --trust-checkpoint, --allow-size-mismatch, --out."""
+def checkpoints_argument(single: bool = False):
+    """``[NAME=]CKPT...`` (or exactly one with ``single``), parsed by ``checkpoints.split_names``."""
+    return click.argument("checkpoints", nargs=1 if single else -1, required=True,
+                          metavar="[NAME=]CKPT" if single else "[NAME=]CKPT...")
+
+
+def out_option(what: str):
+    return click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                        help=f"Folder for {what} (created).")
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:i].")
+trust_option = click.option("--trust-checkpoint", is_flag=True,
+                            help="Allow full unpickling of checkpoints that weights_only loading refuses "
+                                 "(it runs code from the file: trusted files only).")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar (results and errors still print).")
+
+
+def workers_option(help_text: str = "Loader worker processes per process."):
+    return click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help=help_text)
+
+
+def data_root_options(required: bool = True, alternative: str = ""):
+    """--data ROOT, --dataset, --split: the shard layout ROOT/<dataset>/<split>/<variant>/ (``alternative``:
+    the other input source when --data is optional)."""
     return _stack([
-        click.argument("checkpoints", nargs=-1, required=True),
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Folder for CSV/JSON/PNG results (created)."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto (CUDA when present; cuda:LOCAL_RANK under torchrun), cpu or cuda[:i]."),
-        click.option("--trust-checkpoint", is_flag=True,
-                     help="Allow full unpickling of checkpoints that weights_only loading refuses (trusted files only)."),
+        click.option("--data", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     required=required, help="Shard root: ROOT/<dataset>/<split>/<variant>/ as written by "
+                                             f"rankshard-preprocess{alternative}."),
+        click.option("--dataset", default=None, help="Dataset folder under ROOT (default: the only one there)."),
+        click.option("--split", default=SPLIT_DEFAULT, show_default=True, help="Split to read (test, val, ...)."),
+    ])
+
+
+def checkpoint_options(fn):
+    """CKPT... ([NAME=]PATH), --out, --device, --trust-checkpoint, --allow-size-mismatch, --quiet."""
+    return _stack([
+        checkpoints_argument(), out_option("CSV/JSON/PNG results"), device_option, trust_option,
         click.option("--allow-size-mismatch", is_flag=True,
                      help="Evaluate even if the checkpoint's input_size differs from the data's image size."),
+        quiet_option,
     ])(fn)
 
 
-def data_options(split_default: str = "test", variant: bool = True):
+def data_options(variant: bool = True):
     """--data ROOT, --dataset, --split, [--variant], --limit, --batch-size, --workers."""
     options = [
-        click.option("--data", "root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-                     help="Shard root: ROOT/<dataset>/<split>/<variant>/ as written by rankshard-preprocess."),
-        click.option("--dataset", default=None, help="Dataset folder under ROOT (default: the only one there)."),
-        click.option("--split", default=split_default, show_default=True, help="Split to evaluate (test, val, ...)."),
+        data_root_options(),
         click.option("--limit", type=int, default=None, help="Evaluate only the first N samples (keys 0..N-1)."),
         click.option("--batch-size", type=int, default=128, show_default=True, help="Images per loader batch, per process."),
-        click.option("--workers", type=int, default=2, show_default=True, help="Loader worker processes per process."),
+        workers_option(),
     ]
     if variant:
-        options.insert(3, click.option("--variant", default="full", show_default=True,
+        options.insert(1, click.option("--variant", default="full", show_default=True,
                                        help="Shard variant the inputs come from (full, rank-010, ...)."))
     return _stack(options)
 

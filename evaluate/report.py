@@ -1,9 +1,11 @@
-"""``rankshard-evaluate report``: every result under some folders as one self-contained HTML page (figures
-embedded as base64 PNG) and a Markdown summary (figures as PNG files next to it)."""
+"""``rankshard-evaluate report``: every result (any kind, see ``evaluate.results``) and training run as one
+self-contained HTML page (figures embedded as base64 PNG) and a Markdown summary (figures as PNG files in
+``OUT/figures/``). Whatever is not rendered is listed with its reason, on the page and to the caller."""
 from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -11,73 +13,79 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankshard.evaluate.errors import EvaluationError
-from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
-from rankshard.evaluate.results import read_results, safe_name
-from rankshard.evaluate.tables import accuracy_table_rows, markdown_table, pgd_table_rows, spectrum_table_rows
+from rankshard.evaluate.renderers import RENDERERS, Figures, Section, run_section
+from rankshard.evaluate.results import Skipped, read_results
+from rankshard.evaluate.tables import Table, markdown_table
+
+# Kinds in page order; a kind missing here but present in RENDERERS still renders, after these.
+ORDER = ("accuracy", "spectrum", "pgd", "rig", "weights", "svd-profile")
 
 
 @dataclass
-class Section:
-    """A titled part of the report: prose, tables (row dicts) and figure files."""
+class Report:
+    """What ``build_report`` wrote, and what it did not render (and why)."""
 
-    title: str
-    text: list[str] = field(default_factory=list)
-    tables: list[list[dict]] = field(default_factory=list)
-    figures: list[Path] = field(default_factory=list)
-
-
-def _accuracy_section(results: list[dict]) -> Section | None:
-    rows = [row for r in results if r["kind"] == "accuracy" for row in r["rows"]]
-    return Section("Accuracy", tables=[accuracy_table_rows(rows)]) if rows else None
+    html: Path
+    markdown: Path
+    skipped: list[Skipped] = field(default_factory=list)
 
 
-def _spectrum_sections(results: list[dict], figures: Path) -> list[Section]:
-    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+def _by_kind(results: list[dict], skipped: list[Skipped]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
     for r in results:
-        if r["kind"] == "spectrum":
-            groups.setdefault((r["data"], r["mode"]), {})[r["checkpoint"]] = r["rows"]
+        if r.get("kind") in RENDERERS:
+            groups.setdefault(r["kind"], []).append(r)
+        else:
+            skipped.append(Skipped(r["path"], f"unknown kind {r.get('kind')!r} (known: {', '.join(RENDERERS)})"))
+    return groups
+
+
+def _render(kind: str, results: list[dict], figs: Figures) -> list[Section]:
+    try:
+        return RENDERERS[kind](results, figs)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        # A hand-edited or older result: name the files and the field instead of failing the whole report.
+        for r in results:
+            figs.skipped.append(Skipped(r["path"], f"malformed {kind} result ({type(exc).__name__}: {exc})"))
+        return []
+
+
+def _run_sections(runs: Sequence[str | os.PathLike], figs: Figures) -> list[Section]:
     sections = []
-    for (data, mode), series in sorted(groups.items()):
-        stem = figures / f"spectrum-{safe_name(data)}-{mode}"
-        curves = [curve_from_rows(name, rows) for name, rows in series.items()]
-        sec = Section(f"Rank spectrum ({mode} rank) on {data}",
-                      [f"Algorithm 1: top-1 of each checkpoint on rank-k inputs ({len(curves)} checkpoints, "
-                       f"{next(iter(series.values()))[0]['count']} images)."])
-        sec.figures.append(plot_spectra(curves, mode, f"{mode}-rank spectrum on {data}", stem.with_suffix(".png")))
-        if len(curves) > 1:
-            sec.figures.append(plot_gaps(curves, mode, f"top-1 gap vs {curves[0].name} on {data}",
-                                         stem.with_name(stem.name + "-gap.png")))
-        n_ranks = len(next(iter(series.values())))
-        sec.tables.append(spectrum_table_rows(series, every=max(1, n_ranks // 12)))
-        sections.append(sec)
+    for run in map(Path, runs):
+        try:
+            sec = run_section(run, figs)
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            figs.skipped.append(Skipped(str(run), f"unreadable training run ({type(exc).__name__}: {exc})"))
+            continue
+        sections += [sec] if sec else []
     return sections
 
 
-def _pgd_sections(results: list[dict]) -> list[Section]:
-    sections = []
-    for r in results:
-        if r["kind"] == "pgd":
-            a = r["attack"]
-            what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
-                    f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
-            sections.append(Section("PGD robustness", [what], [pgd_table_rows(r["rows"])]))
-    return sections
+def collect_sections(sources: Sequence[str | os.PathLike], runs: Sequence[str | os.PathLike], figures: Path
+                     ) -> tuple[list[dict], list[Section], list[Skipped]]:
+    """Results found in ``sources``, the sections built from them and from ``runs``, and what was skipped."""
+    results, skipped = read_results(sources)
+    figs = Figures(figures, skipped)
+    groups = _by_kind(results, skipped)
+    kinds = [k for k in ORDER if k in groups] + [k for k in groups if k not in ORDER]
+    sections = [sec for kind in kinds for sec in _render(kind, groups[kind], figs)]
+    return results, sections + _run_sections(runs, figs), skipped
 
 
-def collect_sections(folders: Sequence[str | os.PathLike], figures: Path) -> tuple[list[dict], list[Section]]:
-    """All result JSONs under ``folders`` and the report sections built from them."""
-    results = read_results(folders)
-    sections = [s for s in [_accuracy_section(results)] if s]
-    sections += _spectrum_sections(results, figures) + _pgd_sections(results)
-    return results, sections
+def _skipped_section(skipped: list[Skipped]) -> list[Section]:
+    rows = [{"file": s.path, "reason": s.reason} for s in skipped]
+    return [Section("Skipped", ["Files found but not rendered, with the reason."], [Table(rows)])] if rows else []
 
 
-def _html_table(rows: list[dict]) -> str:
-    if not rows:
-        return "<p><em>no results</em></p>"
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _html_table(table: Table) -> str:
+    caption = f"<caption>{html.escape(table.caption)}</caption>" if table.caption else ""
+    if not table.rows:
+        return f"<table>{caption}</table><p><em>no results</em></p>"
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in table.rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>"
+                   for r in table.rows)
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _html_figure(path: Path) -> str:
@@ -87,7 +95,7 @@ def _html_figure(path: Path) -> str:
 
 _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "th{background:#f3f3f3}img{max-width:100%}.meta{color:#666}")
+        "th{background:#f3f3f3}caption{text-align:left;color:#444;padding:2px 0}img{max-width:100%}.meta{color:#666}")
 
 
 def render_html(sections: list[Section], sources: list[str]) -> str:
@@ -103,27 +111,39 @@ def render_html(sections: list[Section], sources: list[str]) -> str:
     return "\n".join(parts)
 
 
+def _markdown_table(table: Table) -> str:
+    return (f"\n_{table.caption}_\n\n" if table.caption else "\n") + markdown_table(table.rows)
+
+
 def render_markdown(sections: list[Section], sources: list[str], base: Path) -> str:
     """The same content as Markdown; figures linked relative to ``base`` (the summary's folder)."""
     parts = ["# rankshard evaluation report", "", f"{len(sources)} result files."]
     for sec in sections:
         parts += ["", f"## {sec.title}", ""] + sec.text
         parts += [f"![{f.stem}]({f.relative_to(base)})" for f in sec.figures]
-        parts += ["\n" + markdown_table(t) for t in sec.tables]
+        parts += [_markdown_table(t) for t in sec.tables]
     parts += ["", "## Sources", ""] + [f"- {s}" for s in sources]
     return "\n".join(parts) + "\n"
 
 
-def build_report(folders: Sequence[str | os.PathLike], out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``OUT/report.html`` and ``OUT/report.md`` (+ ``OUT/figures/``); returns both paths."""
+def build_report(sources: Sequence[str | os.PathLike], out: str | os.PathLike,
+                 runs: Sequence[str | os.PathLike] = ()) -> Report:
+    """Write ``OUT/report.html`` and ``OUT/report.md`` (+ ``OUT/figures/``) from result files or folders
+    ``sources`` and training run folders ``runs``."""
     out = Path(out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    results, sections = collect_sections(folders, out / "figures")
-    if not results:
-        raise EvaluationError(f"no evaluation results (JSON with format rankshard-eval/1) under "
-                              f"{', '.join(map(str, folders))}; run accuracy/spectrum/pgd with --out there first")
-    sources = [r["path"] for r in results]
+    figures = out / "figures"
+    if figures.is_dir():  # a previous report's figures would be renamed, not replaced: start clean
+        for old in figures.glob("*.png"):
+            old.unlink()
+    figures.mkdir(parents=True, exist_ok=True)
+    results, sections, skipped = collect_sections(sources, runs, figures)
+    if not sections:
+        raise EvaluationError(f"nothing to report in {', '.join(map(str, [*sources, *runs]))}: no "
+                              f"rankshard-eval/1 result renders ({len(skipped)} file(s) skipped); run an evaluate "
+                              f"subcommand with --out there, or pass a training run with --runs")
+    sections += _skipped_section(skipped)
+    sources_list = [r["path"] for r in results] + [str(r) for r in runs]
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(render_html(sections, sources))
-    md_path.write_text(render_markdown(sections, sources, out))
-    return html_path, md_path
+    html_path.write_text(render_html(sections, sources_list))
+    md_path.write_text(render_markdown(sections, sources_list, out))
+    return Report(html_path, md_path, skipped)

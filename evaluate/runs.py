@@ -16,15 +16,15 @@ from rankshard.evaluate.checkpoints import LoadedCheckpoint, check_fits
 from rankshard.evaluate.data import EvalData
 from rankshard.evaluate.distributed import DistContext, check_complete, gather_by_key
 from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
-from rankshard.evaluate.results import provenance, safe_name, write_csv, write_json
+from rankshard.evaluate.results import safe_name, write_csv, write_result
 from rankshard.evaluate.robustness import PGDEvalConfig, pgd_records, summarize_pgd
 from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
 from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
 
-def _batches(data: EvalData, ctx: DistContext, desc: str) -> Iterator:
+def _batches(data: EvalData, ctx: DistContext, desc: str, quiet: bool = False) -> Iterator:
     """This rank's batches, with a progress bar (images/s, ETA) on rank 0: attacks and spectra take hours."""
-    bar = Progress(-(-data.num_samples // ctx.world_size), desc, enabled=ctx.is_main)
+    bar = Progress(-(-data.num_samples // ctx.world_size), desc, enabled=ctx.is_main and not quiet)
     for batch in data.batches(ctx.rank, ctx.world_size):
         yield batch
         bar.update(len(batch.keys))
@@ -38,50 +38,57 @@ def _gathered(records: dict, data: EvalData, ctx: DistContext, what: str) -> dic
     return merged
 
 
+def _ckpt_config(ckpts: Sequence[LoadedCheckpoint]) -> dict[str, str]:
+    return {ck.name: ck.path for ck in ckpts}
+
+
 def run_accuracy(ckpts: Sequence[LoadedCheckpoint], datasets: Sequence[EvalData], ctx: DistContext,
-                 out: str | Path, allow_size_mismatch: bool = False) -> list[dict] | None:
+                 out: str | Path, allow_size_mismatch: bool = False, quiet: bool = False) -> list[dict] | None:
     """Top-1/top-5 of every checkpoint on every data variant; rows on rank 0 (``None`` elsewhere)."""
-    rows = []
+    rows, files = [], []
     for data in datasets:
         for ck in ckpts:
             check_fits(ck, data, allow_size_mismatch)
-            batches = _batches(data, ctx, f"accuracy {ck.name} on {data.name}")
+            batches = _batches(data, ctx, f"accuracy {ck.name} on {data.name}", quiet)
             merged = _gathered(accuracy_records(ck.model, batches, ctx.device),
                                data, ctx, f"accuracy of {ck.name} on {data.name}")
             if merged is None:
                 continue
             rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
                          **summarize_accuracy(merged)})
-            write_csv(Path(out) / f"accuracy-{safe_name(ck.name)}-{safe_name(data.name)}-samples.csv",
-                      [{"key": k, **r} for k, r in merged.items()])
+            files.append(write_csv(Path(out) / f"accuracy-{safe_name(ck.name)}-{safe_name(data.name)}-samples.csv",
+                                   [{"key": k, **r} for k, r in merged.items()]))
     if not ctx.is_main:
         return None
-    write_csv(Path(out) / "accuracy.csv", rows)
-    write_json(Path(out) / "accuracy.json", "accuracy", {"rows": rows, "provenance": provenance(ctx.device, ctx.world_size)})
+    files.append(write_csv(Path(out) / "accuracy.csv", rows))
+    write_result(out, "accuracy", {"rows": rows}, device=ctx.device, world_size=ctx.world_size, files=files,
+                 config={"checkpoints": _ckpt_config(ckpts), "data": [d.name for d in datasets]})
     return rows
 
 
 def run_spectrum(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: SpectrumConfig, engine: RankEngine,
-                 ctx: DistContext, out: str | Path, allow_size_mismatch: bool = False) -> dict[str, list[dict]] | None:
+                 ctx: DistContext, out: str | Path, allow_size_mismatch: bool = False,
+                 quiet: bool = False) -> dict[str, list[dict]] | None:
     """Algorithm 1 for every checkpoint: ``{name: rows}`` on rank 0, files and figures written there."""
     out, results = Path(out), {}
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
-        batches = _batches(data, ctx, f"spectrum {ck.name} ({len(cfg.ranks)} ranks)")
+        batches = _batches(data, ctx, f"spectrum {ck.name} ({len(cfg.ranks)} ranks)", quiet)
         records = spectrum_records(ck.model, batches, engine, cfg, ctx.device)
         merged = _gathered(records, data, ctx, f"spectrum of {ck.name} on {data.name}")
         if merged is None:
             continue
         rows = results[ck.name] = summarize_spectrum(merged, cfg.ranks)
         stem = out / f"spectrum-{cfg.mode}-{safe_name(ck.name)}"
-        write_csv(stem.with_suffix(".csv"), rows)
-        write_csv(stem.with_name(stem.name + "-samples.csv"),
-                  [{"key": k, "label": r["label"], "full": r["full"], **{f"rank_{q}": p for q, p in zip(cfg.ranks, r["preds"])}}
-                   for k, r in merged.items()])
-        write_json(stem.with_suffix(".json"), "spectrum", {
+        files = [write_csv(stem.with_suffix(".csv"), rows), write_csv(stem.with_name(stem.name + "-samples.csv"), [
+            {"key": k, "label": r["label"], "full": r["full"], **{f"rank_{q}": p for q, p in zip(cfg.ranks, r["preds"])}}
+            for k, r in merged.items()])]
+        # The report redraws the figures from the rows of every checkpoint, so they are not this result's own.
+        write_result(out, "spectrum", {
             "checkpoint": ck.name, "path": ck.path, "trained_on": ck.trained_on, "data": data.name,
-            "mode": cfg.mode, "config": dataclasses.asdict(cfg), "svd": engine.describe(), "rows": rows,
-            "provenance": provenance(ctx.device, ctx.world_size)})
+            "mode": cfg.mode, "svd": engine.describe(), "rows": rows},
+            config=dataclasses.asdict(cfg), device=ctx.device, world_size=ctx.world_size,
+            qualifier=f"{cfg.mode}-{ck.name}", files=files)
     if ctx.is_main:
         spectrum_figures(results, cfg.mode, data.name, out)
     return results if ctx.is_main else None
@@ -98,26 +105,28 @@ def spectrum_figures(results: dict[str, list[dict]], mode: str, data_name: str, 
 
 
 def run_pgd(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: PGDEvalConfig, ctx: DistContext,
-            out: str | Path, allow_size_mismatch: bool = False) -> list[dict] | None:
+            out: str | Path, allow_size_mismatch: bool = False, quiet: bool = False) -> list[dict] | None:
     """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0."""
-    out, rows = Path(out), []
+    out, rows, files = Path(out), [], []
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
-        batches = _batches(data, ctx, f"PGD {ck.name}")
+        batches = _batches(data, ctx, f"PGD {ck.name}", quiet)
         records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device)
         merged = _gathered(records, data, ctx, f"PGD on {ck.name} with {data.name}")
         if merged is None:
             continue
         rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
                      **summarize_pgd(merged, cfg.attack.targeted)})
-        write_csv(out / f"pgd-{safe_name(ck.name)}-samples.csv", [{"key": k, **r} for k, r in merged.items()])
+        files.append(write_csv(out / f"pgd-{safe_name(ck.name)}-samples.csv",
+                               [{"key": k, **r} for k, r in merged.items()]))
     if not ctx.is_main:
         return None
-    write_csv(out / "pgd.csv", rows)
+    files.append(write_csv(out / "pgd.csv", rows))
     attack = dataclasses.asdict(cfg.attack) | {"alpha": cfg.attack.alpha, "seed": cfg.seed}
     (out / "pgd.md").write_text(markdown_table(pgd_table_rows(rows)) + f"\n\nAttack: {describe_attack(cfg)}\n")
-    write_json(out / "pgd.json", "pgd", {"attack": attack, "rows": rows,
-                                         "provenance": provenance(ctx.device, ctx.world_size)})
+    write_result(out, "pgd", {"attack": attack, "rows": rows}, device=ctx.device, world_size=ctx.world_size,
+                 config={"checkpoints": _ckpt_config(ckpts), "data": data.name, "attack": attack},
+                 files=files + [out / "pgd.md"])
     return rows
 
 

@@ -1,7 +1,16 @@
-"""Markdown tables for results (the paper's Table 2 layout for PGD)."""
+"""Tables for results (the paper's Table 2 layout for PGD) and their Markdown form."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows (dicts sharing their keys: the header) and a caption that says what they show."""
+
+    rows: list[dict] = field(default_factory=list)
+    caption: str = ""
 
 
 def pct(value: float) -> str:
@@ -35,10 +44,27 @@ def accuracy_table_rows(rows: Sequence[dict]) -> list[dict]:
              "Top-1": pct(r["top1"]), "Top-5": pct(r["top5"]), "n": r["count"]} for r in rows]
 
 
-def spectrum_table_rows(results: dict[str, list[dict]], every: int = 1) -> list[dict]:
-    """Rank x checkpoint top-1 (every ``every``-th rank, plus the last), for a compact summary."""
+SPECTRUM_ALL_RANKS = 25  # up to this many ranks the summary shows every one; beyond, where top-1 changes
+
+
+def _changed_ranks(results: dict[str, list[dict]], ranks: list[int]) -> list[int]:
+    """The endpoints and every rank where some checkpoint's top-1 differs from its value at the previous rank."""
+    top1 = {n: {r["rank"]: r["top1"] for r in rows} for n, rows in results.items()}
+    keep = [k for prev, k in zip(ranks, ranks[1:]) if any(t.get(k) != t.get(prev) for t in top1.values())]
+    return sorted({ranks[0], ranks[-1], *keep})
+
+
+def spectrum_table(results: dict[str, list[dict]], max_rows: int = SPECTRUM_ALL_RANKS) -> Table:
+    """Rank x checkpoint top-1: every requested rank, or with more than ``max_rows`` ranks every rank where
+    some checkpoint's top-1 changes plus the first and last (the caption says which)."""
     names = list(results)
-    ranks = [r["rank"] for r in results[names[0]]]
-    picked = [k for i, k in enumerate(ranks) if i % every == 0 or i == len(ranks) - 1]
+    ranks = sorted({r["rank"] for rows in results.values() for r in rows})
+    if len(ranks) <= max_rows:
+        picked, caption = ranks, f"top-1 at every requested rank ({len(ranks)} ranks)"
+    else:
+        picked = _changed_ranks(results, ranks)
+        caption = (f"top-1 at {len(picked)} of {len(ranks)} requested ranks: the first, the last and every rank "
+                   f"where some checkpoint's top-1 changes (all ranks: the per-checkpoint CSV files)")
     lookup = {n: {r["rank"]: r for r in rows} for n, rows in results.items()}
-    return [{"rank": k, **{n: pct(lookup[n][k]["top1"]) if k in lookup[n] else "" for n in names}} for k in picked]
+    rows = [{"rank": k, **{n: pct(lookup[n][k]["top1"]) if k in lookup[n] else "" for n in names}} for k in picked]
+    return Table(rows, caption)

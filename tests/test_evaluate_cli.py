@@ -8,42 +8,25 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
+from evaluate_demo import demo_shards, tiny_checkpoint
 from rankshard.evaluate.cli import main
-from rankshard.preprocess.pipeline import ArraySource, materialize_split
-from rankshard.preprocess.spec import ShardSpec
-from rankshard.preprocess.sources.synth import labelled_images
-from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
-from rankshard.train.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets on a shared 2-core machine: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Demo shards (60 test images in 3 shards) and untrained width-4 checkpoints: plumbing, not accuracy."""
     root = tmp_path_factory.mktemp("cli")
-    images, labels = labelled_images(6, size=(32, 32), seed=3)
-    info = {"kind": "test", "path": "memory", "fingerprint": "synth-cli", "checksum_verified": False}
-    source = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
-    materialize_split(source, ShardSpec(dataset="cifar10", split="test", ranks=(3,), high=(), factors=None,
-                                        shuffle=False, shard_size=25, workers=0, backend="torch"),
-                      root / "shards", show_progress=False)
+    demo_shards(root / "shards", 6, shard_size=25)
     ckpts = {}
     for name, kw in (("a", {}), ("b", {}), ("five", {"num_classes": 5}), ("big", {"variant": "imagenet"})):
-        torch.manual_seed(len(ckpts))
-        model = build_model("resnet18", kw.get("variant", "cifar"), kw.get("num_classes", 10), width=4)
-        ckpts[name] = str(save_checkpoint(root / f"{name}.pt", checkpoint_payload(model, data={"variant": "full"})))
+        ckpts[name] = tiny_checkpoint(root / f"{name}.pt", len(ckpts), **kw)
     return root, ckpts
 
 

@@ -248,7 +248,7 @@ def test_runs_write_tables_figures_and_report(ckpts, shards, tmp_path):
     assert [r["trained_on"] for r in pgd_rows] == ["full", "rank-004"]
     md = (tmp_path / "pgd" / "pgd.md").read_text()
     assert "| Checkpoint | Trained on | Attack success rate | Recovery rate | Top-1 accuracy |" in md
-    html, summary = build_report([tmp_path], tmp_path / "report")
-    text = html.read_text()
+    report = build_report([tmp_path], tmp_path / "report")
+    text = report.html.read_text()
     assert text.count("data:image/png;base64,") >= 2 and "rank-004" in text and "Attack success rate" in text
-    assert "natural" in summary.read_text()
+    assert "natural" in report.markdown.read_text() and report.skipped == []

@@ -276,11 +276,12 @@ def _invoke(args):
 
 def test_cli_maps_figures_and_summary(demo, tmp_path):
     out, ckpts = demo
-    res = _invoke([*ckpts, "--data", out / "shards", "--keys", "00000005,00000002", "--out", tmp_path / "r",
+    res = _invoke([*ckpts, "--data", out / "shards", "--split", "val", "--keys", "00000005,00000002", "--out", tmp_path / "r",
                    "--methods", "vanilla,rig,ig,smoothgrad,rank-path", "--stride", "4", "--ig-steps", "3",
                    "--sg-samples", "2", "--svd-backend", "torch"])
     assert res.exit_code == 0, res.output
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "r" / "rig.json").read_text())
+    assert summary["kind"] == "rig" and "provenance" in summary and "compare.png" in summary["figures"]
     assert summary["inputs"]["names"] == ["00000005", "00000002"] and summary["inputs"]["labels"] == [5, 2]
     for ck in summary["checkpoints"]:
         for method, path in ck["maps"].items():
@@ -290,8 +291,8 @@ def test_cli_maps_figures_and_summary(demo, tmp_path):
         assert ck["rank_path"]["per_image"][0]["knots"] == 9  # 0, 4, ..., 28, 32
     assert (tmp_path / "r" / "compare.png").exists()
     # the CLI's RIG equals the library call on the same shard image and checkpoint
-    from rankshard.evaluate.rig.run import load_checkpoints
-    model = load_checkpoints([str(ckpts[0])], False, torch.device("cpu"))[0].model
+    from rankshard.evaluate.checkpoints import load_checkpoints
+    model = load_checkpoints([str(ckpts[0])], "cpu")[0].model
     x = torch.from_numpy(np.load(tmp_path / "r" / "images.npy")[0])
     direct = rig(model, x, RIGConfig(stride=4), RankEngine("torch", device="cpu")).map.numpy()
     np.testing.assert_allclose(np.load(summary["checkpoints"][0]["maps"]["rig"])[0], direct, rtol=1e-4, atol=1e-7)
@@ -299,7 +300,7 @@ def test_cli_maps_figures_and_summary(demo, tmp_path):
 
 def test_cli_check_reports_randomization_and_delta(demo, tmp_path):
     out, ckpts = demo
-    res = _invoke([ckpts[0], "--data", out / "shards", "--index", "0:1", "--out", tmp_path / "c", "--check",
+    res = _invoke([ckpts[0], "--data", out / "shards", "--split", "val", "--index", "0:1", "--out", tmp_path / "c", "--check",
                    "--randomization", "all", "--stride", "8", "--svd-backend", "torch"])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "c" / "net0" / "check.json").read_text())
@@ -318,9 +319,26 @@ def test_cli_images_and_clear_errors(demo, tmp_path):
     res = _invoke([ckpts[0], "--images", img, "--out", tmp_path / "i", "--stride", "8", "--svd-backend", "torch"])
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "i" / "images.npy").shape == (1, 3, 32, 32)
-    bad = _invoke([ckpts[0], "--data", out / "shards", "--keys", "99999999", "--out", tmp_path / "x"])
+    bad = _invoke([ckpts[0], "--data", out / "shards", "--split", "val", "--keys", "99999999", "--out", tmp_path / "x"])
     assert bad.exit_code == 2 and "99999999" in bad.output
-    both = _invoke([ckpts[0], "--data", out / "shards", "--index", "0:1", "--keys", "00000001", "--out", tmp_path / "y"])
+    both = _invoke([ckpts[0], "--data", out / "shards", "--split", "val", "--index", "0:1", "--keys", "00000001",
+                    "--out", tmp_path / "y"])
     assert both.exit_code == 2 and "exactly one" in both.output
     unknown = _invoke([ckpts[0], "--images", img, "--methods", "rig,gradcam", "--out", tmp_path / "z"])
     assert unknown.exit_code == 2 and "gradcam" in unknown.output
+
+
+def test_cli_shape_matches_the_other_subcommands(demo, tmp_path):
+    """--data is the shard root as for accuracy/spectrum/pgd, --split defaults to test and a wrong one is named,
+    --out is required (no rig-out/ in the working directory)."""
+    out, ckpts = demo
+    wrong = _invoke([ckpts[0], "--data", out / "shards", "--index", "0:1", "--out", tmp_path / "w"])
+    assert wrong.exit_code == 2 and "--split test" in wrong.output and "['val']" in wrong.output, wrong.output
+    assert not (tmp_path / "w").exists()
+    inner = _invoke([ckpts[0], "--data", out / "shards" / "cifar10", "--split", "val", "--index", "0:1",
+                     "--out", tmp_path / "i"])
+    assert inner.exit_code == 2 and "--split val" in inner.output  # ROOT is the folder above the dataset
+    from click.testing import CliRunner
+    from rankshard.evaluate.cli import main
+    missing = CliRunner().invoke(main, ["rig", str(ckpts[0]), "--data", str(out / "shards"), "--index", "0:1"])
+    assert missing.exit_code == 2 and "--out" in missing.output

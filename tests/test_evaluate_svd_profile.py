@@ -7,15 +7,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from evaluate_demo import demo_shards, tiny_checkpoint
 from rankshard.evaluate.cli import main
 from rankshard.evaluate.data import tensor_data
 from rankshard.evaluate.weights.svd_profile import (ProfileConfig, ProfileError, class_counts, class_incidence, collect_magnitudes,
                                   influential, jaccard, layer_bases, profile_model)
-from rankshard.preprocess.pipeline import ArraySource, materialize_split
-from rankshard.preprocess.spec import ShardSpec
-from rankshard.preprocess.sources.synth import labelled_images, natural_batch
-from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
-from rankshard.train.models import build_model
+from rankshard.preprocess.sources.synth import natural_batch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -125,16 +122,8 @@ def test_profile_model_combines_layers():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("svdp")
-    images, labels = labelled_images(4, size=(32, 32), seed=3)
-    info = {"kind": "test", "path": "memory", "fingerprint": "synth-svdp", "checksum_verified": False}
-    source = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
-    materialize_split(source, ShardSpec(dataset="cifar10", split="test", ranks=(), high=(), factors=None,
-                                        shuffle=False, shard_size=20, workers=0, backend="torch"),
-                      root / "shards", show_progress=False)
-    torch.manual_seed(0)
-    model = build_model("resnet18", "cifar", 10, width=4)
-    ckpt = save_checkpoint(root / "a.pt", checkpoint_payload(model, data={"variant": "full"}))
-    return root, ckpt
+    demo_shards(root / "shards", 4, ranks=())
+    return root, tiny_checkpoint(root / "a.pt", 0)
 
 
 def test_cli_smoke(shards, tmp_path):
@@ -147,10 +136,14 @@ def test_cli_smoke(shards, tmp_path):
     assert hyper["classes"] == list("abcdefghij") and len(hyper["incidence"]) == 10
     assert len(hyper["nodes"]) == len(hyper["incidence"][0]) and hyper["nodes"][-1] == "fc:5"
     body = json.loads((tmp_path / "o" / "svd-profile.json").read_text())
-    assert body["images_per_class"] == [3] * 10 and body["config"]["mass"] == 0.5
+    assert body["images_per_class"] == [3] * 10 and body["config"]["mass"] == 0.5 and body["kind"] == "svd-profile"
+    assert [r["layer"] for r in body["summary"]][-1] == "fc" and body["figures"] == ["jaccard.png"]
     jac = np.array(json.loads((tmp_path / "o" / "jaccard.json").read_text())["matrix"])
     assert jac.shape == (10, 10) and np.allclose(jac, jac.T) and (tmp_path / "o" / "jaccard.png").stat().st_size > 0
     bad = CliRunner().invoke(main, args[:-2] + ["--out", str(tmp_path / "b"), "--mass", "1.5"])
     assert bad.exit_code == 2 and "--mass 1.5" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(main, args[:4] + ["--layers", "nope"])
+    bad = CliRunner().invoke(main, args[:4] + ["--layers", "nope", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "matches none" in bad.output, bad.output
+    assert not (tmp_path / "n").exists()
+    missing = CliRunner().invoke(main, args[:4])
+    assert missing.exit_code == 2 and "--out" in missing.output

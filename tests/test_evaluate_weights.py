@@ -234,31 +234,37 @@ def test_run_weights_analysis_writes_outputs(tmp_path):
     assert (tmp_path / "depth.png").stat().st_size > 0
     compare = json.loads((tmp_path / "compare.json").read_text())
     assert "a:unfolded_alpha" in compare[0] and "b:operator_stable_rank" in compare[0]
-    assert json.loads((tmp_path / "config.json").read_text())["weights"]["input_size"] == [32, 32]
+    assert json.loads((tmp_path / "weights.json").read_text())["config"]["weights"]["input_size"] == [32, 32]
 
 
 def test_weights_command_end_to_end(tmp_path):
+    """Real checkpoints through the one evaluate loader; --out is required and --layers is checked before
+    anything is written."""
     from click.testing import CliRunner
-    from rankshard.evaluate.weights.cli import make_weights_command
+    from rankshard.evaluate.cli import main
+    from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
+    from rankshard.train.models import build_model
 
     ckpts = []
-    for name in ("m1", "m2"):
-        p = tmp_path / f"{name}.pt"
-        p.write_bytes(b"")
-        ckpts.append(str(p))
-
-    def load(path, trust=False):
-        torch.manual_seed(len(path))
-        return SmallCNN(), {"input_size": 32}
-
+    for seed, name in enumerate(("m1", "m2")):
+        torch.manual_seed(seed)
+        model = build_model("resnet18", "cifar", 10, width=4)
+        ckpts.append(str(save_checkpoint(tmp_path / f"{name}.pt", checkpoint_payload(model))))
     out = tmp_path / "report"
-    res = CliRunner().invoke(make_weights_command(load), [*ckpts, "--out", str(out), "--layers", "stem,block.*",
-                                                          "--top-k", "3"])
+    args = ["weights", *ckpts, "--layers", "conv1,layer1.0.*", "--top-k", "3", "--workers", "1", "--no-permuted"]
+    res = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "m1: 3 layers analysed at 32x32" in res.output
     assert (out / "compare.csv").exists() and (out / "m2" / "filters.png").exists()
-    bad = CliRunner().invoke(make_weights_command(load), [ckpts[0], "--layers", "nope"])
-    assert bad.exit_code == 2 and "matches none" in bad.output
+    result = json.loads((out / "weights.json").read_text())
+    assert result["kind"] == "weights" and result["config"]["weights"]["input_size"] == [32, 32]
+    assert [r["layer"] for r in result["tables"]["m1"]] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert all((out / f).is_file() for f in result["figures"] + result["files"])
+    bad = CliRunner().invoke(main, ["weights", ckpts[0], "--layers", "nope", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "matches none" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "bad").exists()  # validated before writing
+    missing = CliRunner().invoke(main, ["weights", ckpts[0]])
+    assert missing.exit_code == 2 and "--out" in missing.output
 
 
 def test_gram_svdvals_match_numpy_on_rank_deficient_batches():

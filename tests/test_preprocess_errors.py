@@ -16,8 +16,6 @@ from rankshard.train.trainer import TrainingDiverged
 # Control flow inside one module, never shown to a user: caught where raised and recorded with a reason.
 # caught inside their package and turned into a RankshardError that names the file (and sample)
 INTERNAL = {"rankshard.preprocess.sources.images.BadImage", "rankshard.loaders.decode.LabelMismatch"}
-# Commands known to bypass the shared policy, being reworked with evaluate (issue 11); strict: remove when fixed.
-PENDING = {"evaluate": {"weights"}}
 
 
 def _modules():
@@ -84,4 +82,4 @@ def _commands(cmd: click.Command, path=()):
                                        ("evaluate", evaluate_main)])
 def test_every_command_of_the_three_clis_shares_the_policy(cli, main):
     unguarded = {name for name, cmd in _commands(main) if not _wrapped_by_friendly_errors(cmd.callback)}
-    assert unguarded == PENDING.get(cli, set())
+    assert unguarded == set()

@@ -9,7 +9,7 @@ from rankshard.evaluate.errors import friendly_errors
 from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
 from rankshard.evaluate.runs import run_spectrum
 from rankshard.evaluate.spectrum import SpectrumConfig, parse_ranks
-from rankshard.evaluate.tables import markdown_table, spectrum_table_rows
+from rankshard.evaluate.tables import markdown_table, spectrum_table
 
 
 @click.command("spectrum")
@@ -24,13 +24,14 @@ from rankshard.evaluate.tables import markdown_table, spectrum_table_rows
 @click.option("--svd-backend", default="auto", show_default=True, help="Rank engine backend (see rankshard-preprocess).")
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, root, dataset, split, variant, limit,
-            batch_size, workers, ranks, mode, forward_batch, svd_backend):
+            batch_size, workers, quiet, ranks, mode, forward_batch, svd_backend):
     """Top-1 and agreement with the full-rank prediction at every requested rank, one SVD per image;
     per-checkpoint CSV/JSON, spectrum-MODE.png (all checkpoints) and spectrum-MODE-gap.png (vs the first)."""
     data = open_data(root, dataset, split, variant, batch_size, workers, limit)
     cfg = SpectrumConfig(parse_ranks(ranks, min(data.image_size)), mode, forward_batch)
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
     engine = RankEngine(svd_backend, ctx.device)
-    results = run_spectrum(ckpts, data, cfg, engine, ctx, out, allow_size_mismatch)
-    summary = markdown_table(spectrum_table_rows(results, max(1, len(cfg.ranks) // 12))) if results else ""
+    results = run_spectrum(ckpts, data, cfg, engine, ctx, out, allow_size_mismatch, quiet)
+    table = spectrum_table(results) if results else None
+    summary = f"{table.caption}\n\n{markdown_table(table.rows)}" if table else ""
     finish(ctx, f"{summary}\n\nwritten to {out}/ (spectrum-{mode}-*.csv/json, spectrum-{mode}.png)")

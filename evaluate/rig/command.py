@@ -9,12 +9,15 @@ import click
 from rankshard.preprocess.devices import resolve_device
 from rankshard.preprocess.errors import RankshardError, friendly_errors
 
+from rankshard.evaluate.checkpoints import common_input_size, load_checkpoints
+from rankshard.evaluate.options import (checkpoints_argument, data_root_options, device_option, out_option,
+                                        quiet_option, trust_option)
 from rankshard.evaluate.rig.attribution import OUTPUTS, REDUCTIONS, RULES, IGConfig, SmoothGradConfig
 from rankshard.evaluate.rig.rank_ig import RIGConfig
 from rankshard.evaluate.rig.check import RANDOMIZATIONS
 from rankshard.evaluate.rig.inputs import InputBatch, load_image_files, parse_index, read_shard_samples
 from rankshard.evaluate.rig.maps import METHODS, MapConfig
-from rankshard.evaluate.rig.run import RunConfig, check_input_size, load_checkpoints, run_rig
+from rankshard.evaluate.rig.run import RunConfig, check_input_size, run_rig
 
 
 def _split_list(values: tuple[str, ...] | str | None) -> list[str]:
@@ -22,17 +25,18 @@ def _split_list(values: tuple[str, ...] | str | None) -> list[str]:
     return [v.strip() for item in items for v in item.split(",") if v.strip()]
 
 
-def _inputs(data, split, keys, index, images, size: int) -> tuple[InputBatch, dict]:
+def _inputs(root, dataset, split, keys, index, images, size: int) -> tuple[InputBatch, dict]:
     """The images to explain from exactly one of shards (``--data`` with ``--keys``/``--index``) or files."""
     files = _split_list(images)
-    if bool(files) == bool(data):
+    if bool(files) == bool(root):
         raise RankshardError("give the images with either --data ROOT (plus --keys or --index) or --images FILE,...")
     if files:
         return load_image_files(files, size), {"kind": "files", "paths": files, "size": size}
     key_list = _split_list(keys) if keys else None
     rng = parse_index(index) if index else None
-    batch = read_shard_samples(data, split, key_list, rng)
-    return batch, {"kind": "shards", "root": str(data), "split": split, "keys": key_list, "index": index}
+    batch = read_shard_samples(root, dataset, split, key_list, rng)
+    return batch, {"kind": "shards", "root": str(root), "dataset": dataset, "split": split, "keys": key_list,
+                   "index": index}
 
 
 def _map_config(o: dict) -> MapConfig:
@@ -64,14 +68,13 @@ def _report(summary: dict) -> None:
 
 
 @click.command("rig")
-@click.argument("checkpoints", nargs=-1, required=True, metavar="[NAME=]CKPT...")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="shard root: <out> or <out>/<dataset>")
-@click.option("--split", default="val", show_default=True, help="split whose `full` shards are read")
+@checkpoints_argument()
+@data_root_options(required=False, alternative="; its `full` variant is read (or give --images)")
 @click.option("--keys", help="comma-separated 8-digit sample keys, e.g. 00000003,00000017")
 @click.option("--index", help="positions in manifest order, START:STOP, e.g. 0:16")
 @click.option("--images", multiple=True, help="image files, comma-separated and/or repeated; resized and "
               "centre-cropped to the checkpoint's input size")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rig-out"), show_default=True)
+@out_option("rig.json, images.npy, per-checkpoint maps (.npy) and figures")
 @click.option("--methods", default="vanilla,rig", show_default=True, help=f"comma-separated: {', '.join(METHODS)}")
 @click.option("--output", type=click.Choice(sorted(OUTPUTS)), default="prob", show_default=True,
               help="explained scalar: softmax probability or logit of the full-rank top class")
@@ -91,30 +94,28 @@ def _report(summary: dict) -> None:
               help="quadrature steps per rank segment (left/1 is SPEC's sum)")
 @click.option("--seed", type=int, default=0, show_default=True, help="SmoothGrad noise and randomization test")
 @click.option("--clip", type=float, default=99.0, show_default=True, help="colour scale percentile of |map|")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda:0, ...")
+@device_option
 @click.option("--svd-backend", default="auto", show_default=True, help="rank engine backend")
 @click.option("--check", is_flag=True, help="also run the randomization test and report rank-path deltas")
 @click.option("--randomization", type=click.Choice(sorted(RANDOMIZATIONS)), default="cascade", show_default=True,
               help="cascade: re-initialize from the top layer down, cumulatively; all: everything at once")
-@click.option("--trust-checkpoint", is_flag=True, help="allow full unpickling (only for files you trust)")
+@trust_option
+@quiet_option
 @friendly_errors
-def command(checkpoints, data, split, keys, index, images, out, trust_checkpoint, **opts):
+def command(checkpoints, root, dataset, split, keys, index, images, out, trust_checkpoint, quiet, **opts):
     """Rank Integrated Gradients (paper Eq. 3) and baseline saliency maps for CHECKPOINTS.
 
-    Example: rankshard-evaluate rig natural.pt robust.pt --data shards/cifar10 --index 0:8 --methods
-    vanilla,rig,ig,smoothgrad --check
+    Example: rankshard-evaluate rig natural.pt robust.pt --data shards --index 0:8 --methods
+    vanilla,rig,ig,smoothgrad --check --out rig
     """
     cfg = RunConfig(_map_config(opts), out, opts["clip"], opts["device"], opts["svd_backend"], trust_checkpoint,
-                    opts["check"], opts["randomization"], opts["seed"])
-    loaded = load_checkpoints(list(checkpoints), trust_checkpoint, resolve_device(opts["device"]))
-    sizes = {ck.payload.get("input_size") for ck in loaded}
-    if images and len(sizes) > 1:
-        raise RankshardError(f"--images: the checkpoints declare different input sizes {sorted(map(str, sizes))}; "
-                             "explain them in separate runs")
-    batch, source = _inputs(data, split, keys, index, images, next(iter(sizes)) or 224)
+                    opts["check"], opts["randomization"], opts["seed"], quiet)
+    loaded = load_checkpoints(list(checkpoints), resolve_device(opts["device"]), trust=trust_checkpoint)
+    size = common_input_size(loaded, "explain them in separate runs") if images else loaded[0].input_size
+    batch, source = _inputs(root, dataset, split, keys, index, images, size or 224)
     check_input_size(loaded, batch.images)
     summary = run_rig(loaded, batch, cfg, source)
     _report(summary)
-    click.echo(f"summary: {out / 'summary.json'}")
+    click.echo(f"result: {summary['path']}")
     if opts["check"]:
         click.echo(json.dumps({ck["name"]: ck["check"] for ck in summary["checkpoints"]}))

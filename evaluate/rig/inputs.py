@@ -15,8 +15,9 @@ from PIL import Image
 
 from rankshard.preprocess.format.codec import decode_image
 from rankshard.preprocess.errors import RankshardError
-from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.format.tarindex import read_shard
+
+from rankshard.evaluate.data import check_layout, resolve_dataset
 
 
 @dataclass
@@ -28,18 +29,13 @@ class InputBatch:
     labels: list[int]
 
 
-def full_folder(root: str | Path, split: str) -> Path:
-    """The ``full`` variant folder of ``split`` under ``root`` (``root`` = the dataset folder or its parent)."""
-    root = Path(root)
-    candidates = [root / split / "full"] + sorted(p.parent for p in root.glob(f"*/{split}/full/manifest.json"))
-    found = [c for c in candidates if (c / "manifest.json").exists()]
-    if not found:
-        raise RankshardError(f"{root}: no {split}/full/manifest.json below it; pass --data <out>/<dataset> of a "
-                             f"`rankshard-preprocess` run that materialized split {split!r}")
-    if len({str(f) for f in found}) > 1:
-        raise RankshardError(f"{root}: several datasets have a {split!r} split ({', '.join(map(str, found))}); "
-                             "pass --data <out>/<dataset>")
-    return found[0]
+def full_urls(root: str | Path, dataset: str | None, split: str) -> list[str]:
+    """Shard files of ``ROOT/<dataset>/<split>/full`` in manifest order (the layout every subcommand reads)."""
+    from rankshard.loaders import open_variant
+
+    dataset = resolve_dataset(root, dataset)
+    check_layout(root, dataset, split, "full")
+    return open_variant(root, dataset, split, "full").urls
 
 
 def parse_index(spec: str) -> range:
@@ -56,9 +52,9 @@ def parse_index(spec: str) -> range:
         raise RankshardError(f"--index {spec!r}: expected START:STOP with 0 <= START < STOP, e.g. 0:16") from None
 
 
-def _iter_samples(folder: Path) -> Iterable[tuple[str, dict[str, bytes]]]:
-    for shard in read_json(folder / "manifest.json")["shards"]:
-        yield from read_shard(folder / shard["name"])
+def _iter_samples(urls: list[str]) -> Iterable[tuple[str, dict[str, bytes]]]:
+    for url in urls:
+        yield from read_shard(url)
 
 
 def _batch(samples: list[tuple[str, dict[str, bytes]]]) -> InputBatch:
@@ -67,17 +63,18 @@ def _batch(samples: list[tuple[str, dict[str, bytes]]]) -> InputBatch:
     return InputBatch(images, [k for k, _ in samples], labels)
 
 
-def read_shard_samples(root: str | Path, split: str, keys: list[str] | None = None,
+def read_shard_samples(root: str | Path, dataset: str | None, split: str, keys: list[str] | None = None,
                        index: range | None = None) -> InputBatch:
     """Samples of ``split``'s full shards, by key (in the given order) or by manifest position; reading
     stops once everything asked for was found."""
     if (keys is None) == (index is None):
         raise RankshardError("choose the samples with exactly one of --keys K1,K2 or --index START:STOP")
-    folder = full_folder(root, split)
+    urls = full_urls(root, dataset, split)
+    folder = Path(urls[0]).parent if urls else Path(root)
     wanted = set(keys) if keys is not None else None
     found: dict[str, tuple[str, dict[str, bytes]]] = {}
     picked: list[tuple[str, dict[str, bytes]]] = []
-    for pos, (key, members) in enumerate(_iter_samples(folder)):
+    for pos, (key, members) in enumerate(_iter_samples(urls)):
         if wanted is not None and key in wanted:
             found[key] = (key, members)
             if len(found) == len(wanted):

@@ -98,11 +98,13 @@ class MapSet:
 
 
 def compute_maps(model: nn.Module, images: torch.Tensor, cfg: MapConfig, engine: RankEngine,
-                 targets: list[int] | None = None, decs: Decomposition | None = None) -> MapSet:
+                 targets: list[int] | None = None, decs: Decomposition | None = None,
+                 on_image: Callable[[], None] | None = None) -> MapSet:
     """Every method of ``cfg`` on every image of ``images [N, C, H, W]`` (on the model's device).
 
     ``targets`` default to each image's full-rank prediction. ``decs`` is ``engine.decompose(images)``;
     when a rank method is asked for and it is not given, the batch is decomposed here (once).
+    ``on_image`` is called after each image (progress: one image's maps take seconds on a CPU).
     """
     if cfg.rig.reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {cfg.rig.reduction!r}")
@@ -118,4 +120,6 @@ def compute_maps(model: nn.Module, images: torch.Tensor, cfg: MapConfig, engine:
             out[m].append(METHODS[m](job).detach().float().cpu().numpy())
         chosen.append(target)
         notes.append(job.notes)
+        if on_image is not None:
+            on_image()
     return MapSet({m: np.stack(v) for m, v in out.items()}, chosen, notes)

@@ -2,7 +2,8 @@
 
 Output folder layout::
 
-    OUT/summary.json            config, inputs, per checkpoint: classes explained, files, rank-path deltas
+    OUT/rig.json                the result (kind "rig", ``evaluate.results``): config, inputs, per checkpoint:
+                                classes explained, files, rank-path deltas
     OUT/images.npy              the explained images [N, 3, H, W] float32
     OUT/<ckpt>/<method>.npy     reduced maps [N, H, W] float32 (method: vanilla, rig, ig, smoothgrad, rank-path)
     OUT/<ckpt>/maps.png         one row per image: original, one column per method (paper Fig. 1)
@@ -13,31 +14,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from rankshard.preprocess.rank.engine import Decomposition, RankEngine
 from rankshard.preprocess.devices import resolve_device
 from rankshard.preprocess.errors import RankshardError
-from rankshard.train.checkpoint import model_from_checkpoint
+from rankshard.preprocess.progress import Progress
 
 from rankshard.evaluate.rig.attribution import SIGNED_REDUCTIONS
-from rankshard.evaluate.checkpoints import split_names
+from rankshard.evaluate.checkpoints import LoadedCheckpoint
 from rankshard.evaluate.rig.check import randomization_table, randomized_models
 from rankshard.evaluate.rig.figures import Column, save_rows_figure
 from rankshard.evaluate.rig.inputs import InputBatch
 from rankshard.evaluate.rig.maps import RANK_METHODS, TITLES, MapConfig, MapSet, compute_maps
+from rankshard.evaluate.results import write_result
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything ``run_rig`` needs besides the checkpoints and images; dumped into ``summary.json``."""
+    """Everything ``run_rig`` needs besides the checkpoints and images; dumped into ``rig.json``."""
 
     maps: MapConfig
     out: Path
@@ -48,36 +48,18 @@ class RunConfig:
     check: bool = False
     randomization: str = "cascade"  # cascade (top layer first, cumulative) | all
     seed: int = 0
+    quiet: bool = False             # no progress bar
 
     def __post_init__(self) -> None:
         if not 0 < self.clip <= 100:
             raise RankshardError(f"--clip {self.clip}: a percentile in (0, 100], e.g. 99")
 
 
-@dataclass
-class Loaded:
-    """A checkpoint ready to explain: a unique short ``name``, its path, the model and its payload."""
-
-    name: str
-    path: str
-    model: nn.Module
-    payload: dict
-
-
-def load_checkpoints(paths: list[str], trust: bool, device: torch.device) -> list[Loaded]:
-    """Models in eval mode on ``device``, from ``[NAME=]PATH`` named as every evaluate subcommand names them."""
-    loaded = []
-    for name, p in split_names(paths):
-        model, payload = model_from_checkpoint(p, trust=trust)
-        loaded.append(Loaded(name, str(p), model.to(device).eval(), payload))
-    return loaded
-
-
-def check_input_size(loaded: list[Loaded], images: np.ndarray) -> None:
+def check_input_size(loaded: list[LoadedCheckpoint], images: np.ndarray) -> None:
     """Refuse images whose size differs from a checkpoint's declared ``input_size`` (naming both)."""
     h, w = images.shape[-2:]
     for ck in loaded:
-        size = ck.payload.get("input_size")
+        size = ck.input_size
         if size is not None and (h, w) != (size, size):
             raise RankshardError(f"{ck.path}: trained on {size}x{size} inputs but the images are {h}x{w}; use "
                                  "shards of that resolution, or --images FILE... (resized to the input size)")
@@ -110,7 +92,7 @@ def _delta_summary(maps: MapSet) -> dict | None:
             "max_relative_delta": max(d["relative_delta"] for d in deltas)}
 
 
-def run_check(ck: Loaded, images: torch.Tensor, decs: Decomposition | None, cfg: RunConfig, engine: RankEngine,
+def run_check(ck: LoadedCheckpoint, images: torch.Tensor, decs: Decomposition | None, cfg: RunConfig, engine: RankEngine,
               maps: MapSet) -> dict:
     """Randomization test for ``ck`` (same classes as ``maps``) and the rank-path convergence delta."""
     stages = []
@@ -122,12 +104,13 @@ def run_check(ck: Loaded, images: torch.Tensor, decs: Decomposition | None, cfg:
             "spearman": randomization_table(maps.maps, stages), "rank_path": _delta_summary(path)}
 
 
-def _explain(ck: Loaded, images: torch.Tensor, decs, batch: InputBatch, cfg: RunConfig, engine: RankEngine) -> dict:
+def _explain(ck: LoadedCheckpoint, images: torch.Tensor, decs, batch: InputBatch, cfg: RunConfig, engine: RankEngine,
+             bar: Progress) -> dict:
     start = time.perf_counter()
-    maps = compute_maps(ck.model, images, cfg.maps, engine, decs=decs)
+    maps = compute_maps(ck.model, images, cfg.maps, engine, decs=decs, on_image=lambda: bar.update(1))
     seconds = time.perf_counter() - start
     folder = cfg.out / ck.name
-    entry = {"name": ck.name, "path": ck.path, "arch": ck.payload["arch"], "variant": ck.payload["variant"],
+    entry = {"name": ck.name, "path": ck.path, "arch": ck.payload.get("arch"), "variant": ck.payload.get("variant"),
              "targets": maps.targets, "seconds": seconds, "images_per_s": len(images) / seconds,
              "maps": _save_maps(folder, maps), "rank_path": _delta_summary(maps)}
     entry["figure"] = str(save_rows_figure(folder / "maps.png", batch.images, _columns(maps, cfg.maps),
@@ -142,8 +125,13 @@ def _explain(ck: Loaded, images: torch.Tensor, decs, batch: InputBatch, cfg: Run
     return entry
 
 
-def run_rig(loaded: list[Loaded], batch: InputBatch, cfg: RunConfig, source: dict) -> dict:
-    """Explain ``batch`` with every checkpoint; write maps, figures, checks and ``summary.json``; return it."""
+def _entry_files(entry: dict) -> list[str]:
+    return list(entry["maps"].values()) + ([entry["check"]] if "check" in entry else [])
+
+
+def run_rig(loaded: list[LoadedCheckpoint], batch: InputBatch, cfg: RunConfig, source: dict) -> dict:
+    """Explain ``batch`` with every checkpoint; write maps, figures, checks and ``rig.json``; return its body
+    (figure paths as written, not relative)."""
     device = resolve_device(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
     np.save(cfg.out / "images.npy", batch.images)
@@ -151,7 +139,9 @@ def run_rig(loaded: list[Loaded], batch: InputBatch, cfg: RunConfig, source: dic
     images = torch.from_numpy(batch.images).to(device)
     # one decomposition per image for every checkpoint and randomization stage (--check needs the rank path)
     decs = engine.decompose(images) if RANK_METHODS & set(cfg.maps.methods) or cfg.check else None
-    entries = [_explain(ck, images, decs, batch, cfg, engine) for ck in loaded]
+    bar = Progress(len(images) * len(loaded), "rig", enabled=not cfg.quiet)
+    entries = [_explain(ck, images, decs, batch, cfg, engine, bar) for ck in loaded]
+    bar.close()
     figures = [e["figure"] for e in entries]
     if len(entries) > 1:
         cols = [c for e in entries for c in _columns(e["_maps"], cfg.maps, f"{e['name']}\n")]
@@ -160,13 +150,13 @@ def run_rig(loaded: list[Loaded], batch: InputBatch, cfg: RunConfig, source: dic
                                             "checkpoints side by side (each explains its own top class)", cfg.clip)))
     for e in entries:
         del e["_maps"]
-    summary = {"format": "rankshard-rig/1", "config": _jsonable(dataclasses.asdict(cfg)), "source": source,
-               "inputs": {"names": batch.names, "labels": batch.labels, "shape": list(batch.images.shape)},
-               "checkpoints": entries, "figures": figures,
-               "provenance": {"device": str(device), "torch": torch.__version__, "numpy": np.__version__,
-                              "python": platform.python_version(), "svd": engine.describe()}}
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    body = {"source": source, "inputs": {"names": batch.names, "labels": batch.labels,
+                                         "shape": list(batch.images.shape)},
+            "checkpoints": entries, "svd": engine.describe()}
+    files = [cfg.out / "images.npy"] + [f for e in entries for f in _entry_files(e)]
+    path = write_result(cfg.out, "rig", body, config=_jsonable(dataclasses.asdict(cfg)), device=device,
+                        figures=figures, files=files)
+    return {**body, "figures": figures, "path": str(path)}
 
 
 def _jsonable(obj):

@@ -1,6 +1,51 @@
-"""``rankshard-evaluate weights``: SVD of every conv/linear layer of stored checkpoints."""
-from rankshard.train.checkpoint import model_from_checkpoint
+"""``rankshard-evaluate weights CKPT... --out DIR``: SVD of every conv/linear layer of stored checkpoints."""
+from __future__ import annotations
 
-from rankshard.evaluate.weights.cli import make_weights_command
+import click
 
-command = make_weights_command(model_from_checkpoint)
+from rankshard.evaluate.checkpoints import common_input_size, load_checkpoints
+from rankshard.evaluate.errors import EvaluationError, friendly_errors
+from rankshard.evaluate.options import checkpoints_argument, out_option, quiet_option, trust_option, workers_option
+from rankshard.evaluate.weights.report import ReportConfig, run_weights_analysis
+from rankshard.evaluate.weights.spectra import WeightsConfig
+
+
+def _config(top_k, seed, no_operator, no_permuted, dtype) -> WeightsConfig:
+    try:
+        return WeightsConfig(top_k=top_k, seed=seed, operator=not no_operator, permuted=not no_permuted, dtype=dtype)
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
+
+
+@click.command("weights")
+@checkpoints_argument()
+@out_option("weights.json, per-model tables (CSV/JSON), singular vectors and figures")
+@click.option("--layers", default="*", show_default=True,
+              help="Comma-separated fnmatch patterns over module names, e.g. 'layer1.*,fc'.")
+@click.option("--input-size", type=int, default=None,
+              help="Probe resolution; default: the checkpoints' input_size, else 224.")
+@click.option("--top-k", type=int, default=8, show_default=True, help="Singular vectors kept per layer.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permuted baselines.")
+@click.option("--no-operator", is_flag=True, help="Skip the exact operator spectra (unfolded SVD only).")
+@click.option("--no-permuted", is_flag=True, help="Skip the randomly permuted baselines.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--esd-layers", type=int, default=16, show_default=True, help="ESD panels per model.")
+@workers_option("Threads analysing layers in parallel (0: one per CPU core). The analysis runs on the CPU.")
+@trust_option
+@quiet_option
+@friendly_errors
+def command(checkpoints, out, layers, input_size, top_k, seed, no_operator, no_permuted, dtype, esd_layers,
+            workers, trust_checkpoint, quiet):
+    """SVD of every Conv2d/Linear weight: unfolded and exact operator spectra, RMT fits, figures."""
+    cfg = _config(top_k, seed, no_operator, no_permuted, dtype)
+    ckpts = load_checkpoints(checkpoints, "cpu", trust=trust_checkpoint)
+    size = input_size or common_input_size(ckpts, "pass --input-size to analyse them at one resolution") or 224
+    try:
+        results = run_weights_analysis({ck.name: ck.model for ck in ckpts}, size, out, layers, cfg,
+                                       ReportConfig(esd_layers=esd_layers), workers or None, quiet)
+    except ValueError as err:  # a --layers pattern that matches nothing
+        raise EvaluationError(str(err)) from None
+    for name, res in results.items():
+        click.echo(f"{name}: {len(res)} layers analysed at {size}x{size} in "
+                   f"{sum(r.seconds for r in res):.1f} s -> {out / name}")
+    click.echo(f"result: {out / 'weights.json'}")

@@ -2,7 +2,8 @@
 
 Output layout under ``out_dir``::
 
-    config.json                       the WeightsConfig used (plus versions)
+    weights.json                      the result (kind "weights", ``evaluate.results``): config, per-model
+                                      summary tables, figures and files
     depth.png                         alpha and stable rank across depth, all models, permuted dotted
     compare.csv / compare.json        (two or more models) chosen statistics side by side, joined by layer
     <model>/weights.csv|json          one row per layer (see rankshard.evaluate.weights.spectra.layer_row)
@@ -18,18 +19,20 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from rankshard.preprocess.progress import Progress
+
+from rankshard.evaluate.results import safe_name, write_result
 from rankshard.evaluate.weights.rmt import esd, mp_density
-from rankshard.evaluate.weights.spectra import LayerResult, WeightsConfig, analyse_model, as_pair, layer_row
+from rankshard.evaluate.weights.spectra import (LayerResult, WeightsConfig, analyse_model, as_pair, layer_row,
+                                                select_layers)
 
 
 @dataclass(frozen=True)
@@ -167,14 +170,10 @@ def compare_rows(tables: dict[str, list[dict]], cfg: ReportConfig = ReportConfig
     return out
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
-
-
 def write_model_report(name: str, results: list[LayerResult], out_dir: Path,
                        cfg: ReportConfig = ReportConfig()) -> list[dict]:
     """Table, vectors and figures of one model under ``out_dir/<name>``; returns the table rows."""
-    folder = out_dir / _safe(name)
+    folder = out_dir / safe_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     rows = [layer_row(r) for r in results]
     write_table(rows, folder / "weights")
@@ -186,25 +185,58 @@ def write_model_report(name: str, results: list[LayerResult], out_dir: Path,
     return rows
 
 
+SUMMARY_STATS = ("unfolded_spectral_norm", "unfolded_stable_rank", "unfolded_alpha", "unfolded_mp_spikes",
+                 "operator_spectral_norm")  # per layer, in the result's summary tables (all columns: the CSVs)
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """The per-layer columns the report shows (the full table has ~60 columns)."""
+    return [{"layer": r["name"], "kind": r["kind"], "shape": r["shape"],
+             **{k: _clean(r[k]) for k in SUMMARY_STATS if k in r}} for r in rows]
+
+
+def _outputs(out: Path, names: list[str]) -> tuple[list[Path], list[Path]]:
+    """(figures, other files) that exist after the analysis, for the result's ``figures``/``files``."""
+    figures = [out / "depth.png"] + [out / safe_name(n) / f for n in names for f in ("esd.png", "filters.png")]
+    files = [out / safe_name(n) / f for n in names for f in ("weights.csv", "weights.json", "vectors.npz")]
+    files += [out / "compare.csv", out / "compare.json"]
+    return [f for f in figures if f.exists()], [f for f in files if f.exists()]
+
+
 def run_weights_analysis(models: dict[str, nn.Module], input_size: int | tuple[int, int], out_dir: str | Path,
                          layers_pattern: str = "*", config: WeightsConfig | None = None,
-                         report: ReportConfig = ReportConfig()) -> dict[str, list[LayerResult]]:
-    """Analyse every model and write tables, vectors and figures (and the comparison for 2+ models).
+                         report: ReportConfig = ReportConfig(), workers: int | None = None,
+                         quiet: bool = True) -> dict[str, list[LayerResult]]:
+    """Analyse every model and write tables, vectors, figures (and the comparison for 2+ models) and the
+    ``weights.json`` result.
 
-    ``config`` supplies everything else; ``input_size`` and ``layers_pattern`` override its fields.
+    ``config`` supplies everything else; ``input_size`` and ``layers_pattern`` override its fields. Every
+    model is analysed before anything is written, so a bad ``--layers`` leaves no half-written folder.
     """
-    base = config or WeightsConfig()
-    cfg = replace(base, input_size=as_pair(input_size), layers=layers_pattern)
+    cfg = replace(config or WeightsConfig(), input_size=as_pair(input_size), layers=layers_pattern)
+    total = sum(len(select_layers(m, layers_pattern)) for m in models.values())  # raises on a bad pattern
+    bar = Progress(total, "weights", unit="layer", enabled=not quiet)
+    results = {name: analyse_model(model, cfg, workers, on_layer=lambda _r: bar.update(1))
+               for name, model in models.items()}
+    bar.close()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "config.json", "w") as f:
-        json.dump({"weights": asdict(cfg), "report": asdict(report), "models": list(models),
-                   "torch": torch.__version__, "numpy": np.__version__}, f, indent=1)
-    results, tables = {}, {}
-    for name, model in models.items():
-        results[name] = analyse_model(model, cfg)
-        tables[name] = write_model_report(name, results[name], out, report)
+    tables = {name: write_model_report(name, res, out, report) for name, res in results.items()}
     plot_depth(tables, out / "depth.png", report)
     if len(models) > 1:
         write_table(compare_rows(tables, report), out / "compare")
+    figures, files = _outputs(out, list(models))
+    write_result(out, "weights", {"models": {n: len(r) for n, r in results.items()},
+                                  "tables": {n: summary_rows(t) for n, t in tables.items()}},
+                 config={"weights": _jsonable(asdict(cfg)), "report": asdict(report)}, device="cpu",
+                 figures=figures, files=files)
     return results
+
+
+def _jsonable(obj):
+    """Config values as JSON: tuples to lists, non-finite floats to null (the result must be strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return _clean(obj)

@@ -427,18 +427,24 @@ def analyse_layer(info: LayerInfo, cfg: WeightsConfig) -> LayerResult:
     return LayerResult(info, stats, spectra, top, notes, time.perf_counter() - t0)
 
 
-def analyse_model(model: nn.Module, cfg: WeightsConfig = WeightsConfig(), workers: int | None = None
-                  ) -> list[LayerResult]:
+def analyse_model(model: nn.Module, cfg: WeightsConfig = WeightsConfig(), workers: int | None = None,
+                  on_layer: Callable[[LayerResult], None] | None = None) -> list[LayerResult]:
     """Analyse every selected Conv2d/Linear layer of ``model``; results in forward order.
 
     Layers are independent, so they run on ``workers`` threads (default: one per core), each with
     single-threaded LAPACK: torch releases the GIL inside its kernels, and one thread per layer scales
-    where MKL's own threading inside one small SVD did not (see ``lapack_threads``).
+    where MKL's own threading inside one small SVD did not (see ``lapack_threads``). ``on_layer`` sees each
+    result as it arrives, in forward order (progress).
     """
     infos = discover_layers(model, cfg)
+    results = []
     # set once here: per-call save/restore from several threads would race on the global setting
     with lapack_threads(1), ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda info: analyse_layer(info, cfg), infos))
+        for result in pool.map(lambda info: analyse_layer(info, cfg), infos):
+            results.append(result)
+            if on_layer is not None:
+                on_layer(result)
+    return results
 
 
 def layer_row(result: LayerResult) -> dict:

@@ -28,13 +28,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from rankshard.evaluate.errors import EvaluationError
+from rankshard.evaluate.results import write_result
 from rankshard.evaluate.weights.spectra import select_layers, unfold_svd
 
 
@@ -115,7 +116,8 @@ def influential(magnitudes: torch.Tensor, mass: float) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_magnitudes(model: nn.Module, batches: Iterable, bases: dict[str, LayerBasis], num_classes: int,
-                       per_class: int, device: torch.device | str = "cpu"
+                       per_class: int, device: torch.device | str = "cpu",
+                       on_images: Callable[[int], None] | None = None
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward up to ``per_class`` images of each class; returns (layer -> magnitudes ``[N, K]``, labels ``[N]``)."""
     modules = dict(model.named_modules())
@@ -138,6 +140,8 @@ def collect_magnitudes(model: nn.Module, batches: Iterable, bases: dict[str, Lay
                     raise ProfileError(f"layers {missing} are never called in the forward pass; "
                                        f"choose others with --layers")
                 labels.append(batch.y[keep])
+                if on_images is not None:
+                    on_images(len(keep))
                 for name in bases:
                     parts[name].append(current[name])
             if bool((counts >= per_class).all()):
@@ -202,10 +206,12 @@ class SvdProfile:
 
 
 def profile_model(model: nn.Module, batches: Iterable, num_classes: int, cfg: ProfileConfig,
-                  classes: tuple[str, ...] = (), device: torch.device | str = "cpu") -> SvdProfile:
-    """Influential directions per class for every selected layer, and the class hypergraph over all layers."""
+                  classes: tuple[str, ...] = (), device: torch.device | str = "cpu",
+                  on_images: Callable[[int], None] | None = None) -> SvdProfile:
+    """Influential directions per class for every selected layer, and the class hypergraph over all layers;
+    ``on_images(n)`` is told of every ``n`` images profiled (progress)."""
     bases = layer_bases(model, cfg.layers, cfg.top_k)
-    mags, labels = collect_magnitudes(model, batches, bases, num_classes, cfg.per_class, device)
+    mags, labels = collect_magnitudes(model, batches, bases, num_classes, cfg.per_class, device, on_images)
     layers, nodes, columns = {}, [], []
     for name, basis in bases.items():
         counts, images = class_counts(influential(mags[name], cfg.mass), labels, num_classes)
@@ -218,29 +224,30 @@ def profile_model(model: nn.Module, batches: Iterable, num_classes: int, cfg: Pr
     return SvdProfile(names, images, layers, nodes, incidence, jaccard(incidence))
 
 
-def write_profile(profile: SvdProfile, cfg: ProfileConfig, out: str | Path, source: dict) -> list[Path]:
-    """svd-profile.json (config, per-layer counts/incidence/Jaccard), hypergraph.json, jaccard.json, jaccard.png."""
+def write_profile(profile: SvdProfile, cfg: ProfileConfig, out: str | Path, source: dict,
+                  device: str | torch.device = "cpu") -> Path:
+    """The ``svd-profile.json`` result (config, per-layer counts/incidence/Jaccard, summary) and its side
+    files hypergraph.json, jaccard.json and jaccard.png; returns the result's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(profile.classes)
     per_layer = {name: {"singular_values": lp.singular_values.tolist(), "counts": lp.counts.tolist(),
                         "incidence": lp.incidence.astype(int).tolist(), "jaccard": jaccard(lp.incidence).tolist()}
                  for name, lp in profile.layers.items()}
-    files = {
-        "svd-profile.json": {"config": asdict(cfg), "source": source, "classes": classes,
-                             "images_per_class": profile.images.tolist(), "layers": per_layer},
+    sides = {
         "hypergraph.json": {"classes": classes, "nodes": profile.nodes,
                             "incidence": profile.incidence.astype(int).tolist(),
                             "edges": {c: [n for n, on in zip(profile.nodes, row) if on]
                                       for c, row in zip(classes, profile.incidence)}},
         "jaccard.json": {"classes": classes, "matrix": profile.jaccard.tolist()},
     }
-    written = []
-    for fname, body in files.items():
+    for fname, body in sides.items():
         (out / fname).write_text(json.dumps(body, indent=1))
-        written.append(out / fname)
-    written.append(jaccard_heatmap(profile.jaccard, classes, out / "jaccard.png"))
-    return written
+    figure = jaccard_heatmap(profile.jaccard, classes, out / "jaccard.png")
+    body = {"source": source, "classes": classes, "images_per_class": profile.images.tolist(), "layers": per_layer,
+            "summary": layer_summary(profile), "most_overlapping": most_overlapping(profile)}
+    return write_result(out, "svd-profile", body, config=asdict(cfg), device=device, figures=[figure],
+                        files=[out / f for f in sides])
 
 
 def jaccard_heatmap(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
@@ -263,15 +270,27 @@ def jaccard_heatmap(matrix: np.ndarray, classes: list[str], path: Path) -> Path:
     return path
 
 
+def layer_summary(profile: SvdProfile) -> list[dict]:
+    """Per layer: analysed directions and the mean hyperedge size (directions per class)."""
+    return [{"layer": name, "directions": int(lp.incidence.shape[1]),
+             "mean_hyperedge_size": round(float(lp.incidence.sum(1).mean()), 2)} for name, lp in profile.layers.items()]
+
+
+def most_overlapping(profile: SvdProfile) -> dict | None:
+    """The pair of distinct classes with the largest Jaccard overlap (None with a single class)."""
+    if len(profile.classes) < 2:
+        return None
+    off = np.where(np.eye(len(profile.classes), dtype=bool), -math.inf, profile.jaccard)
+    i, j = np.unravel_index(np.argmax(off), off.shape)
+    return {"classes": [profile.classes[i], profile.classes[j]], "jaccard": float(profile.jaccard[i, j])}
+
+
 def summary(profile: SvdProfile) -> str:
     """A few lines for the terminal: per-layer mean hyperedge size and the most-overlapping class pair."""
     lines = [f"{len(profile.classes)} classes, {int(profile.images.sum())} images, {len(profile.nodes)} directions"]
-    for name, lp in profile.layers.items():
-        lines.append(f"  {name}: {lp.incidence.shape[1]} directions, mean hyperedge size "
-                     f"{lp.incidence.sum(1).mean():.1f}")
-    off = np.where(np.eye(len(profile.classes), dtype=bool), -math.inf, profile.jaccard)
-    if len(profile.classes) > 1:
-        i, j = np.unravel_index(np.argmax(off), off.shape)
-        lines.append(f"most overlapping: {profile.classes[i]} / {profile.classes[j]} "
-                     f"(Jaccard {profile.jaccard[i, j]:.3f})")
+    lines += [f"  {r['layer']}: {r['directions']} directions, mean hyperedge size {r['mean_hyperedge_size']:.1f}"
+              for r in layer_summary(profile)]
+    pair = most_overlapping(profile)
+    if pair:
+        lines.append(f"most overlapping: {pair['classes'][0]} / {pair['classes'][1]} (Jaccard {pair['jaccard']:.3f})")
     return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""Report sections, one renderer per result ``kind`` (``RENDERERS``), plus training curves from run folders.
+
+A renderer takes every result of its kind (``evaluate.results`` contract) and a ``Figures`` collector, and
+returns sections. Adding a kind = writing it with ``write_result`` and adding a renderer here; ``report`` lists
+results whose kind has no renderer as skipped, so nothing disappears silently.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
+from rankshard.evaluate.results import Skipped, safe_name
+from rankshard.evaluate.tables import Table, accuracy_table_rows, pct, pgd_table_rows, spectrum_table
+
+
+@dataclass
+class Section:
+    """A titled part of the report: prose, tables and figure files (all under the report's figures folder)."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Figures:
+    """The report's ``figures/`` folder: new plots go there, results' own PNGs are copied in (so the Markdown
+    links stay relative), and a figure a result lists but that is gone is recorded as skipped."""
+
+    folder: Path
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def new(self, name: str) -> Path:
+        return self.folder / f"{len(list(self.folder.iterdir())):03d}-{safe_name(name)}"
+
+    def adopt(self, result: dict) -> list[Path]:
+        """Copies of the figures ``result`` lists (paths relative to its JSON), in order."""
+        copies = []
+        for rel in result.get("figures", ()):
+            src = Path(result["path"]).parent / rel
+            if not src.is_file():
+                self.skipped.append(Skipped(str(src), f"figure listed by {result['path']} is missing"))
+                continue
+            copies.append(Path(shutil.copyfile(src, self.new(str(rel)))))
+        return copies
+
+
+Renderer = Callable[[list[dict], Figures], list[Section]]
+
+
+def accuracy_sections(results: list[dict], figs: Figures) -> list[Section]:
+    rows = [row for r in results for row in r["rows"]]
+    return [Section("Accuracy", [f"Top-1/top-5 from {len(results)} result file(s)."],
+                    [Table(accuracy_table_rows(rows))])]
+
+
+def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in results:
+        groups.setdefault((r["data"], r["mode"]), {})[r["checkpoint"]] = r["rows"]
+    sections = []
+    for (data, mode), series in sorted(groups.items()):
+        curves = [curve_from_rows(name, rows) for name, rows in series.items()]
+        sec = Section(f"Rank spectrum ({mode} rank) on {data}",
+                      [f"Algorithm 1: top-1 of each checkpoint on rank-k inputs ({len(curves)} checkpoints, "
+                       f"{next(iter(series.values()))[0]['count']} images)."])
+        sec.figures.append(plot_spectra(curves, mode, f"{mode}-rank spectrum on {data}",
+                                        figs.new(f"spectrum-{data}-{mode}.png")))
+        if len(curves) > 1:
+            sec.figures.append(plot_gaps(curves, mode, f"top-1 gap vs {curves[0].name} on {data}",
+                                         figs.new(f"spectrum-{data}-{mode}-gap.png")))
+        sec.tables.append(spectrum_table(series))
+        sections.append(sec)
+    return sections
+
+
+def pgd_section(r: dict, figs: Figures) -> Section:
+    a = r["attack"]
+    what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
+            f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
+    return Section("PGD robustness", [what], [Table(pgd_table_rows(r["rows"]), "Table 2 layout")])
+
+
+def _rig_lines(ck: dict) -> list[str]:
+    lines = [f"{ck['name']}: explained classes {ck['targets']} ({ck['images_per_s']:.2f} images/s)."]
+    rp = ck.get("rank_path") or ck.get("check_result", {}).get("rank_path")
+    if rp:
+        lines.append(f"{ck['name']}: rank-path completeness delta max |{rp['max_abs_delta']:.3g}| "
+                     f"(relative {rp['max_relative_delta']:.3g}).")
+    return lines
+
+
+def _randomization_table(ck: dict) -> list[Table]:
+    table = ck.get("check_result", {}).get("spearman", {})
+    rows = [{"method": m, **{r["stage"]: f"{r['spearman_mean']:.2f}" for r in stages}} for m, stages in table.items()]
+    return [Table(rows, f"{ck['name']}: randomization test, mean Spearman correlation with the trained maps "
+                        "(high = the map does not depend on the weights)")] if rows else []
+
+
+def rig_section(r: dict, figs: Figures) -> Section:
+    methods = ", ".join(r["config"]["maps"]["methods"])
+    sec = Section("Rank Integrated Gradients", [f"{len(r['inputs']['names'])} images "
+                  f"({', '.join(r['inputs']['names'])}); methods {methods} ({r['path']})."])
+    for ck in r["checkpoints"]:
+        sec.text += _rig_lines(ck)
+        sec.tables += _randomization_table(ck)
+    sec.figures = figs.adopt(r)
+    return sec
+
+
+def weights_section(r: dict, figs: Figures) -> Section:
+    size = "x".join(map(str, r["config"]["weights"]["input_size"]))
+    return Section("Weight spectra", [f"SVD of every selected Conv2d/Linear weight at input {size} ({r['path']}); "
+                                      "full tables in the per-model CSV files."],
+                   [Table(rows, f"{model}: {len(rows)} layers") for model, rows in r["tables"].items()],
+                   figs.adopt(r))
+
+
+def svd_profile_section(r: dict, figs: Figures) -> Section:
+    pair, src = r.get("most_overlapping"), r["source"]
+    text = [f"{src['checkpoint']} on {src['data']}: {len(r['classes'])} classes, "
+            f"{sum(r['images_per_class'])} images, mass {r['config']['mass']}."]
+    if pair:
+        text.append(f"Most overlapping classes: {pair['classes'][0]} / {pair['classes'][1]} "
+                    f"(Jaccard {pair['jaccard']:.3f}).")
+    return Section("SVD profile", text, [Table(r["summary"], "influential directions per layer")], figs.adopt(r))
+
+
+def each(build: Callable[[dict, Figures], Section]) -> Renderer:
+    """A renderer giving one section per result (kinds whose results are not merged across files)."""
+    return lambda results, figs: [build(r, figs) for r in results]
+
+
+RENDERERS: dict[str, Renderer] = {
+    "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": each(pgd_section), "rig": each(rig_section),
+    "weights": each(weights_section), "svd-profile": each(svd_profile_section),
+}
+
+
+def _epoch_row(record: dict) -> dict:
+    row = {"epoch": record["epoch"], "train loss": f"{record['train']['loss']:.4f}",
+           "train top-1": pct(record["train"]["top1"])}
+    return row | {f"{v} top-1": pct(m["top1"]) for v, m in record.get("eval", {}).items()}
+
+
+def run_section(run_dir: Path, figs: Figures) -> Section | None:
+    """Training curves of a ``rankshard-train`` run folder (config.json, metrics.jsonl, curves.png)."""
+    metrics, curves = run_dir / "metrics.jsonl", run_dir / "curves.png"
+    if not metrics.is_file():
+        figs.skipped.append(Skipped(str(run_dir), "not a training run folder: no metrics.jsonl"))
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    config = json.loads((run_dir / "config.json").read_text()).get("config", {}) \
+        if (run_dir / "config.json").is_file() else {}
+    sec = Section(f"Training run {run_dir.name}", [f"{run_dir}: {len(records)} epochs; "
+                  f"arch {config.get('arch', '?')}, trained on {config.get('train_variant', '?')}."])
+    sec.tables.append(Table([_epoch_row(r) for r in records], "per-epoch metrics (metrics.jsonl)"))
+    if curves.is_file():
+        sec.figures.append(Path(shutil.copyfile(curves, figs.new(f"curves-{run_dir.name}.png"))))
+    else:
+        figs.skipped.append(Skipped(str(curves), "training curves figure is missing"))
+    return sec
