@@ -105,7 +105,7 @@ def _position(key: str) -> int:
 
 
 def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, batch_size: int = 128,
-               workers: int = 2, limit: int | None = None) -> EvalData:
+               workers: int = 2, limit: int | None = None, verify_shards: bool = True) -> EvalData:
     """Materialized shards ``ROOT/<dataset>/<split>/<variant>`` through ``loaders.eval_loader`` (exactly once).
 
     ``limit`` keeps the first N samples of the manifest order (keys 0..N-1: SPEC's keys are the global
@@ -116,7 +116,7 @@ def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, 
     check_limit(limit)
     dataset = resolve_dataset(root, dataset)
     check_layout(root, dataset, split, variant)
-    info = open_variant(root, dataset, split, variant)
+    info = open_variant(root, dataset, split, variant, verify_shards=verify_shards)
     n = info.num_samples if limit is None else min(limit, info.num_samples)
     info = _first_samples(info, n) if n < info.num_samples else info
     cfg = LoaderConfig(batch_size=batch_size, workers=workers)

@@ -72,12 +72,14 @@ def checkpoint_options(fn):
 
 
 def data_options(variant: bool = True):
-    """--data ROOT, --dataset, --split, [--variant], --limit, --batch-size, --workers."""
+    """--data ROOT, --dataset, --split, [--variant], --limit, --batch-size, --workers, --verify-shards."""
     options = [
         data_root_options(),
         click.option("--limit", type=int, default=None, help="Evaluate only the first N samples (keys 0..N-1)."),
         click.option("--batch-size", type=int, default=128, show_default=True, help="Images per loader batch, per process."),
         workers_option(),
+        click.option("--verify-shards/--no-verify-shards", default=True, show_default=True,
+                     help="Check each shard's sha256 against its manifest before reading it."),
     ]
     if variant:
         options.insert(1, click.option("--variant", default="full", show_default=True,
@@ -91,8 +93,9 @@ def setup(checkpoints, device: str, trust_checkpoint: bool) -> tuple[DistContext
     return ctx, load_checkpoints(checkpoints, ctx.device, trust=trust_checkpoint)
 
 
-def open_data(root, dataset, split, variant, batch_size, workers, limit) -> EvalData:
-    return shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers, limit=limit)
+def open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards=True) -> EvalData:
+    return shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers, limit=limit,
+                      verify_shards=verify_shards)
 
 
 def finish(ctx: DistContext, message: str) -> None:

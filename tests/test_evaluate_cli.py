@@ -110,3 +110,18 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
         one = list(csv.DictReader(open(outputs[1] / name)))
         two = list(csv.DictReader(open(outputs[2] / name)))
         assert len(one) in (37, 9) and [{**r, "delta": ""} for r in one] == [{**r, "delta": ""} for r in two], name
+
+
+def test_a_damaged_shard_stops_evaluation_unless_verification_is_off(setup, tmp_path):
+    root, ck = setup
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    (shard,) = [p for p in (shards / "cifar10/test/full").glob("*.tar") if p.name.endswith("000001.tar")]
+    data = bytearray(shard.read_bytes())
+    data[-2048] ^= 0xFF  # in the zero padding before the end-of-archive marker: every sample still decodes
+    shard.write_bytes(bytes(data))
+    args = ["accuracy", f"a={ck['a']}", "--data", shards, "--out", tmp_path / "o", "--device", "cpu", "--workers", "0"]
+    code, out = _run(*args)
+    assert code == 2 and f"{shard.name}: sha256" in out and "Traceback" not in out
+    code, out = _run(*args, "--no-verify-shards")
+    assert code == 0, out

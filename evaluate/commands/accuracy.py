@@ -16,9 +16,9 @@ from rankshard.evaluate.tables import accuracy_table_rows, markdown_table
               help="Data variant(s) to evaluate on; repeat for several (--variant full --variant rank-010).")
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, quiet, root, dataset, split, limit,
-            batch_size, workers, variants):
+            batch_size, workers, verify_shards, variants):
     """Top-1/top-5 of each CKPT ([NAME=]PATH) on each --variant; accuracy.csv/json in --out."""
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
-    datasets = [open_data(root, dataset, split, v, batch_size, workers, limit) for v in variants]
+    datasets = [open_data(root, dataset, split, v, batch_size, workers, limit, verify_shards) for v in variants]
     rows = run_accuracy(ckpts, datasets, ctx, out, allow_size_mismatch, quiet)
     finish(ctx, markdown_table(accuracy_table_rows(rows or [])) + f"\n\nwritten to {out}/accuracy.csv")

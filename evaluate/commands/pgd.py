@@ -43,11 +43,11 @@ def attack_config(norm, eps, steps, step_size, targeted, restarts, seed) -> PGDE
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds targets and random starts.")
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, quiet, root, dataset, split, variant, limit,
-            batch_size, workers, norm, eps, steps, step_size, targeted, restarts, seed):
+            batch_size, workers, verify_shards, norm, eps, steps, step_size, targeted, restarts, seed):
     """Attack success, recovery, clean top-1 and robust accuracy of each CKPT; per-sample CSVs and a
     Table-2-style pgd.md/pgd.csv across checkpoints."""
     cfg = attack_config(norm, eps, steps, step_size, targeted, restarts, seed)
-    data = open_data(root, dataset, split, variant, batch_size, workers, limit)
+    data = open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards)
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
     rows = run_pgd(ckpts, data, cfg, ctx, out, allow_size_mismatch, quiet)
     finish(ctx, f"{describe_attack(cfg)} on {data.name}\n\n{markdown_table(pgd_table_rows(rows or []))}"

@@ -24,10 +24,10 @@ from rankshard.evaluate.tables import markdown_table, spectrum_table
 @click.option("--svd-backend", default="auto", show_default=True, help="Rank engine backend (see rankshard-preprocess).")
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, root, dataset, split, variant, limit,
-            batch_size, workers, quiet, ranks, mode, forward_batch, svd_backend):
+            batch_size, workers, verify_shards, quiet, ranks, mode, forward_batch, svd_backend):
     """Top-1 and agreement with the full-rank prediction at every requested rank, one SVD per image;
     per-checkpoint CSV/JSON, spectrum-MODE.png (all checkpoints) and spectrum-MODE-gap.png (vs the first)."""
-    data = open_data(root, dataset, split, variant, batch_size, workers, limit)
+    data = open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards)
     cfg = SpectrumConfig(parse_ranks(ranks, min(data.image_size)), mode, forward_batch)
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
     engine = RankEngine(svd_backend, ctx.device)
