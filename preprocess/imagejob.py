@@ -26,10 +26,11 @@ DEFAULT_GEOMETRY = {"train": (224, 224), "val": (256, 224)}
 def default_geometry(split: str, resize: int | None, crop: int | None, max_pixels: int | None = None) -> Geometry:
     """Geometry from --resize/--crop, with the split's defaults for whatever was not given."""
     base_resize, base_crop = DEFAULT_GEOMETRY.get(split, DEFAULT_GEOMETRY["val"])
-    crop = crop or base_crop
-    resize = resize or max(base_resize, crop)
+    # "is None", not "or": a given 0 must reach Geometry's validation, not quietly become the default
+    crop = base_crop if crop is None else crop
+    resize = max(base_resize, crop) if resize is None else resize
     try:
-        return Geometry(resize, crop, **({"max_pixels": max_pixels} if max_pixels else {}))
+        return Geometry(resize, crop, **({} if max_pixels is None else {"max_pixels": max_pixels}))
     except ValueError as exc:
         raise RankshardError(str(exc)) from None
 

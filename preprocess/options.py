@@ -11,6 +11,10 @@ from pathlib import Path
 import click
 
 from rankshard.preprocess.errors import ON_ERROR
+from rankshard.preprocess.rank.engine import BACKENDS
+
+# "none" runs everything but the SVD (a benchmark baseline); the rest are the rank engine's backends
+BACKEND_CHOICES = ("auto", "none", *BACKENDS)
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
@@ -54,21 +58,21 @@ def shard_options(fn):
                      help="png: uint8, lossless after rounding; npy: float16, no clipping."),
         click.option("--png-level", type=click.IntRange(0, 9), default=1, show_default=True,
                      help="zlib level of PNG members (1 is ~3x faster than 6 for ~5-10% more bytes)."),
-        click.option("--factors", type=int, default=None, help="Also store the top-K SVD factors (factors-K)."),
+        click.option("--factors", type=click.IntRange(min=1), default=None, help="Also store the top-K SVD factors (factors-K)."),
         click.option("--spectra/--no-spectra", default=True, show_default=True, help="Store singular values."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training-order shuffle."),
-        click.option("--shard-size", type=int, default=None,
+        click.option("--shard-size", type=click.IntRange(min=1), default=None,
                      help="Samples per shard (default: 1000 for cifar10, 500 for image datasets: a 224x224 shard "
                           "job holds ~150 KB per image per variant in memory)."),
-        click.option("--backend", default="auto", show_default=True,
+        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
                      help="SVD backend: auto, numpy, torch, gram64, cupy, ... (auto = fastest that meets 1e-4); "
                           "'none' disables the SVD (benchmark baseline: outputs are NOT rank-k)."),
         click.option("--device", default="auto", show_default=True,
                      help="auto (this process's GPU cuda:LOCAL_RANK when CUDA is present, else cpu), cpu, cuda, "
                           "cuda:1."),
-        click.option("--batch-size", type=int, default=None,
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
-        click.option("--workers", type=int, default=None, help="Encode/write processes (default: cores - 1; 0: none)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Encode/write processes (default: cores - 1; 0: none)."),
         click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
         quiet_option,
     ])
@@ -77,16 +81,16 @@ def shard_options(fn):
 def image_options(fn):
     """Options shared by the image-dataset commands (on top of ``shard_options``)."""
     return _apply(fn, [
-        click.option("--resize", type=int, default=None,
+        click.option("--resize", type=click.IntRange(min=1), default=None,
                      help="Shorter side after the (antialiased) resize; default 256 for val/test, 224 for train."),
-        click.option("--crop", type=int, default=None, help="Center crop size (default 224)."),
+        click.option("--crop", type=click.IntRange(min=1), default=None, help="Center crop size (default 224)."),
         click.option("--on-error", type=click.Choice(ON_ERROR), default=None,
                      help="Unreadable inputs: skip (default) skips each and records it in the manifest's errors; "
                           "raise stops at the first. The loaders' on_error uses the same words."),
         click.option("--strict", is_flag=True, help="Alias of --on-error raise."),
         click.option("--shuffle/--no-shuffle", default=None,
                      help="Seeded global shuffle of the sample order (default: on for train, off otherwise)."),
-        click.option("--max-pixels", type=int, default=None,
+        click.option("--max-pixels", type=click.IntRange(min=1), default=None,
                      help="Refuse images declaring more pixels (decompression bombs); default 89,478,485."),
     ])
 

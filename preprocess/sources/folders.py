@@ -16,7 +16,8 @@ from rankshard.preprocess.format.tarindex import TarDamage, iter_tar, split_name
 from rankshard.preprocess.sources.listing import Listing
 
 # torchvision's ImageFolder extensions (matched case-insensitively): others are ignored, not errors
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What PIL decodes; a GIF contributes its first frame (palette -> RGB like any palette image)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -65,9 +66,19 @@ def class_dirs(root: Path) -> list[str]:
 
 
 def _image_files(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursive, symlinks followed), relative, sorted."""
-    found = []
+    """Image files below ``folder`` (recursive, symlinks followed), relative, sorted.
+
+    Symlinked folders are followed (datasets are often assembled from links) but each real folder is
+    visited once: a link back up the tree would otherwise list every image again on every lap until
+    the path length runs out.
+    """
+    found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         rel = os.path.relpath(dirpath, folder)
         found += [os.path.normpath(os.path.join(rel, n)) for n in filenames
