@@ -22,7 +22,7 @@ from rankshard.preprocess.sources.listing import read_bytes
 from rankshard.preprocess.locking import RunLock
 from rankshard.preprocess.pipeline import materialize_split
 from rankshard.preprocess.spec import ShardSpec
-from rankshard.preprocess.sources.synthtree import WNIDS, tar_bytes, write_flat_val, write_train_tar, write_train_tree
+from rankshard.preprocess.sources.synthtree import WNIDS, hostile_files, tar_bytes, write_flat_val, write_train_tar, write_train_tree
 from rankshard.preprocess.verify import verify_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,3 +360,19 @@ def test_folder_and_wds_commands(tree, tmp_path):
     assert r.exit_code == 0, r.output
     m = _manifest(tmp_path / "o", "wds", "train", "rank-003")
     assert m["num_samples"] == 6 and m["class_counts"] == [3, 3] and verify_tree(tmp_path / "o").ok
+
+
+def test_hostile_sizes_are_skipped_with_reasons_or_stop_a_strict_run(tmp_path):
+    root = tmp_path / "src"
+    write_train_tree(root, classes=2, per_class=3, odd=False)
+    for name, (data, _) in hostile_files().items():
+        (root / WNIDS[0] / name).write_bytes(data)
+    common = ["folder", "--source", str(root), "--ranks", "3", "--workers", "0", "--quiet", "--crop", "16",
+              "--backend", "gram64"]
+    r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    errors = {e["source"].rsplit("/", 1)[-1]: e["reason"] for e in _manifest(tmp_path / "o", "src", "train", "rank-003")["errors"]}
+    assert {name: reason in errors.get(name, "") for name, (_, reason) in hostile_files().items()} == \
+        {name: True for name in hostile_files()}
+    r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "s"), "--strict"])
+    assert r.exit_code == 2 and "--strict stops" in r.output and "hostile_" in r.output
