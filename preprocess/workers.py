@@ -20,6 +20,7 @@ import multiprocessing as mp
 import signal
 import sys
 import traceback
+from pathlib import Path
 from multiprocessing.connection import wait
 from typing import Any, Callable
 
@@ -204,3 +205,28 @@ def _in_main_thread() -> bool:
 
 def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}; the workers were stopped. {_RESUME}")
+
+
+# -- observing a running job from outside (the kill tests and the soak benchmark) ---------------------------
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Pids of the spawn workers (Linux /proc) among ``parent``'s children (not its resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; it only waits for its parent to reap it
