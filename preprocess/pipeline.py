@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import multiprocessing as mp
 import os
 import resource
 import shutil
@@ -42,6 +41,7 @@ from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
 from rankshard.preprocess.format.variants import Variant
 from rankshard.preprocess.writer import ShardJob, write_shard_job
+from rankshard.preprocess.workers import WorkerPool
 
 
 class Source(Protocol):
@@ -406,7 +406,7 @@ class Materializer:
                 yield shard, positions, loaded
             return
         jobs = iter(plan)
-        submit = lambda s, p: (s, p, pool.apply_async(run_job, (self._load_job(p),)))  # noqa: E731
+        submit = lambda s, p: (s, p, pool.submit(run_job, self._load_job(p), self._decode_what(s, p)))  # noqa: E731
         pending = collections.deque(submit(s, p) for s, p in itertools.islice(jobs, 2 * self.spec.workers))
         while pending:
             shard, positions, result = pending.popleft()
@@ -418,6 +418,12 @@ class Materializer:
             if nxt is not None:
                 pending.append(submit(*nxt))
             yield shard, positions, loaded
+
+    def _decode_what(self, shard: int, positions: np.ndarray) -> str:
+        listing = getattr(self.source, "listing", None)
+        first = listing.ids[self.order[positions[0]]] if listing is not None else None
+        return (f"decoding the images at output positions {positions[0]}-{positions[-1]} of shard "
+                f"{self.layout.shard_name(shard)}" + (f" (first: {first})" if first else ""))
 
     def _load_job(self, positions: np.ndarray):
         return self.source.load_job(self.order[positions], positions)
@@ -452,8 +458,7 @@ class Materializer:
         if self.spec.workers == 0:
             yield None
             return
-        # spawn, not fork: forking a process that has run torch/OpenMP threads can deadlock the child
-        with mp.get_context("spawn").Pool(self.spec.workers) as pool:
+        with WorkerPool(self.spec.workers) as pool:
             yield pool
 
     def _write_all(self, engine, todo: list[int], digest: str, bar: Progress) -> None:
@@ -465,7 +470,8 @@ class Materializer:
                 if pool is None:
                     self._collect(write_shard_job(job), bar)
                     continue
-                writes.append(pool.apply_async(write_shard_job, (job,)))
+                what = f"encoding and writing shard {job.shard_name} ({', '.join(v.name for v in self.variants)})"
+                writes.append(pool.submit(write_shard_job, job, what))
                 while len(writes) > self.spec.workers:  # bounded: memory stays flat
                     self._collect(self._wait(writes.popleft()), bar)
             while writes:

@@ -87,3 +87,20 @@ def test_download_with_wrong_md5_is_refused(archive, tmp_path):
     with pytest.raises(SourceError, match="md5 differs"):
         download_cifar10(tmp_path, url=archive.as_uri(), md5="0" * 32)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "batches.meta"])
+def test_oversized_members_are_refused_before_they_are_read(tmp_path, name):
+    import io
+
+    from rankshard.preprocess.sources.cifar import MAX_BATCH_BYTES, MAX_META_BYTES
+
+    size = (MAX_META_BYTES if name == "batches.meta" else MAX_BATCH_BYTES) + 1
+    bomb = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:  # zeros: a small file that inflates to more than the cap
+        info = tarfile.TarInfo(f"{FOLDER}/{name}")
+        info.size = size
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(SourceError, match=f"declares {size:,} bytes, more than a genuine CIFAR-10 {name}"):
+        load_cifar10(bomb, "train")

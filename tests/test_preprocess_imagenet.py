@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from procs import alive, worker_pids
 
 from rankshard.preprocess.format import tar as shards_module
 from rankshard.preprocess.format.tarindex import read_shard
@@ -22,7 +23,7 @@ from rankshard.preprocess.sources.listing import read_bytes
 from rankshard.preprocess.locking import RunLock
 from rankshard.preprocess.pipeline import materialize_split
 from rankshard.preprocess.spec import ShardSpec
-from rankshard.preprocess.sources.synthtree import WNIDS, tar_bytes, write_flat_val, write_train_tar, write_train_tree
+from rankshard.preprocess.sources.synthtree import WNIDS, hostile_files, tar_bytes, write_flat_val, write_train_tar, write_train_tree
 from rankshard.preprocess.verify import verify_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,6 +293,50 @@ def test_resume_after_kill_9_is_byte_identical(built, tree, tmp_path):
     assert _tars(tmp_path) == _tars(out) and verify_tree(tmp_path).ok
 
 
+def _wait_for_workers(proc, count: int) -> list[int]:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        pids = worker_pids(proc.pid)
+        if len(pids) >= count:
+            return pids
+        time.sleep(0.01)
+    raise AssertionError(f"no {count} workers appeared (exit status {proc.poll()})")
+
+
+def test_a_killed_worker_stops_the_job_with_a_message_and_the_rerun_is_byte_identical(built, tree, tmp_path):
+    out, _, _ = built
+    cli = _cli(tree["root"], tmp_path, "--workers", "2")  # the later --workers wins
+    proc = subprocess.Popen(cli, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, other = _wait_for_workers(proc, 2)
+    os.kill(victim, signal.SIGKILL)  # what the OOM killer does
+    killed_at = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 10, "a dead worker must stop the job within seconds, not hang it"
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert f"worker process {victim} was killed by SIGKILL" in stderr and "rerun the same command" in stderr
+    assert "Traceback" not in stderr and not alive(other)
+    assert not (tmp_path / "imagenet/train/rank-005/manifest.json").exists()
+    assert not [p for p in tmp_path.rglob("*.tar") if p.read_bytes() != (out / p.relative_to(tmp_path)).read_bytes()]
+    result = subprocess.run(cli, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _tars(tmp_path) == _tars(out) and verify_tree(tmp_path).ok
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_main_process_leaves_no_workers_behind(tree, tmp_path, sig):
+    proc = subprocess.Popen(_cli(tree["root"], tmp_path, "--workers", "2"), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    workers = _wait_for_workers(proc, 2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in workers), "orphaned workers"
+    if sig == signal.SIGTERM:
+        assert proc.returncode != 0 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
 # -- folder and wds -----------------------------------------------------------------------------------------
 
 
@@ -316,3 +361,19 @@ def test_folder_and_wds_commands(tree, tmp_path):
     assert r.exit_code == 0, r.output
     m = _manifest(tmp_path / "o", "wds", "train", "rank-003")
     assert m["num_samples"] == 6 and m["class_counts"] == [3, 3] and verify_tree(tmp_path / "o").ok
+
+
+def test_hostile_sizes_are_skipped_with_reasons_or_stop_a_strict_run(tmp_path):
+    root = tmp_path / "src"
+    write_train_tree(root, classes=2, per_class=3, odd=False)
+    for name, (data, _) in hostile_files().items():
+        (root / WNIDS[0] / name).write_bytes(data)
+    common = ["folder", "--source", str(root), "--ranks", "3", "--workers", "0", "--quiet", "--crop", "16",
+              "--backend", "gram64"]
+    r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    errors = {e["source"].rsplit("/", 1)[-1]: e["reason"] for e in _manifest(tmp_path / "o", "src", "train", "rank-003")["errors"]}
+    assert {name: reason in errors.get(name, "") for name, (_, reason) in hostile_files().items()} == \
+        {name: True for name in hostile_files()}
+    r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "s"), "--strict"])
+    assert r.exit_code == 2 and "--strict stops" in r.output and "hostile_" in r.output

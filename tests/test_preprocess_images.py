@@ -7,7 +7,8 @@ from PIL import Image
 from rankshard.preprocess.sources.images import BadImage, Geometry, decode, open_image, transform
 from rankshard.preprocess.sources.matfile import read_mat
 from rankshard.preprocess.sources.synth import class_images
-from rankshard.preprocess.sources.synthtree import bomb_png, odd_files
+from rankshard.preprocess.sources.listing import read_bytes
+from rankshard.preprocess.sources.synthtree import bomb_png, hostile_files, odd_files, strip_png
 
 IMAGE = class_images(2, 1, (40, 56), seed=5)[0]
 
@@ -119,3 +120,29 @@ def test_mat_reader_refuses_other_files():
 
     with pytest.raises(SourceError, match="level-5 MAT-file"):
         read_mat(b"not a mat file" * 20)
+
+
+@pytest.mark.parametrize("name", sorted(hostile_files()))
+def test_hostile_sizes_are_refused_before_decoding(name):
+    data, reason = hostile_files()[name]
+    with pytest.raises(BadImage, match=reason):
+        decode(data, Geometry(256, 224))
+
+
+def test_aspect_rule_admits_up_to_its_limit_and_states_it():
+    assert decode(strip_png(80, 4), Geometry(32, 32)).shape == (32, 32, 3)       # 20:1 exactly
+    with pytest.raises(BadImage, match="more than 20:1"):
+        decode(strip_png(81, 4), Geometry(32, 32))
+    with pytest.raises(ValueError, match="max-pixels"):
+        Geometry(32, 32, max_pixels=0)
+
+
+def test_files_larger_than_any_admissible_image_are_not_read(tmp_path):
+    geometry = Geometry(32, 32, max_pixels=1000)
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\0" * (geometry.max_file_bytes + 1))
+    with pytest.raises(BadImage, match="refused before reading"):
+        read_bytes(str(big), 0, -1, max_bytes=geometry.max_file_bytes)
+    with pytest.raises(BadImage, match="refused before reading"):
+        read_bytes(str(big), 0, geometry.max_file_bytes + 1, max_bytes=geometry.max_file_bytes)
+    assert len(read_bytes(str(big), 0, 10, max_bytes=geometry.max_file_bytes)) == 10

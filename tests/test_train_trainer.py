@@ -179,3 +179,22 @@ def test_adversarial_training_attacks_in_eval_mode(tmp_path, data, monkeypatch):
     assert t.model.training                          # and training mode came back for the update
     assert t.adv.eps == pytest.approx(8 / 255) and t.adv.alpha == pytest.approx(2.5 * (8 / 255) / 2)
     assert math.isfinite(rundir.read_metrics(tmp_path)[0]["train"]["loss"])
+
+
+def test_widths_that_crash_torch_cpu_backward_are_refused_with_the_reproduction(tmp_path, data):
+    with pytest.raises(ConfigError, match=r"--width 4 on CPU.*oneDNN.*benchmarks/repro_narrow_conv.py"):
+        run(tiny(width="4"), tmp_path, data=data, log=quiet)
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_narrow_conv_reproduction_runs_isolated():
+    """The crash candidate runs in its own processes: a segfault or hang there cannot take pytest down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks/repro_narrow_conv.py"
+    out = subprocess.run([sys.executable, str(script), "--tries", "2", "--steps", "50", "--watchdog", "120"],
+                         capture_output=True, text=True, timeout=400)
+    assert out.stdout.count("try ") == 2, out.stdout + out.stderr  # each try reported: ok, hung or crashed

@@ -76,6 +76,21 @@ def _stream_seed(*parts: int) -> int:
     return value
 
 
+# Narrowest model trained on CPU. Below 8 channels (one AVX2 register of floats), torch's bundled oneDNN
+# kernel for 1x1-convolution weight gradients hung or crashed (issue 12): see benchmarks/repro_narrow_conv.py.
+MIN_CPU_WIDTH = 8
+
+
+def check_cpu_width(width: int, device: torch.device) -> None:
+    """Refuse widths that crash torch's CPU backward (ConfigError: exit 2), with the reproduction to run."""
+    if device.type == "cpu" and width < MIN_CPU_WIDTH:
+        raise ConfigError(
+            f"--width {width} on CPU: training models narrower than {MIN_CPU_WIDTH} channels hangs or crashes "
+            "inside torch's oneDNN 1x1-convolution backward (jit_avx2_1x1_convolution_bwd_weights; not rankshard "
+            f"code). Use --width {MIN_CPU_WIDTH} or more, or a GPU. Minimal reproduction without rankshard: "
+            "python benchmarks/repro_narrow_conv.py")
+
+
 class Trainer:
     """Train ``cfg``'s model on ``data`` into ``run_dir`` (one process of a DDP job, or alone)."""
 
@@ -86,6 +101,7 @@ class Trainer:
         self.log = log if self.env.is_main else (lambda _msg: None)
         self.show_progress = progress
         self.device = self.env.device
+        check_cpu_width(cfg.width, self.device)
         self.per_rank_batch = self._per_rank_batch()
         self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.device.type == "cuda")

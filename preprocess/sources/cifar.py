@@ -37,6 +37,11 @@ SPLIT_FILES = {
     "test": (("test_batch", "40351d587109b95175f43aff81a1287e"),),
 }
 META_FILE = ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")
+# Largest member worth reading. A genuine batch pickles 10000 x 3072 bytes of pixels plus labels and
+# file names (~31 MB); batches.meta is 158 bytes. Without a cap, a crafted archive (a 2.9 MB gzip bomb)
+# made the reader hold 3.2 GB before the md5 check could refuse it.
+MAX_BATCH_BYTES = 40_000_000
+MAX_META_BYTES = 64 * 1024
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -117,6 +122,7 @@ class _Members:
                 for member in tar:
                     name = os.path.basename(member.name)
                     if member.isfile() and name in wanted:
+                        _check_size(f"{path}: member {member.name}", name, member.size)  # before reading it
                         found[name] = tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
             raise SourceError(
@@ -133,7 +139,16 @@ class _Members:
         file = self.path / name
         if not file.is_file():
             raise SourceError(f"{file}: missing. Expected the extracted {FOLDER}/ folder of the python version.")
+        _check_size(str(file), name, file.stat().st_size)
         return file.read_bytes()
+
+
+def _check_size(what: str, name: str, size: int) -> None:
+    """Refuse a member larger than any genuine CIFAR-10 file of that name, before a byte of it is read."""
+    limit = MAX_META_BYTES if name == META_FILE[0] else MAX_BATCH_BYTES
+    if size > limit:
+        raise SourceError(f"{what} declares {size:,} bytes, more than a genuine CIFAR-10 {name} can hold "
+                          f"({limit:,}); this is not the official archive. Download it again ({URL}).")
 
 
 def load_cifar10(path: str | os.PathLike, split: str, verify_md5: bool = True) -> CifarSplit:

@@ -119,9 +119,18 @@ def cached_listing(cache_dir: Path | None, signature: dict, build: Callable[[], 
         os.close(fd)
 
 
-def read_bytes(container: str, offset: int, size: int) -> bytes:
-    """The bytes of one listed image: a whole file (size -1) or ``size`` bytes at ``offset`` of a tar."""
+def read_bytes(container: str, offset: int, size: int, max_bytes: int | None = None) -> bytes:
+    """The bytes of one listed image: a whole file (size -1) or ``size`` bytes at ``offset`` of a tar.
+
+    A file or member over ``max_bytes`` is refused before it is read (BadImage), so a 40 GB "image"
+    never reaches memory.
+    """
     with open(container, "rb") as f:
+        if max_bytes is not None:
+            actual = os.fstat(f.fileno()).st_size if size < 0 else size
+            if actual > max_bytes:
+                raise BadImage(f"file of {actual:,} bytes refused before reading: no image within --max-pixels "
+                               f"needs more than {max_bytes:,} bytes")
         if size < 0:
             return f.read()
         data = os.pread(f.fileno(), size, offset)
@@ -163,7 +172,7 @@ class DecodeJob:
         errors = []
         for j, (entry, position, source_id) in enumerate(zip(self.entries, self.positions, self.ids)):
             try:
-                images[j] = decode(read_bytes(*entry), self.geometry)
+                images[j] = decode(read_bytes(*entry, max_bytes=self.geometry.max_file_bytes), self.geometry)
                 keep[j] = True
             except BadImage as exc:
                 errors.append({"index": position, "source": source_id, "reason": str(exc)})

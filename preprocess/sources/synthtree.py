@@ -41,6 +41,21 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
             chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
+def strip_png(width: int, height: int = 1) -> bytes:
+    """A genuine (fully decodable) PNG of an absurd aspect ratio: a few KB that once asked for gigabytes."""
+    ramp = (np.arange(width * height, dtype=np.uint32) % 251).astype(np.uint8).reshape(height, width)
+    return png_bytes(Image.fromarray(np.stack([ramp] * 3, -1)))
+
+
+def hostile_files() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, reason fragment): small files that must be refused before they cost memory."""
+    return {
+        "hostile_1x5000.png": (strip_png(5000), "aspect ratio"),          # took a worker to 1 GB
+        "hostile_1x300000.png": (strip_png(300_000), "aspect ratio"),      # would have needed ~60 GB
+        "hostile_20000x20000.png": (bomb_png(20_000, 20_000), "decompression bomb"),
+    }
+
+
 def odd_files(image: np.ndarray) -> dict[str, tuple[bytes, str | None]]:
     """name -> (bytes, expected outcome): "ok" for inputs that must decode, else a reason fragment."""
     rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 128, np.uint8)], axis=2)

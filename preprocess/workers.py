@@ -1,0 +1,232 @@
+"""A process pool that fails loudly: a dead worker stops the job at once and says who died doing what.
+
+``multiprocessing.Pool`` replaces a worker that dies (OOM kill, segfault, ``kill -9``) and silently drops
+the task it held, so the job's ``result.get()`` waits forever. Here every worker holds at most one task
+and the main process waits on the workers' result pipes *and* their process sentinels together
+(``multiprocessing.connection.wait``): a death is seen the moment it happens, with no timeout, so
+healthy slow work is never mistaken for a hang.
+
+Stopping is prompt and leaves no orphans: SIGTERM becomes an ``Interrupted`` error in the main process,
+Ctrl-C (SIGINT, sent to the whole terminal process group) is left to the main process, which terminates
+the workers on the way out; and each worker asks Linux to kill it if the main process dies first
+(``PR_SET_PDEATHSIG``), so a ``kill -9`` of the main process takes its workers with it.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import multiprocessing as mp
+import signal
+import sys
+import traceback
+from pathlib import Path
+from multiprocessing.connection import wait
+from typing import Any, Callable
+
+from rankshard.preprocess.errors import RankshardError
+
+_RESUME = "Finished shards are kept (partial ones are never renamed into place); rerun the same command to resume."
+
+
+class WorkerDied(RankshardError):
+    """A worker process ended while it held a task (exit, OOM kill, segfault)."""
+
+
+class Interrupted(RankshardError):
+    """The main process was asked to stop (Ctrl-C or SIGTERM)."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'was killed by SIGKILL (...)' / 'exited with status 3' for a Process.exitcode."""
+    if exitcode is None:
+        return "closed its result pipe"
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.Signals._value2member_map_ else str(-exitcode)
+        hint = {"SIGKILL": " (what the Linux OOM killer sends: check `dmesg` and lower --workers or "
+                           "--batch-size)", "SIGSEGV": " (a crash in native code)"}.get(name, "")
+        return f"was killed by {name}{hint}"
+    return f"exited with status {exitcode}"
+
+
+def _die_with_parent() -> None:
+    # Linux only: deliver SIGKILL to this worker when the process that started it dies (kill -9 included).
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _serve(conn) -> None:
+    """Worker loop: receive (fn, arg), send back ("ok", result) or ("error", exception, traceback text)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _die_with_parent()
+    while True:
+        try:
+            fn, arg = conn.recv()
+        except (EOFError, OSError):  # the main process closed the pipe or is gone
+            return
+        try:
+            reply = ("ok", fn(arg))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process
+            reply = ("error", exc, traceback.format_exc())
+        try:
+            conn.send(reply)
+        except Exception as exc:  # an unpicklable exception or result: send its text instead
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc()))
+
+
+class Task:
+    """A submitted call; ``get()`` blocks until it is done, re-raising the worker's exception."""
+
+    def __init__(self, pool: "WorkerPool", fn: Callable, arg: Any, what: str):
+        self.pool, self.fn, self.arg, self.what = pool, fn, arg, what
+        self.done, self.value, self.error = False, None, None
+
+    def get(self) -> Any:
+        while not self.done:
+            self.pool._step()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Worker:
+    def __init__(self, ctx):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="rankshard-worker")
+        self.process.start()
+        child.close()
+        self.task: Task | None = None
+
+
+class _RemoteTraceback(Exception):
+    def __str__(self) -> str:
+        return f"\n(in the worker process)\n{self.args[0]}"
+
+
+class WorkerPool:
+    """``n`` spawn workers, one task each at a time; tasks beyond that wait in this process.
+
+    Use as a context manager: leaving it normally closes the workers, leaving it by an exception (a
+    dead worker, an error, Ctrl-C, SIGTERM) terminates them first, so nothing outlives the job.
+    """
+
+    def __init__(self, n: int):
+        # spawn, not fork: forking a process that has run torch/OpenMP threads can deadlock the child
+        ctx = mp.get_context("spawn")
+        self.workers = [_Worker(ctx) for _ in range(n)]
+        self.queue: collections.deque[Task] = collections.deque()
+        self._old_sigterm = None
+
+    def submit(self, fn: Callable, arg: Any, what: str) -> Task:
+        """Run ``fn(arg)`` in a worker; ``what`` says what the task is, for the error if its worker dies."""
+        task = Task(self, fn, arg, what)
+        self.queue.append(task)
+        self._dispatch()
+        return task
+
+    def _dispatch(self) -> None:
+        for w in self.workers:
+            if not self.queue:
+                return
+            if w.task is None:
+                w.task = self.queue.popleft()
+                try:
+                    w.conn.send((w.task.fn, w.task.arg))
+                except (BrokenPipeError, ConnectionResetError, EOFError):
+                    self._died(w)
+                w.task.arg = None  # the worker has its copy; don't keep a shard's arrays alive twice
+
+    def _step(self) -> None:
+        """Wait until some worker answers or dies; record answers, raise WorkerDied on a death."""
+        busy = {w.conn: w for w in self.workers if w.task is not None}
+        if not busy:
+            raise RuntimeError("WorkerPool: waiting on a task that no worker holds")
+        ready = set(wait([*busy, *(w.process.sentinel for w in self.workers)]))
+        for conn, w in busy.items():
+            if conn in ready or w.process.sentinel in ready:
+                self._receive(w)  # its answer, or end-of-file if it died -> WorkerDied
+        for w in self.workers:
+            if w.process.sentinel in ready:  # a worker only exits when its pipe closes: any exit now is a death
+                self._died(w)
+        self._dispatch()
+
+    def _receive(self, w: _Worker) -> None:
+        try:
+            reply = w.conn.recv()
+        except Exception:  # EOF, or a message cut short by the death
+            self._died(w)
+        task, w.task = w.task, None
+        task.done = True
+        if reply[0] == "ok":
+            task.value = reply[1]
+        else:
+            task.error = reply[1]
+            task.error.__cause__ = _RemoteTraceback(reply[2])
+
+    def _died(self, w: _Worker) -> None:
+        w.process.join(timeout=2)  # the sentinel fired, so the exit code is there (or arrives at once)
+        what = w.task.what if w.task is not None else "idle"
+        raise WorkerDied(f"worker process {w.process.pid} {describe_exit(w.process.exitcode)} while {what}. "
+                         f"The job is stopped rather than left waiting for a result that will never come. {_RESUME}")
+
+    # -- lifetime ------------------------------------------------------------------------------------
+    def __enter__(self) -> "WorkerPool":
+        if _in_main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_interrupted)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+        self.shutdown(wait_for_idle=kind is None)
+        if kind is KeyboardInterrupt:
+            raise Interrupted(f"interrupted (Ctrl-C); the workers were stopped. {_RESUME}") from None
+
+    def shutdown(self, wait_for_idle: bool = True) -> None:
+        """Stop every worker: politely (EOF on its pipe) when all is well, at once otherwise."""
+        for w in self.workers:
+            with contextlib.suppress(OSError):
+                w.conn.close()
+            if not wait_for_idle and w.process.is_alive():
+                w.process.terminate()
+        for w in self.workers:
+            w.process.join(timeout=5)
+            if w.process.is_alive():  # ignored SIGTERM / stuck in native code: no orphans either way
+                w.process.kill()
+                w.process.join(timeout=5)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; the workers were stopped. {_RESUME}")
+
+
+# -- observing a running job from outside (the kill tests and the soak benchmark) ---------------------------
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Pids of the spawn workers (Linux /proc) among ``parent``'s children (not its resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; it only waits for its parent to reap it
