@@ -22,7 +22,8 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
 
     placement = Placement.from_env()
     policy = bad_input_policy(opts.pop("on_error"), opts.pop("strict"))
-    geometry = default_geometry(split, opts.pop("resize"), opts.pop("crop"), opts.pop("max_pixels"))
+    geometry = default_geometry(split, opts.pop("resize"), opts.pop("crop"), opts.pop("max_pixels"),
+                                opts.pop("exif_transpose"))
     out, shuffle, quiet, workers = opts.pop("out"), opts.pop("shuffle"), opts.pop("quiet"), opts.pop("workers")
     device, overwrite = opts.pop("device"), opts.pop("overwrite")
     source = make_source(geometry, cache_dir(out, dataset, split))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,14 +23,16 @@ from rankshard.preprocess.spec import ShardSpec
 DEFAULT_GEOMETRY = {"train": (224, 224), "val": (256, 224)}
 
 
-def default_geometry(split: str, resize: int | None, crop: int | None, max_pixels: int | None = None) -> Geometry:
+def default_geometry(split: str, resize: int | None, crop: int | None, max_pixels: int | None = None,
+                     exif_transpose: bool = False) -> Geometry:
     """Geometry from --resize/--crop, with the split's defaults for whatever was not given."""
     base_resize, base_crop = DEFAULT_GEOMETRY.get(split, DEFAULT_GEOMETRY["val"])
     # "is None", not "or": a given 0 must reach Geometry's validation, not quietly become the default
     crop = base_crop if crop is None else crop
     resize = max(base_resize, crop) if resize is None else resize
     try:
-        return Geometry(resize, crop, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+        return Geometry(resize, crop, exif_transpose=exif_transpose,
+                        **({} if max_pixels is None else {"max_pixels": max_pixels}))
     except ValueError as exc:
         raise RankshardError(str(exc)) from None
 
@@ -62,6 +64,9 @@ def file_source(listing_fn: Callable[[], Listing], signature: dict, root: Path, 
     start = time.perf_counter()
     listing, cached = cached_listing(cache, signature, listing_fn)
     info = source_info(listing, root, checksum_verified, cached, time.perf_counter() - start)
+    # the geometry decides every pixel (and, through the size rules, which files are skipped): it is part
+    # of what identifies the output, so another --crop in the same folder is refused instead of resumed
+    info["geometry"] = asdict(geometry)
     return FileSource(listing, geometry, info)
 
 

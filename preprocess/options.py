@@ -88,6 +88,9 @@ def image_options(fn):
                      help="Unreadable inputs: skip (default) skips each and records it in the manifest's errors; "
                           "raise stops at the first. The loaders' on_error uses the same words."),
         click.option("--strict", is_flag=True, help="Alias of --on-error raise."),
+        click.option("--exif-transpose", is_flag=True,
+                     help="Rotate/flip photos as their EXIF orientation says (default: ignored, as torchvision's "
+                          "ImageFolder does, so shards match what ImageNet models were trained on)."),
         click.option("--shuffle/--no-shuffle", default=None,
                      help="Seeded global shuffle of the sample order (default: on for train, off otherwise)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=None,

@@ -68,6 +68,8 @@ class ShardSpec:
         cfg = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
         cfg["ranks"], cfg["high"] = sorted(set(self.ranks)), sorted(set(self.high))
         cfg["source_fingerprint"] = source["fingerprint"]
+        if "geometry" in source:  # image sources: resize/crop and the size rules
+            cfg["geometry"] = source["geometry"]
         cfg["format"] = FORMAT
         return cfg
 

@@ -65,3 +65,11 @@ def test_a_gif_is_materialized_like_any_image(tree, tmp_path):
     (manifest,) = (tmp_path / "o").rglob("rank-003/manifest.json")
     data = json.loads(manifest.read_text())
     assert data["num_samples"] == 6 and data["errors"] == []
+
+
+def test_another_geometry_in_the_same_folder_is_refused_not_resumed(tree, tmp_path):
+    args = ["folder", "--source", str(tree), "--out", str(tmp_path / "o"), "--quiet", "--workers", "0", "--ranks", "3"]
+    first = CliRunner().invoke(main, [*args, "--crop", "16", "--resize", "16"])
+    assert first.exit_code == 0, first.output
+    other = CliRunner().invoke(main, [*args, "--crop", "20", "--resize", "20"])
+    assert other.exit_code == 2 and "different configuration" in other.output and "geometry" in other.output

@@ -376,4 +376,4 @@ def test_hostile_sizes_are_skipped_with_reasons_or_stop_a_strict_run(tmp_path):
     assert {name: reason in errors.get(name, "") for name, (_, reason) in hostile_files().items()} == \
         {name: True for name in hostile_files()}
     r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "s"), "--strict"])
-    assert r.exit_code == 2 and "--strict stops" in r.output and "hostile_" in r.output
+    assert r.exit_code == 2 and "--strict, stops at the first bad" in r.output and "hostile_" in r.output

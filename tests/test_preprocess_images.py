@@ -146,3 +146,20 @@ def test_files_larger_than_any_admissible_image_are_not_read(tmp_path):
     with pytest.raises(BadImage, match="refused before reading"):
         read_bytes(str(big), 0, geometry.max_file_bytes + 1, max_bytes=geometry.max_file_bytes)
     assert len(read_bytes(str(big), 0, 10, max_bytes=geometry.max_file_bytes)) == 10
+
+
+def test_exif_orientation_is_ignored_by_default_and_applied_on_request():
+    image = class_images(0, 1, size=(40, 64), seed=3)[0]  # 40 rows x 64 columns: rotation changes the shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", exif=exif)
+    data = buf.getvalue()
+    plain = Geometry(resize=32, crop=32)
+    turned = Geometry(resize=32, crop=32, exif_transpose=True)
+    upright = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(image, k=-1))).save(upright, format="PNG")  # clockwise
+    assert np.array_equal(decode(data, turned), decode(upright.getvalue(), plain))
+    unrotated = io.BytesIO()
+    Image.fromarray(image).save(unrotated, format="PNG")
+    assert np.array_equal(decode(data, plain), decode(unrotated.getvalue(), plain))

@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must fail, not decode into a grey bottom half (PIL's opt-in leniency stays off).
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -49,6 +49,9 @@ class Geometry:
     crop: int = 224
     max_pixels: int = MAX_PIXELS
     max_aspect: float = MAX_ASPECT
+    # Camera photos store "rotate me" in EXIF instead of rotating pixels. Ignored by default, like
+    # torchvision's ImageFolder (so shards match what ImageNet-trained models saw); --exif-transpose applies it.
+    exif_transpose: bool = False
 
     def __post_init__(self):
         if self.crop < 1 or self.resize < self.crop:
@@ -174,6 +177,8 @@ def decode(data: bytes, geometry: Geometry) -> np.ndarray:
     rule bounds the full resize instead.
     """
     im = open_image(data, geometry=geometry)
+    if geometry.exif_transpose:
+        im = ImageOps.exif_transpose(im)
     try:
         return transform(im, geometry)
     except MemoryError:  # a safety net: the size rules should make this unreachable
