@@ -1,4 +1,7 @@
-"""Shared pytest setup: tests marked ``gpu`` are skipped where no CUDA device is present; one torch thread."""
+"""Shared pytest setup: tests marked ``gpu`` are skipped where no CUDA device is present; one torch thread;
+nothing may be written into the working directory."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,3 +22,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+_LEFT_BY_TOOLS = {".pytest_cache", "__pycache__", ".venv", "build", "dist", ".git"}
+
+
+def _working_dir_entries() -> set[str]:
+    return {p.name for p in Path.cwd().iterdir() if p.name not in _LEFT_BY_TOOLS and not p.name.endswith(".egg-info")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_working_directory():
+    """Tests write under tmp_path only: a default output folder in the user's working directory (the first
+    release's ``weights-report/``) is a bug, and this fails the session when one appears."""
+    before = _working_dir_entries()
+    yield
+    new = sorted(_working_dir_entries() - before)
+    assert not new, f"tests wrote into the working directory {Path.cwd()}: {new}"
