@@ -83,12 +83,15 @@ def parent(url: str) -> str:
 
 
 class Transport:
-    """Reading is ``stream`` (bytes from ``start`` on) and ``size``; ``ranged`` transports resume a broken
-    download where it stopped. Writing (materialization to object storage) is only for ``writable`` ones."""
+    """Reading is ``stream`` (bytes from ``start`` on) and ``size``; where ``resumable`` a broken download
+    continues where it stopped. Writing (materialization to object storage) is only for ``writable`` ones."""
 
     ranged = False
     writable = False
     can_list = False
+
+    def resumable(self, url: str) -> bool:
+        return self.ranged
 
     def stream(self, url: str, start: int, timeout: float) -> Iterator[bytes]:
         raise NotImplementedError
@@ -153,9 +156,16 @@ class LocalTransport(Transport):
 
 
 class HttpTransport(Transport):
-    """Standard library HTTP(S). Reads need no Range support; with it, a dropped download resumes."""
+    """Standard library HTTP(S). Reads need no Range support; where the server advertises it
+    (``Accept-Ranges: bytes``), a dropped download resumes, else it starts again from byte 0."""
 
     ranged = True
+
+    def __init__(self):
+        self._ranges: dict[str, bool] = {}  # url -> whether its server said it accepts byte ranges
+
+    def resumable(self, url):
+        return self._ranges.get(url, False)
 
     def _open(self, url: str, timeout: float, method: str = "GET", start: int = 0):
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -175,6 +185,7 @@ class HttpTransport(Transport):
     def stream(self, url, start, timeout):
         resp = self._open(url, timeout, start=start)
         with resp:
+            self._ranges[url] = resp.headers.get("Accept-Ranges", "").strip() == "bytes"
             skip = start if resp.status == 200 else 0  # Range ignored: the body starts at byte 0 again
             expected = resp.length
             got = 0
@@ -323,7 +334,7 @@ def _download(url: str, retry: Retry) -> tuple[bytes, str]:
     transport = transport_for(url)
     buf, digest = bytearray(), hashlib.sha256()
     for attempt in range(retry.attempts):
-        if not transport.ranged and buf:  # a sequential source starts again from its first byte
+        if buf and not transport.resumable(url):  # a sequential source starts again from its first byte
             buf, digest = bytearray(), hashlib.sha256()
         try:
             for data in transport.stream(url, len(buf), retry.timeout_s):
