@@ -10,6 +10,7 @@ import numpy as np
 
 from rankshard import __version__ as VERSION
 from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.ecosystem import ecosystem_files
 from rankshard.preprocess.spec import FORMAT, Layout
 from rankshard.preprocess.format.variants import Variant
 
@@ -18,6 +19,12 @@ def write_json(path: Path, obj) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -80,6 +87,8 @@ def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int,
             "quantization": agg, "errors": list(errors or []), "stats": stats, "version": VERSION,
             "host": {"python": platform.python_version(), "machine": platform.machine()},
         }
+        for name, data in ecosystem_files(manifest).items():  # wids index, HF card: deterministic bytes
+            _write_bytes(layout.variant_dir(v) / name, data)
         write_json(layout.variant_dir(v) / "manifest.json", manifest)
         manifests[v.name] = manifest
     return manifests
