@@ -52,8 +52,9 @@ class IntegrityError(TransportError):
     """What arrived is not what the manifest recorded (size or sha256)."""
 
 
-class _Transient(Exception):
-    """A failure worth retrying (dropped connection, timeout, 5xx, a command that failed)."""
+class _Transient(TransportError):
+    """A failure worth retrying (dropped connection, timeout, 5xx, a command that failed); never leaves
+    this module: after the retries it becomes a TransportError naming the URL."""
 
 
 @dataclass(frozen=True)
@@ -138,11 +139,7 @@ class LocalTransport(Transport):
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
     def put_file(self, local, url):
-        dest = self._path(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.partial")
-        tmp.write_bytes(Path(local).read_bytes())
-        os.replace(tmp, dest)
+        self.put_bytes(Path(local).read_bytes(), url)
 
     def put_bytes(self, data: bytes, url: str) -> None:
         dest = self._path(url)
