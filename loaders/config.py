@@ -50,6 +50,8 @@ class LoaderConfig:
                                         # rank and augmentation then run there
     svd_backend: str = "auto"           # rank engine backend for on-the-fly rank
     prefetch_factor: int = 2            # batches in flight per worker
+    cache_dir: str | None = None        # remote shards: keep verified copies here, shared by workers and ranks
+    cache_bytes: int = 50 << 30         # cache size limit in bytes (least recently used shards evicted)
 
     def __post_init__(self):
         if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 0 or self.prefetch_factor < 1:
@@ -58,6 +60,8 @@ class LoaderConfig:
             raise LoaderError(f"augment={self.augment!r}: choose one of {sorted(AUGMENTS)}")
         if self.on_error not in ON_ERROR:
             raise LoaderError(f"on_error={self.on_error!r}: choose 'raise' (default) or 'skip' (skip and count)")
+        if self.cache_bytes < 1:
+            raise LoaderError(f"cache_bytes={self.cache_bytes}: must be >= 1 (a limit in bytes)")
         if self.factors_k is not None and self.factors_k < 0:
             raise LoaderError(f"factors_k={self.factors_k}: must be >= 0")
         object.__setattr__(self, "rank", _parse_rank(self.rank))

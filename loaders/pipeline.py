@@ -27,6 +27,7 @@ from rankshard.loaders.decode import LabelMismatch, decode_sample
 from rankshard.loaders.errors import LoaderError, LoaderWarning, shard_error
 from rankshard.loaders.plan import EvalPlan, Stream, TrainPlan, worker_batches
 from rankshard.preprocess.format.tarindex import ShardReader
+from rankshard.preprocess.format.transport import ShardCache, TransportError
 from rankshard.loaders.variant import VariantInfo
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,20 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,
-                   positions: np.ndarray, bad_shards: dict[str, str] | None = None) -> dict[int, tuple]:
+                   positions: np.ndarray, bad_shards: dict[str, str] | None = None,
+                   open_reader=None) -> dict[int, tuple]:
     """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order; samples
-    of ``bad_shards`` (rejected by their sha256) come back with the shard's reason and no members."""
+    of ``bad_shards`` (rejected by their sha256) come back with the shard's reason and no members.
+    ``open_reader(s)`` opens shard ``s`` (default: ``ShardReader(urls[s])``; remote shards need their checks)."""
+    open_reader = open_reader or (lambda s: ShardReader(urls[s]))
     shards, within = stream.locate(positions)
     out = {}
     for p in np.argsort(np.asarray(positions) % max(stream.total, 1), kind="stable"):
         s, i, url = int(shards[p]), int(within[p]), urls[int(shards[p])]
         try:
-            reader = readers.get(s) or readers.setdefault(s, ShardReader(url))
-        except OSError as exc:
-            out[int(positions[p])] = (url, None, None, f"cannot be opened ({exc.strerror or exc})")
+            reader = readers.get(s) or readers.setdefault(s, open_reader(s))
+        except (OSError, TransportError) as exc:  # a missing file, or a remote shard that failed its retries/checks
+            out[int(positions[p])] = (url, None, None, f"cannot be opened ({getattr(exc, 'strerror', None) or exc})")
             continue
         if i >= len(reader.index):
             last = reader.index.keys[-1] if reader.index.keys else "none"
@@ -157,6 +161,19 @@ class ShardStream(IterableDataset):
         self.plan, self.cfg, self.transform = plan, cfg, transform
         self.bad_shards = dict(info.bad_shards)
         self.start_step, self.factors_k = start_step, factors_k
+        self.checks = dict(info.shard_checks)  # remote url -> (sha256, bytes), verified as it is fetched
+        self._cache: ShardCache | None = None
+
+    def _open(self, s: int) -> ShardReader:
+        """Shard ``s``: a local file is seeked in place; a remote one is fetched whole (each worker fetches the
+        shards its batches touch; with ``cache_dir`` the first fetch serves every worker and later epochs)."""
+        url = self.urls[s]
+        if url not in self.checks:
+            return ShardReader(url)
+        if self.cfg.cache_dir is not None and self._cache is None:
+            self._cache = ShardCache(self.cfg.cache_dir, self.cfg.cache_bytes)
+        sha256, nbytes = self.checks[url]
+        return ShardReader(url, sha256, nbytes, self._cache)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -166,7 +183,7 @@ class ShardStream(IterableDataset):
             for group in self.plan.groups(worker_batches(self.plan.steps, self.start_step, w, nw)):
                 wanted = {j: self.plan.batch_positions(j) for j in group}
                 positions = np.unique(np.concatenate(list(wanted.values())))
-                raw = read_positions(readers, self.urls, self.plan.stream, positions, self.bad_shards)
+                raw = read_positions(readers, self.urls, self.plan.stream, positions, self.bad_shards, self._open)
                 for j in group:
                     yield self._batch(j, [raw[int(p)] for p in wanted[j]])
                 _close_unused(readers)

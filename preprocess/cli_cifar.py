@@ -29,7 +29,8 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
 
     if download:
         source = download_cifar10(source if source.suffix != ".gz" else source.parent)
-    resolved = str(Placement.from_env().device(device))  # "auto" resolved once, for every split
+    placement = Placement.from_env()  # under torchrun, rank R writes the shards i with i % WORLD_SIZE == R
+    resolved = str(placement.device(device))  # "auto" resolved once, for every split
     for split in splits:
         data = load_cifar10(source, split, verify_md5=verify_md5)
         info = {"kind": data.kind, "path": str(source), "fingerprint": data.fingerprint,
@@ -38,4 +39,5 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
         spec = ShardSpec(dataset="cifar10", split=split, shuffle=(split == "train"), device=resolved,
                          workers=default_workers() if workers is None else workers,
                          **sized(options, shard_size=1000, batch_size=1000))
-        print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet))
+        print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet,
+                                        rank=placement.rank, world=placement.world))

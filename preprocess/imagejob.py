@@ -4,6 +4,7 @@ Builds the cached listing, the geometry and the torchrun placement, then hands o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from typing import Callable
 
 from rankshard.preprocess.devices import Placement
 from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.sources.images import Geometry
 from rankshard.preprocess.sources.listing import FileSource, Listing, cached_listing, source_info
 from rankshard.preprocess.pipeline import materialize_split
@@ -37,7 +39,10 @@ def default_geometry(split: str, resize: int | None, crop: int | None, max_pixel
         raise RankshardError(str(exc)) from None
 
 
-def cache_dir(out: Path, dataset: str, split: str) -> Path:
+def cache_dir(out: Path | str, dataset: str, split: str) -> Path:
+    if is_url(out):  # object storage: the listing cache stays on this machine
+        digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rankshard" / digest / dataset / split
     return Path(out) / dataset / split / ".listing"
 
 

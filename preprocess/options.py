@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from rankshard.preprocess.errors import ON_ERROR
+from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.rank.engine import BACKENDS
 
 # "none" runs everything but the SVD (a benchmark baseline); the rest are the rank engine's backends
@@ -24,6 +25,11 @@ def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:
         return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 5,10,20") from None
+
+
+def _out_location(ctx, param, value: str) -> Path | str:
+    """A local folder as a Path; a URL (s3://...) kept as text, since Path would fold ``//`` into ``/``."""
+    return value if is_url(value) else Path(value)
 
 
 def default_workers() -> int:
@@ -49,8 +55,9 @@ quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 def shard_options(fn):
     """Options shared by every materialization command."""
     return _apply(fn, [
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Output root; shards go to OUT/<dataset>/<split>/<variant>/."),
+        click.option("--out", callback=_out_location, required=True,
+                     help="Output root (a folder, or object storage such as s3://bucket/prefix); shards go to "
+                          "OUT/<dataset>/<split>/<variant>/."),
         click.option("--ranks", callback=_int_list, default="5,10,20", show_default=True,
                      help="Low ranks k: keep the k largest singular values per channel."),
         click.option("--high", callback=_int_list, default="", help="High ranks k: remove the k largest (x - x_k)."),

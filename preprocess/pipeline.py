@@ -37,6 +37,7 @@ from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, Sou
 from rankshard.preprocess.sources.listing import Loaded, run_job
 from rankshard.preprocess.locking import RunLock
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json, write_json
+from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
 from rankshard.preprocess.format.variants import Variant
@@ -520,5 +521,9 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,
                       show_progress: bool = True, on_error: str = "skip", rank: int = 0, world: int = 1) -> dict:
-    """Materialize one split of a dataset into ``out``; resumes where a previous run stopped."""
+    """Materialize one split of a dataset into ``out``; resumes where a previous run stopped. ``out`` may be
+    an object-storage URL such as ``s3://bucket/prefix`` (see ``preprocess.objectstore``)."""
+    if is_url(out):
+        from rankshard.preprocess.objectstore import materialize_to_store
+        return materialize_to_store(source, spec, str(out), overwrite, show_progress, on_error, rank, world)
     return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world).run()

@@ -15,14 +15,15 @@ def summary_rows(result: dict) -> list[tuple]:
 def print_summary(result: dict) -> None:
     """A table per variant plus where the time went, so users see the bottleneck."""
     layout, stats = result["layout"], result["stats"]
+    where = result.get("where") or layout.split_dir  # object storage: the URL, not the staging folder
     if result["manifests"] is None:
-        print(f"\n{layout.split_dir}: rank {stats['rank']}/{stats['world']} wrote its shards; other ranks are "
+        print(f"\n{where}: rank {stats['rank']}/{stats['world']} wrote its shards; other ranks are "
               "still writing theirs, and the last one to finish writes the manifests")
     else:
         header = ("variant", "shards", "samples", "MB", "energy", "clipped", "leak")
         rows = [header] + summary_rows(result)
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
-        print(f"\n{layout.split_dir}")
+        print(f"\n{where}")
         for r in rows:
             print("  " + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
         errors = next(iter(result["manifests"].values()))["errors"]

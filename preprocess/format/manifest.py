@@ -10,6 +10,7 @@ import numpy as np
 
 from rankshard import __version__ as VERSION
 from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.ecosystem import ecosystem_files
 from rankshard.preprocess.spec import FORMAT, Layout
 from rankshard.preprocess.format.variants import Variant
 
@@ -21,6 +22,12 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -28,14 +35,19 @@ def read_json(path: Path) -> dict:
         raise RankshardError(f"{path}: unreadable ({exc}); delete it and rerun the command that made it") from exc
 
 
-def _shard_record(layout: Layout, variant: Variant, index: int, digest: str) -> dict:
+def _local_bytes(shard: Path) -> int | None:
+    return shard.stat().st_size if shard.exists() else None
+
+
+def _shard_record(layout: Layout, variant: Variant, index: int, digest: str, shard_bytes=_local_bytes) -> dict:
     path = layout.record_path(variant, index)
     shard = layout.shard_path(variant, index)
-    if not shard.exists():
+    size = shard_bytes(shard)
+    if size is None:
         raise RankshardError(f"{shard}: missing; rerun the same command to write it")
     if path.exists():
         record = read_json(path)
-        if record.get("config_hash") == digest and record["bytes"] == shard.stat().st_size:
+        if record.get("config_hash") == digest and record["bytes"] == size:
             return record
     raise RankshardError(f"{shard}: no matching record in {path.parent}; rerun the same command to rewrite it")
 
@@ -54,11 +66,13 @@ def _aggregate(records: list[dict], num_classes: int, n: int) -> dict:
 
 def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int, source, cfg: dict, digest: str,
                        svd: dict, stats: dict, num_samples: int, image_size: tuple[int, int],
-                       errors: list | None = None) -> dict[str, dict]:
-    """Write ``manifest.json`` into every variant folder (idempotent; any process may call it)."""
+                       errors: list | None = None, shard_bytes=_local_bytes) -> dict[str, dict]:
+    """Write ``manifest.json`` into every variant folder (idempotent; any process may call it), and beside it
+    the ecosystem files (wids index, dataset card). ``shard_bytes(path)``: a shard's size, None if it is
+    missing (object storage checks its objects, not the local staging folder)."""
     manifests = {}
     for v in variants:
-        records = [_shard_record(layout, v, i, digest) for i in range(num_shards)]
+        records = [_shard_record(layout, v, i, digest, shard_bytes) for i in range(num_shards)]
         agg = _aggregate(records, len(source.classes), num_samples)
         if sum(r["num_samples"] for r in records) != num_samples:
             raise RankshardError(f"{layout.variant_dir(v)}: shard sample counts do not add up to {num_samples}")
@@ -73,6 +87,8 @@ def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int,
             "quantization": agg, "errors": list(errors or []), "stats": stats, "version": VERSION,
             "host": {"python": platform.python_version(), "machine": platform.machine()},
         }
+        for name, data in ecosystem_files(manifest).items():  # wids index, HF card: deterministic bytes
+            _write_bytes(layout.variant_dir(v) / name, data)
         write_json(layout.variant_dir(v) / "manifest.json", manifest)
         manifests[v.name] = manifest
     return manifests

@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.tar import BLOCK
+from rankshard.preprocess.format.transport import ShardCache, fetch, is_url
 
 REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files: their data follows the header verbatim
 UNREADABLE = {b"S": "a GNU sparse file", b"M": "a multi-volume continuation"}
@@ -94,15 +95,15 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 
 class _Scan:
-    """Reads the headers of the tar at ``start`` (``size`` bytes) of an open file, following extension headers."""
+    """Reads the headers of the tar at ``start`` (``size`` bytes) of a blob, following extension headers."""
 
-    def __init__(self, f: BinaryIO, start: int, size: int):
-        self.fd, self.start, self.end = f.fileno(), start, start + size
+    def __init__(self, blob: "Blob", start: int, size: int):
+        self.blob, self.start, self.end = blob, start, start + size
         self.pos = start  # next header, absolute
         self.pax_global: dict[str, str] = {}
 
     def _read(self, at: int, n: int) -> bytes:
-        data = os.pread(self.fd, n, at) if at + n <= self.end else b""
+        data = self.blob.pread(n, at) if at + n <= self.end else b""
         if len(data) < n:
             raise TarDamage(f"truncated at byte {at - self.start} (needs {at - self.start + n} bytes, the tar has "
                             f"{self.end - self.start}; no end-of-archive marker)")
@@ -156,11 +157,47 @@ class _Scan:
             raise TarDamage(f"corrupt extended header at byte {data_at - BLOCK - self.start} ({exc})") from None
 
 
-def iter_tar(f: BinaryIO, start: int = 0, size: int | None = None) -> Iterator[TarMember]:
-    """Regular file members of the uncompressed tar at byte ``start`` of the open file ``f`` (``size`` bytes;
-    default: to the end of the file), e.g. a tar stored inside another tar. ``TarDamage`` where it breaks."""
-    size = os.fstat(f.fileno()).st_size - start if size is None else size
-    return _Scan(f, start, size).members()
+class Blob:
+    """Random access to a shard's bytes: ``pread(n, at)`` and ``size``. The scan and the reader see only this,
+    so a local file (seeks) and a downloaded remote shard (bytes in memory) are read by the same code."""
+
+    size: int
+
+    def pread(self, n: int, at: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FileBlob(Blob):
+    def __init__(self, f: BinaryIO, owned: bool = False):
+        self.file, self.owned = f, owned
+        self.fd = f.fileno()
+        self.size = os.fstat(self.fd).st_size
+
+    def pread(self, n: int, at: int) -> bytes:
+        return os.pread(self.fd, n, at)
+
+    def close(self) -> None:
+        if self.owned:
+            self.file.close()
+
+
+class BytesBlob(Blob):
+    def __init__(self, data: bytes):
+        self.data, self.size = memoryview(data), len(data)
+
+    def pread(self, n: int, at: int) -> bytes:
+        return bytes(self.data[at:at + n])
+
+
+def iter_tar(f: BinaryIO | Blob, start: int = 0, size: int | None = None) -> Iterator[TarMember]:
+    """Regular file members of the uncompressed tar at byte ``start`` of the open file (or blob) ``f``
+    (``size`` bytes; default: to the end), e.g. a tar stored inside another tar. ``TarDamage`` where it breaks."""
+    blob = f if isinstance(f, Blob) else FileBlob(f)
+    size = blob.size - start if size is None else size
+    return _Scan(blob, start, size).members()
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -184,32 +221,57 @@ class ShardIndex:
         return len(self.keys)
 
 
-def scan_shard(path: str | os.PathLike) -> ShardIndex:
-    """Index a shard's samples (members grouped by key, in order); a truncated or corrupt tail ends the scan
-    and is recorded in ``problem``, keeping the samples before it."""
-    index = ShardIndex(str(path))
-    with open(path, "rb") as f:
-        try:
-            for member in iter_tar(f):
-                key, ext = split_name(member.name)
-                if not index.keys or index.keys[-1] != key:
-                    index.keys.append(key)
-                    index.members.append({})
-                index.members[-1][ext] = (member.offset, member.size)
-        except TarDamage as exc:
-            index.problem = str(exc)
+def open_blob(url: str | os.PathLike, sha256: str | None = None, nbytes: int | None = None,
+              cache: ShardCache | None = None) -> Blob:
+    """A shard by path or URL: a local file is opened for seeking; a remote one is fetched whole and verified
+    against ``nbytes``/``sha256`` (see ``transport``), into ``cache`` when given, else into memory."""
+    if not is_url(url):
+        path = str(url)[len("file://"):] if str(url).startswith("file://") else url
+        return FileBlob(open(path, "rb"), owned=True)
+    if cache is not None:
+        return FileBlob(open(cache.path(str(url), sha256, nbytes), "rb"), owned=True)
+    return BytesBlob(fetch(str(url), sha256, nbytes))
+
+
+def _index(blob: Blob, name: str) -> ShardIndex:
+    index = ShardIndex(name)
+    try:
+        for member in iter_tar(blob):
+            key, ext = split_name(member.name)
+            if not index.keys or index.keys[-1] != key:
+                index.keys.append(key)
+                index.members.append({})
+            index.members[-1][ext] = (member.offset, member.size)
+    except TarDamage as exc:
+        index.problem = str(exc)
     if index.problem and index.members:
         index.keys.pop()  # the last sample may be missing members that lay beyond the damage
         index.members.pop()
     return index
 
 
-class ShardReader:
-    """Reads samples of one shard by position, keeping the file open for sequential seeks."""
+def scan_shard(path: str | os.PathLike) -> ShardIndex:
+    """Index a shard's samples (members grouped by key, in order); a truncated or corrupt tail ends the scan
+    and is recorded in ``problem``, keeping the samples before it. ``path`` may be a URL (fetched whole)."""
+    blob = open_blob(path)
+    try:
+        return _index(blob, str(path))
+    finally:
+        blob.close()
 
-    def __init__(self, path: str | os.PathLike):
-        self.index = scan_shard(path)
-        self.file = open(path, "rb")
+
+class ShardReader:
+    """Reads samples of one shard by position, keeping it open (a local file for seeks, or a remote shard
+    fetched once and checked against the manifest's ``sha256``/``nbytes``; see ``open_blob``)."""
+
+    def __init__(self, path: str | os.PathLike, sha256: str | None = None, nbytes: int | None = None,
+                 cache: ShardCache | None = None):
+        self.blob = open_blob(path, sha256, nbytes, cache)
+        try:
+            self.index = _index(self.blob, str(path))
+        except BaseException:
+            self.blob.close()
+            raise
 
     def read(self, position: int) -> tuple[str, dict[str, bytes]]:
         """``(key, {ext: bytes})`` of the sample at ``position``; IndexError when the scan never reached it."""
@@ -217,18 +279,17 @@ class ShardReader:
             raise IndexError(position)
         out = {}
         for ext, (offset, size) in self.index.members[position].items():
-            self.file.seek(offset)
-            out[ext] = self.file.read(size)
+            out[ext] = self.blob.pread(size, offset)
         return self.index.keys[position], out
 
     def close(self) -> None:
-        self.file.close()
+        self.blob.close()
 
 
-def read_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, bytes]]]:
-    """Every sample of a whole shard as ``(key, {extension: bytes})``; RankshardError if it is damaged or
-    a sample's members are not contiguous."""
-    reader = ShardReader(path)
+def read_shard(path: str | os.PathLike, sha256: str | None = None) -> list[tuple[str, dict[str, bytes]]]:
+    """Every sample of a whole shard (a path or URL) as ``(key, {extension: bytes})``; RankshardError if it is
+    damaged or a sample's members are not contiguous."""
+    reader = ShardReader(path, sha256)
     try:
         if reader.index.problem:
             raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "

@@ -1,0 +1,427 @@
+"""Where shard bytes come from and go to: one small transport class per URL scheme.
+
+The loaders and ``rankshard-preprocess`` never branch on a URL's scheme; they ask ``transport_for(url)``:
+
+=================  ==========================  ======================================================
+scheme             class                       how bytes move
+=================  ==========================  ======================================================
+path, file://      ``LocalTransport``          seeks in the file (the tar reader never copies a shard)
+http://, https://  ``HttpTransport``           GET; a dropped download resumes with ``Range: bytes=N-``
+                                               (a server that ignores Range sends it again from 0)
+pipe:CMD           ``PipeTransport``           CMD's stdout, sequential; a failure reruns CMD
+s3:// and any      ``FsspecTransport``         fsspec (``pip install rankshard[remote]``): ranged reads,
+fsspec protocol                                listing, atomic writes (temporary key, then rename)
+=================  ==========================  ======================================================
+
+A remote shard is fetched whole (one request, resumed where it broke), because the tar index scan reads a
+512-byte header in front of every member: scanning over the network would cost one round trip per member.
+Its bytes are checked against the manifest's size and sha256 *as they arrive* (``fetch``), so a shard that
+changed on the server, or a download spliced from two versions, is never read as whole. ``ShardCache``
+keeps verified shards on local disk (named by their sha256, least recently used evicted beyond a size
+limit), so a second epoch reads local files.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shlex
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from rankshard.preprocess.errors import RankshardError
+
+CHUNK = 1 << 20  # bytes per read from a stream (and per hashing step)
+
+
+class TransportError(RankshardError):
+    """A URL could not be read or written after the retries; the message names the URL and the fix."""
+
+
+class MissingError(TransportError):
+    """The URL does not exist (HTTP 404/410, no such key or file): retrying would not help."""
+
+
+class IntegrityError(TransportError):
+    """What arrived is not what the manifest recorded (size or sha256)."""
+
+
+class _Transient(TransportError):
+    """A failure worth retrying (dropped connection, timeout, 5xx, a command that failed); never leaves
+    this module: after the retries it becomes a TransportError naming the URL."""
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int = 4          # tries per URL, the first included
+    backoff_s: float = 0.25    # wait after the first failure, doubled after each further one
+    timeout_s: float = 30.0    # per request: a server silent this long counts as a failed attempt
+
+
+RETRY = Retry()
+
+
+def is_url(location) -> bool:
+    """Whether ``location`` is read through a remote transport (anything but a local path or file://)."""
+    text = str(location)
+    return text.startswith("pipe:") or ("://" in text and not text.startswith("file://"))
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for local paths and URLs alike (a URL is never passed through ``Path``, which would
+    fold ``s3://`` into ``s3:/``)."""
+    return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+def parent(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[0]
+
+
+class Transport:
+    """Reading is ``stream`` (bytes from ``start`` on) and ``size``; where ``resumable`` a broken download
+    continues where it stopped. Writing (materialization to object storage) is only for ``writable`` ones."""
+
+    ranged = False
+    writable = False
+    can_list = False
+
+    def resumable(self, url: str) -> bool:
+        return self.ranged
+
+    def stream(self, url: str, start: int, timeout: float) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def size(self, url: str, timeout: float) -> int | None:
+        """Bytes at ``url``, None when the transport cannot tell without reading; MissingError if absent."""
+        return None
+
+    def names(self, folder: str) -> list[str]:
+        """Names of the objects directly in ``folder`` (only where ``can_list``)."""
+        raise NotImplementedError
+
+    def put_file(self, local: Path, url: str) -> None:
+        raise TransportError(f"{url}: this transport is read-only; write to a local folder or to s3:// "
+                             "(or another fsspec filesystem)")
+
+    put_bytes = delete = put_file
+
+
+class LocalTransport(Transport):
+    ranged = writable = can_list = True
+
+    @staticmethod
+    def _path(url: str) -> Path:
+        return Path(url[len("file://"):] if str(url).startswith("file://") else url)
+
+    def stream(self, url, start, timeout):
+        try:
+            with open(self._path(url), "rb") as f:
+                f.seek(start)
+                while data := f.read(CHUNK):
+                    yield data
+        except FileNotFoundError:
+            raise MissingError(f"{url}: no such file") from None
+
+    def size(self, url, timeout):
+        try:
+            return self._path(url).stat().st_size
+        except FileNotFoundError:
+            raise MissingError(f"{url}: no such file") from None
+
+    def names(self, folder):
+        path = self._path(folder)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+    def put_file(self, local, url):
+        self.put_bytes(Path(local).read_bytes(), url)
+
+    def put_bytes(self, data: bytes, url: str) -> None:
+        dest = self._path(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def delete(self, url):
+        self._path(url).unlink(missing_ok=True)
+
+
+class HttpTransport(Transport):
+    """Standard library HTTP(S). Reads need no Range support; where the server advertises it
+    (``Accept-Ranges: bytes``), a dropped download resumes, else it starts again from byte 0."""
+
+    ranged = True
+
+    def __init__(self):
+        self._ranges: dict[str, bool] = {}  # url -> whether its server said it accepts byte ranges
+
+    def resumable(self, url):
+        return self._ranges.get(url, False)
+
+    def _open(self, url: str, timeout: float, method: str = "GET", start: int = 0):
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
+                                          timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (404, 410):
+                raise MissingError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            if exc.code >= 500 or exc.code in (408, 429):
+                raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+            raise TransportError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL and the server's "
+                                 "access rules") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise _Transient(str(getattr(exc, "reason", exc))) from None
+
+    def stream(self, url, start, timeout):
+        resp = self._open(url, timeout, start=start)
+        with resp:
+            self._ranges[url] = resp.headers.get("Accept-Ranges", "").strip() == "bytes"
+            skip = start if resp.status == 200 else 0  # Range ignored: the body starts at byte 0 again
+            expected = resp.length
+            got = 0
+            try:
+                while data := resp.read(CHUNK):
+                    got += len(data)
+                    if skip:
+                        cut = min(skip, len(data))
+                        data, skip = data[cut:], skip - cut
+                    if data:
+                        yield data
+            except (OSError, ValueError) as exc:  # includes socket timeouts and http.client.IncompleteRead
+                raise _Transient(f"connection broke after {start + got} bytes ({type(exc).__name__})") from None
+            if expected is not None and got < expected:
+                raise _Transient(f"connection closed after {got} of {expected} bytes")
+
+    def size(self, url, timeout):
+        for attempt in range(RETRY.attempts):
+            try:
+                with self._open(url, timeout, method="HEAD") as resp:
+                    length = resp.headers.get("Content-Length")
+                    return int(length) if length is not None else None
+            except _Transient as exc:
+                _pause(attempt, url, exc)
+
+
+class PipeTransport(Transport):
+    """``pipe:CMD``: the shard is CMD's standard output (webdataset's convention), read once, in full."""
+
+    def stream(self, url, start, timeout):
+        command = url[len("pipe:"):]
+        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            while data := proc.stdout.read(CHUNK):
+                yield data
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            code = proc.wait()
+        if code:
+            raise _Transient(f"command {shlex.quote(command)} exited with {code}: {err[-300:] or 'no message'}")
+
+
+class FsspecTransport(Transport):
+    """s3:// and every other protocol fsspec knows (with its optional package installed).
+
+    Credentials and endpoints come from the usual places (AWS_* variables, ~/.aws); for an S3-compatible
+    server set ``FSSPEC_S3_ENDPOINT_URL`` (fsspec reads ``FSSPEC_<PROTOCOL>_<OPTION>`` variables).
+    """
+
+    ranged = writable = can_list = True
+
+    def __init__(self, protocol: str):
+        self.protocol = protocol
+
+    def _fs(self, url: str):
+        try:
+            import fsspec
+            return fsspec.core.url_to_fs(url)
+        except ImportError as exc:
+            raise TransportError(f"{url}: reading {self.protocol}:// needs fsspec and its {self.protocol} package "
+                                 f"({exc.name} is missing); pip install 'rankshard[remote]'") from None
+
+    def stream(self, url, start, timeout):
+        fs, path = self._fs(url)
+        try:
+            with fs.open(path, "rb", block_size=CHUNK) as f:
+                f.seek(start)
+                while data := f.read(CHUNK):
+                    yield data
+        except FileNotFoundError:
+            raise MissingError(f"{url}: no such object") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+
+    def size(self, url, timeout):
+        fs, path = self._fs(url)
+        try:
+            return int(fs.size(path))
+        except FileNotFoundError:
+            raise MissingError(f"{url}: no such object") from None
+
+    def names(self, folder):
+        fs, path = self._fs(folder)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    def put_file(self, local, url):
+        # object stores have no rename: upload under a hidden temporary key, then copy. A reader listing the
+        # prefix sees the shard only once it is whole (a failed upload leaves at most the temporary key).
+        fs, path = self._fs(url)
+        tmp = join(parent(path), f".{path.rsplit('/', 1)[-1]}.partial")
+        fs.put_file(str(local), tmp)
+        fs.copy(tmp, path)
+        fs.rm(tmp)
+
+    def put_bytes(self, data, url):
+        fs, path = self._fs(url)
+        fs.pipe_file(path, data)  # one PUT: an object store shows all of it or nothing
+
+    def delete(self, url):
+        fs, path = self._fs(url)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
+
+TRANSPORTS: dict[str, Transport] = {"file": LocalTransport(), "http": HttpTransport(),
+                                    "https": HttpTransport(), "pipe": PipeTransport()}
+
+
+def scheme(url) -> str:
+    text = str(url)
+    if text.startswith("pipe:"):
+        return "pipe"
+    return text.split("://", 1)[0].lower() if "://" in text else "file"
+
+
+def transport_for(url) -> Transport:
+    """The transport of ``url``'s scheme; fsspec for any other protocol it knows."""
+    name = scheme(url)
+    if name not in TRANSPORTS:
+        try:
+            from fsspec.registry import known_implementations
+        except ImportError:
+            known_implementations = {}
+        if name not in known_implementations and name not in ("s3", "gs", "gcs", "az", "abfs"):
+            raise TransportError(f"{url}: unknown scheme {name}://; use a local path, http(s)://, pipe:CMD, "
+                                 "or a protocol of fsspec (pip install 'rankshard[remote]')")
+        TRANSPORTS[name] = FsspecTransport(name)
+    return TRANSPORTS[name]
+
+
+def _pause(attempt: int, url: str, exc: Exception, retry: Retry = RETRY) -> None:
+    """Back off after a failed attempt, or give up with an error naming the URL."""
+    if attempt + 1 >= retry.attempts:
+        raise TransportError(f"{url}: failed {retry.attempts} times, last: {exc}; check the server and the "
+                             "network (rankshard retries with backoff; see transport.RETRY)") from None
+    time.sleep(retry.backoff_s * 2 ** attempt)
+
+
+def _download(url: str, retry: Retry) -> tuple[bytes, str]:
+    """All bytes at ``url`` and their sha256, resuming where a ranged transport broke off."""
+    transport = transport_for(url)
+    buf, digest = bytearray(), hashlib.sha256()
+    for attempt in range(retry.attempts):
+        if buf and not transport.resumable(url):  # a sequential source starts again from its first byte
+            buf, digest = bytearray(), hashlib.sha256()
+        try:
+            for data in transport.stream(url, len(buf), retry.timeout_s):
+                buf += data
+                digest.update(data)
+            return bytes(buf), digest.hexdigest()
+        except _Transient as exc:
+            _pause(attempt, url, exc, retry)
+    raise AssertionError("unreachable")
+
+
+def fetch(url: str, sha256: str | None = None, nbytes: int | None = None, retry: Retry | None = None) -> bytes:
+    """Every byte at ``url``, checked against the manifest's ``nbytes`` and ``sha256`` where given.
+
+    A mismatch is downloaded once more (a resumed download may have spliced two versions of a changed
+    object); a second mismatch raises IntegrityError naming the URL: nothing unverified is returned.
+    """
+    retry = retry or RETRY
+    for attempt in range(2):
+        data, digest = _download(url, retry)
+        problem = _mismatch(data, digest, sha256, nbytes)
+        if problem is None:
+            return data
+    raise IntegrityError(f"{url}: {problem} (the object changed after materialization, or the manifest did); "
+                         "rerun the preprocess command that wrote it, or open the variant with "
+                         "verify_shards=False / on_error='skip'")
+
+
+def _mismatch(data: bytes, digest: str, sha256: str | None, nbytes: int | None) -> str | None:
+    if nbytes is not None and len(data) != nbytes:
+        return f"{len(data)} bytes, the manifest says {nbytes}"
+    if sha256 is not None and digest != sha256:
+        return f"sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}..."
+    return None
+
+
+def read_text(url: str) -> str:
+    return fetch(url).decode("utf-8")
+
+
+class ShardCache:
+    """Verified remote shards on local disk, named by their sha256, least recently used evicted.
+
+    Shared by all DataLoader workers and ranks of a machine: a per-shard ``flock`` lets one process download
+    while the others wait for the file, and files appear by rename, so a reader never sees half of one.
+    ``max_bytes`` bounds the folder (a single shard larger than the limit is still kept while in use).
+    """
+
+    def __init__(self, folder: str | os.PathLike, max_bytes: int = 50 << 30):
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _name(self, url: str, sha256: str | None) -> str:
+        # content-addressed when the manifest gives a hash: a changed object can never hit a stale entry
+        return f"{sha256}.tar" if sha256 else f"url-{hashlib.sha256(url.encode()).hexdigest()[:32]}.tar"
+
+    def path(self, url: str, sha256: str | None = None, nbytes: int | None = None) -> Path:
+        """The local file of ``url``, downloaded (and verified) first if the cache does not hold it."""
+        path = self.folder / self._name(url, sha256)
+        with _flocked(self.folder / f".{path.name}.lock"):
+            if path.exists():
+                os.utime(path)  # mark as recently used
+                return path
+            data = fetch(url, sha256, nbytes)
+            tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        self._evict(keep=path)
+        return path
+
+    def _evict(self, keep: Path) -> None:
+        entries = []
+        for p in self.folder.glob("*.tar"):
+            with contextlib.suppress(FileNotFoundError):  # another process may evict at the same time
+                st = p.stat()
+                entries.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)  # an open reader keeps its data (POSIX unlink semantics)
+                total -= size
+
+
+@contextlib.contextmanager
+def _flocked(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,132 @@
+"""Real servers for the remote-transport tests, bound to 127.0.0.1 only and stopped by their fixtures.
+
+``http_server(root, ranged)``: the standard library's HTTP server over a folder, with or without
+``Range`` support, plus fault injection per path (``faults``): ``"drop"`` (close the connection half-way
+through the body, once), ``"slow"`` (send nothing for longer than the client's timeout), ``"404"``,
+``"changed"`` (serve other bytes of the same length: an object replaced after materialization).
+``s3_server()``: moto's S3-compatible server (PyPI ``moto[server]``), with fsspec pointed at it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import threading
+import time
+from pathlib import Path
+
+LOCALHOST = "127.0.0.1"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    ranged = True
+    faults: dict = {}
+    log: list = []
+
+    def log_message(self, *args):  # keep pytest's output clean
+        pass
+
+    def _fault(self) -> str | None:
+        name = self.path.rsplit("/", 1)[-1]
+        return self.faults.get(name)
+
+    def do_HEAD(self):
+        if self._fault() == "404":
+            return self.send_error(404)
+        return super().do_HEAD()
+
+    def do_GET(self):
+        self.log.append((self.command, self.path, self.headers.get("Range")))
+        fault = self._fault()
+        if fault == "404":
+            return self.send_error(404)
+        path = Path(self.translate_path(self.path))
+        if not path.is_file():
+            return super().do_GET()
+        data = path.read_bytes()
+        if fault == "changed":
+            data = bytes(b ^ 0xFF for b in data[:1024]) + data[1024:]
+        start = self._range_start()
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        if self.ranged:
+            self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self._send(data[start:], fault)
+
+    def _range_start(self) -> int:
+        text = self.headers.get("Range") if self.ranged else None
+        if not text or not text.startswith("bytes="):
+            return 0
+        return int(text[len("bytes="):].split("-", 1)[0])
+
+    def _send(self, body: bytes, fault: str | None) -> None:
+        name = self.path.rsplit("/", 1)[-1]
+        if fault == "drop":
+            self.faults.pop(name, None)  # only once: the retry succeeds
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        if fault == "slow":
+            time.sleep(1.5)
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def http_server(root: Path, ranged: bool = True):
+    """Serve ``root`` on 127.0.0.1 (a free port); yields ``(base_url, handler_class)``."""
+    handler = type("Handler", (_Handler,), {"ranged": ranged, "faults": {}, "log": []})
+    server = http.server.ThreadingHTTPServer((LOCALHOST, 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOCALHOST}:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}  # never ask an instance-metadata address for credentials
+
+
+@contextlib.contextmanager
+def s3_server():
+    """moto's S3 server on 127.0.0.1; fsspec (this process, and subprocesses via the environment) talks to it.
+    Yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+    import fsspec.config
+
+    server = ThreadedMotoServer(ip_address=LOCALHOST, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{LOCALHOST}:{port}"
+    env = {**S3_ENV, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = fsspec.config.conf.get("s3")
+    os.environ.update(env)
+    fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        fsspec.config.conf.pop("s3", None)
+        if saved_conf is not None:
+            fsspec.config.conf["s3"] = saved_conf
+        import s3fs
+        s3fs.S3FileSystem.clear_instance_cache()  # the next server has another port
+
+
+def upload_folder(local: Path, url: str) -> None:
+    """Copy a local folder tree to ``url`` (an s3:// prefix) with fsspec."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")

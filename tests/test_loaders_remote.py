@@ -1,0 +1,180 @@
+"""Loaders over HTTP (with and without Range support), S3 (moto) and pipe: give exactly the local samples.
+
+Every server runs on 127.0.0.1, started and stopped by a fixture (tests/remote_servers.py).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rankshard.loaders import LoaderConfig, eval_loader, open_variant, train_loader
+from rankshard.loaders.errors import LoaderError, ShardReadError
+from rankshard.preprocess.format import transport
+
+from loaders_shards import built_root
+from remote_servers import http_server, s3_server, upload_folder
+
+TRAIN, EVAL = ("cifar10", "train", "rank-005"), ("cifar10", "test", "rank-003")
+CFG = dict(batch_size=16, shuffle_buffer=64, augment="cifar")
+
+
+def _run(info, kind: str, rank: int, world: int, workers: int, start: int = 0, **extra):
+    cfg = LoaderConfig(workers=workers, **{**CFG, **extra})
+    loader = (train_loader(info, cfg, epoch=1, rank=rank, world_size=world, start_step=start) if kind == "train"
+              else eval_loader(info, cfg, rank=rank, world_size=world))
+    return [(b.keys, b.y.tolist(), b.x) for b in loader]
+
+
+def _same(got, want) -> None:
+    assert len(got) == len(want)
+    for (k1, y1, x1), (k2, y2, x2) in zip(got, want):
+        assert k1 == k2 and y1 == y2
+        assert torch.equal(x1, x2)
+
+
+_LOCAL: dict = {}
+
+
+def _local(kind: str, rank: int, world: int):
+    """The local run, computed once (workers do not change batches, so workers=0 is the reference)."""
+    if (kind, rank, world) not in _LOCAL:
+        info = open_variant(built_root(), *(TRAIN if kind == "train" else EVAL))
+        _LOCAL[kind, rank, world] = _run(info, kind, rank, world, 0)
+    return _LOCAL[kind, rank, world]
+
+
+@pytest.fixture(scope="module")
+def ranged_http():
+    with http_server(built_root(), ranged=True) as (url, handler):
+        yield url, handler
+
+
+@pytest.fixture(scope="module")
+def plain_http():
+    with http_server(built_root(), ranged=False) as (url, handler):
+        yield url, handler
+
+
+@pytest.fixture(scope="module")
+def s3_root():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    with s3_server():
+        import fsspec
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("rankshard-test")
+        upload_folder(built_root(), "s3://rankshard-test/shards")
+        yield "s3://rankshard-test/shards"
+
+
+def _pipe_root(kind: str) -> str:
+    folder = built_root().joinpath(*(TRAIN if kind == "train" else EVAL))
+    names = json.loads((folder / "manifest.json").read_text())["shards"]
+    return f"pipe:cat {folder}/{names[0]['name'][:-10]}{{000000..{len(names) - 1:06d}}}.tar"
+
+
+def _open(where: str, request, kind: str):
+    parts = TRAIN if kind == "train" else EVAL
+    if where == "pipe":
+        return open_variant(_pipe_root(kind))
+    root = request.getfixturevalue(where)
+    return open_variant(root if isinstance(root, str) else root[0], *parts)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["ranged_http", "plain_http", "s3_root", "pipe"])
+def test_remote_loaders_give_the_local_samples(where, workers, request):
+    for kind in ("train", "eval"):
+        info = _open(where, request, kind)
+        assert info.shard_checks and all(sha for sha, _ in info.shard_checks.values())
+        for world in (1, 2, 3):
+            steps = set()
+            for rank in range(world):
+                got = _run(info, kind, rank, world, workers)
+                _same(got, _local(kind, rank, world))
+                steps.add(len(got))
+            assert len(steps) == 1  # equal steps on every rank
+
+
+def test_resume_mid_epoch_over_http(ranged_http):
+    info = open_variant(ranged_http[0], *TRAIN)
+    full = _local("train", 1, 2)
+    _same(_run(info, "train", 1, 2, 2, start=3), full[3:])
+
+
+def test_cache_serves_the_second_epoch_and_stays_under_its_limit(tmp_path, ranged_http):
+    url, handler = ranged_http
+    info = open_variant(url, *TRAIN)
+    manifest = info.manifest
+    shard_bytes = max(s["bytes"] for s in manifest["shards"])
+    cache = tmp_path / "cache"
+    first = _run(info, "train", 0, 1, 2, cache_dir=str(cache), cache_bytes=3 * shard_bytes)
+    _same(first, _local("train", 0, 1))
+    kept = sorted(p.name for p in cache.glob("*.tar"))
+    assert 0 < len(kept) <= 3 and set(kept) <= {f"{s['sha256']}.tar" for s in manifest["shards"]}
+    assert not list(cache.glob("*.partial*"))
+    # with every shard cached, the server is no longer needed
+    big = tmp_path / "big"
+    _run(info, "eval", 0, 1, 0, cache_dir=str(big))
+    handler.faults.update({s["name"]: "404" for s in manifest["shards"]})
+    try:
+        again = _run(info, "eval", 0, 1, 2, cache_dir=str(big))
+    finally:
+        handler.faults.clear()
+    _same(again, _run(open_variant(built_root(), *TRAIN), "eval", 0, 1, 0))
+
+
+@pytest.mark.parametrize("fixture", ["ranged_http", "plain_http"])
+def test_a_dropped_connection_is_retried(fixture, request):
+    url, handler = request.getfixturevalue(fixture)
+    info = open_variant(url, *EVAL)
+    first = info.manifest["shards"][0]["name"]
+    handler.log.clear()
+    handler.faults[first] = "drop"
+    _same(_run(info, "eval", 0, 1, 0), _local("eval", 0, 1))
+    ranges = [r for _, path, r in handler.log if path.endswith(first)]
+    assert len(ranges) == 2  # the broken GET and its retry
+    assert (ranges[1] is not None) == (fixture == "ranged_http")  # resumed where it broke, if the server can
+
+
+def test_404_and_changed_objects_are_named(ranged_http, tmp_path):
+    url, handler = ranged_http
+    name = json.loads(built_root().joinpath(*EVAL, "manifest.json").read_text())["shards"][1]["name"]
+    handler.faults[name] = "404"
+    try:
+        with pytest.raises(LoaderError, match=f"{name}: listed in manifest.json but missing"):
+            open_variant(url, *EVAL)
+    finally:
+        handler.faults.clear()
+    info = open_variant(url, *EVAL)
+    handler.faults[name] = "changed"  # replaced after the variant was opened: caught when fetched
+    try:
+        with pytest.raises(ShardReadError, match=f"{url}/.*{name}: sha256 .* differs"):
+            _run(info, "eval", 0, 1, 0, cache_dir=str(tmp_path / "c"))
+        cfg = LoaderConfig(workers=0, batch_size=16, on_error="skip", cache_dir=str(tmp_path / "c"))
+        loader = eval_loader(info, cfg, 0, 1)
+        with pytest.warns(UserWarning, match="skipped"):
+            n = sum(len(b) for b in loader)
+    finally:
+        handler.faults.clear()
+    assert loader.skipped == info.shard_sizes[1] and n == info.num_samples - info.shard_sizes[1]
+    assert not any(p.name.startswith(info.manifest["shards"][1]["sha256"]) for p in (tmp_path / "c").iterdir())
+
+
+def test_a_slow_server_times_out_and_the_error_names_the_url(ranged_http, monkeypatch):
+    url, handler = ranged_http
+    monkeypatch.setattr(transport, "RETRY", transport.Retry(attempts=2, backoff_s=0.01, timeout_s=0.3))
+    name = json.loads(built_root().joinpath(*EVAL, "manifest.json").read_text())["shards"][0]["name"]
+    handler.faults[name] = "slow"
+    try:
+        with pytest.raises(transport.TransportError, match=f"{name}: failed 2 times"):
+            transport.fetch(f"{url}/cifar10/test/rank-003/{name}")
+    finally:
+        handler.faults.clear()
+
+
+def test_unknown_scheme_and_missing_manifest_are_refused(ranged_http):
+    with pytest.raises(LoaderError, match="no manifest.json"):
+        open_variant(ranged_http[0], "cifar10", "train", "nothing-here")
