@@ -203,3 +203,27 @@ def test_analyse_model_zero_operator_columns_and_sensitivity():
         for prefix in ("unfolded_", "ww_"):  # a NaN alpha always comes with its reason
             assert not math.isnan(row[prefix + "alpha"]) or row[prefix + "alpha_reason"]
     assert rows[2]["operator_zero_sigma_max"] == pytest.approx(float(torch.linalg.svdvals(model[4].weight)[0]))
+
+
+def test_weights_command_zero_operator_outputs(tmp_path):
+    from click.testing import CliRunner
+    from rankshard.evaluate.weights.cli import make_weights_command
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"")
+
+    def load(path, trust=False):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+                             nn.Flatten(), nn.Linear(4 * 4 * 4, 3)), {"input_size": 8}
+
+    out = tmp_path / "report"
+    res = CliRunner().invoke(make_weights_command(load), [str(ckpt), "--out", str(out), "--zero-top-k", "2",
+                                                          "--sensitivity", "--ww-conventions", "--no-permuted"])
+    assert res.exit_code == 0, res.output
+    folder = out / "m"
+    assert (folder / "lipschitz.png").exists() and (folder / "sensitivity.png").exists()
+    assert set(np.load(folder / "sensitivity.npz").files) >= {"0/operator_zero", "2/unfolded"}
+    header = (folder / "weights.csv").read_text().splitlines()[0].split(",")
+    assert {"operator_zero_sigma_max", "operator_circular_sigma_max", "unfolded_alpha_reliable",
+            "unfolded_alpha_reason", "ww_alpha"} <= set(header)

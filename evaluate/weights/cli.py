@@ -35,10 +35,17 @@ def make_weights_command(load_model: LoadModel) -> click.Command:
     @click.option("--no-permuted", is_flag=True, help="Skip the randomly permuted baselines.")
     @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
     @click.option("--esd-layers", type=int, default=16, show_default=True, help="ESD panels per model.")
+    @click.option("--zero-top-k", type=int, default=0, show_default=True,
+                  help="Top-k singular values of each conv's zero-padded operator (its exact Lipschitz constant "
+                       "is the first), by Lanczos; 0 skips it (costly on CPU: hundreds of conv passes a layer).")
+    @click.option("--device", default="cpu", show_default=True, help="Device of the zero-padded operator.")
+    @click.option("--sensitivity", is_flag=True, help="Per-filter d sigma_max / d W (sensitivity.png|npz).")
+    @click.option("--ww-conventions", is_flag=True,
+                  help="Also fit alpha as WeightWatcher does (per-kernel-position slices): ww_* columns.")
     @click.option("--trust-checkpoint", is_flag=True,
                   help="Allow full unpickling (only for checkpoints from a source you trust).")
     def weights_command(checkpoints, layers, input_size, out_dir, top_k, seed, no_operator, no_permuted, dtype,
-                        esd_layers, trust_checkpoint):
+                        esd_layers, zero_top_k, device, sensitivity, ww_conventions, trust_checkpoint):
         """SVD of every Conv2d/Linear weight: unfolded and exact operator spectra, RMT fits, figures."""
         models, sizes = {}, set()
         for name, path in split_names(checkpoints):  # the naming every evaluate subcommand uses
@@ -50,7 +57,8 @@ def make_weights_command(load_model: LoadModel) -> click.Command:
                                    f"pass --input-size to analyse them at one resolution")
         size = input_size or sizes.pop()
         cfg = WeightsConfig(top_k=top_k, seed=seed, operator=not no_operator, permuted=not no_permuted,
-                            dtype=dtype)
+                            dtype=dtype, zero_top_k=zero_top_k, device=device, sensitivity=sensitivity,
+                            ww_conventions=ww_conventions)
         try:
             results = run_weights_analysis(models, size, out_dir, layers, cfg, ReportConfig(esd_layers=esd_layers))
         except ValueError as err:
