@@ -10,18 +10,25 @@ At 224x224 no ResNet-50 conv fits (the smallest has 25088 x 25088 entries, 5 GB)
 ``--input-size``: per-layer sigma_max of the zero-padded and the circular operator (their gap), and the
 total matrix-free time for the network. ``--quick``: input 32, top-3, dense at 16. Writes
 benchmarks/results/operator-cpu[-quick].json.
+
+Single-threaded BLAS/OpenMP by default (as bench_weights.py): on the shared 2-vCPU machine two threads made
+both methods 6-80x slower (conv1 at 16x16: Lanczos 18.9 s vs 0.24 s, dense 23.5 s vs 1.4 s).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
-import torch
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,6 +87,8 @@ def dense_comparison(model, size: int, k: int, cfg: LanczosConfig, max_entries: 
             rec["dense"].append(t_d)
             err = float(((top.s - ref[:k]).abs() / ref[0]).max())
             rec["max_rel_err"] = max(rec["max_rel_err"], err)
+            print(f"  dense {name:28s} {op.n_out}x{op.n_in} lanczos {t_l:.2f}s dense {t_d:.2f}s err {err:.1e}",
+                  flush=True)
     ratios = [d / max(l_, 1e-9) for r in per.values() for d, l_ in zip(r["dense"], r["lanczos"])]
     return {"size": size, "layers": per, "n_layers": len(fits), "rounds": rounds,
             "ratio_dense_over_lanczos_median": statistics.median(ratios) if ratios else None,

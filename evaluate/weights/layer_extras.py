@@ -78,6 +78,9 @@ def layer_extras(info: "LayerInfo", full: "UnfoldedSVD", spectra: dict[str, "Spe
         else:
             zero_cols, zero, op = zero_operator(info, cfg)
             cols.update(zero_cols)
+            if not zero.converged:
+                notes.append(f"operator_zero: Lanczos stopped after {zero.gram_products} products without "
+                             f"converging (residual {zero.residual:.1e}); raise LanczosConfig.max_cycles")
     elif cfg.zero_top_k > 0:  # a Linear layer's operator is its matrix: exact from the unfolded SVD
         cols.update({"operator_zero_sigma_max": float(full.s[0]), "operator_zero_top": _top(full.s.numpy(),
                                                                                                cfg.zero_top_k)})
