@@ -227,3 +227,14 @@ def test_weights_command_zero_operator_outputs(tmp_path):
     header = (folder / "weights.csv").read_text().splitlines()[0].split(",")
     assert {"operator_zero_sigma_max", "operator_circular_sigma_max", "unfolded_alpha_reliable",
             "unfolded_alpha_reason", "ww_alpha"} <= set(header)
+
+
+@pytest.mark.parametrize("o,c,k,hw,stride,padding,bias,dilation,groups", ZERO_CASES[:6])
+def test_unfolded_norm_times_patch_count_bounds_the_operator(o, c, k, hw, stride, padding, bias, dilation, groups):
+    """Each input pixel enters at most ceil(kh/sh)*ceil(kw/sw) patches (dilation does not add any), so
+    ||A|| <= sqrt(that) * ||W_unfolded|| -- the bound the README quotes."""
+    conv = _module(o, c, k, stride, padding, bias, dilation, groups, seed=9)
+    sigma = float(torch.linalg.svdvals(dense_module_matrix(conv, hw))[0])
+    blocks = conv.weight.reshape(groups, o // groups, -1)  # grouped: block-diagonal unfolded matrices
+    unfolded = float(torch.linalg.svdvals(blocks).max())
+    assert sigma <= math.ceil(k / stride) * unfolded * (1 + 1e-12)
