@@ -51,6 +51,17 @@ def dense_svdvals(op: ConvOperator) -> torch.Tensor:
     return torch.linalg.svdvals(op.matvec(eye).T)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (``platform.processor()`` is often just the architecture on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -118,7 +129,7 @@ def main() -> None:
     network = network_pass(model, args.input_size, args.top_k, cfg)
     result = {"benchmark": "operator", "quick": args.quick, "input_size": args.input_size, "top_k": args.top_k,
               "tol": args.tol, "dense": dense, "network": network,
-              "provenance": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "provenance": {"cpu": cpu_model(), "cores": os.cpu_count(),
                              "load_avg": os.getloadavg(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(), "python": platform.python_version(),
                              "model": "rankshard.train.models.build_model('resnet50', 'imagenet', 1000)"}}
