@@ -5,6 +5,11 @@ its empirical spectral density (ESD) is over ``lambda = sigma**2 / rows``. For i
 ``v`` the nonzero eigenvalues follow Marchenko-Pastur with ratio ``y = cols / rows`` and bulk edges
 ``v (1 -+ sqrt(y))**2``. Training leaves structure as eigenvalues outside that bulk ("spikes") and as a
 heavy power-law tail (small alpha); a randomly permuted copy of the same weights shows neither.
+
+Every alpha comes with its KS distance, tail size, the KS critical value and a ``reliable`` flag whose rule
+is in ``assess_powerlaw`` (tail >= 50 values, KS below Stephens' 5% critical value, 1 < alpha <= 8, and the
+bootstrap p >= 0.1 when ``alpha_bootstrap`` asks for it); ``reason`` says which rule failed, and every NaN
+alpha has one.
 """
 from __future__ import annotations
 
@@ -269,7 +274,9 @@ def spectrum_stats(svals: np.ndarray, rows: int, cols: int, cfg: RMTConfig = RMT
     s = np.asarray(svals, dtype=np.float64)
     lam = esd(s, rows)
     mp = fit_marchenko_pastur(lam, rows, cols, cfg)
-    pl = fit_powerlaw(lam, cfg)
+    pl = asdict(fit_powerlaw(lam, cfg))
+    if cfg.alpha_bootstrap == 0:  # no bootstrap, no p-value: leave the column out rather than fill it with NaN
+        del pl["p_value"]
     return {
         "n_values": int(s.size),
         "spectral_norm": float(np.max(s)),
@@ -277,5 +284,5 @@ def spectrum_stats(svals: np.ndarray, rows: int, cols: int, cfg: RMTConfig = RMT
         "stable_rank": stable_rank(s),
         "effective_rank": effective_rank(s),
         **{f"mp_{k}": v for k, v in asdict(mp).items()},
-        **{f"alpha_{k}" if k != "alpha" else "alpha": v for k, v in asdict(pl).items()},
+        **{f"alpha_{k}" if k != "alpha" else "alpha": v for k, v in pl.items()},
     }
