@@ -10,9 +10,12 @@ from rankshard.evaluate.weights.report import ReportConfig, run_weights_analysis
 from rankshard.evaluate.weights.spectra import WeightsConfig
 
 
-def _config(top_k, seed, no_operator, no_permuted, dtype) -> WeightsConfig:
+def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, sensitivity,
+            ww_conventions) -> WeightsConfig:
     try:
-        return WeightsConfig(top_k=top_k, seed=seed, operator=not no_operator, permuted=not no_permuted, dtype=dtype)
+        return WeightsConfig(top_k=top_k, seed=seed, operator=not no_operator, permuted=not no_permuted, dtype=dtype,
+                             zero_top_k=zero_top_k, device=device, sensitivity=sensitivity,
+                             ww_conventions=ww_conventions)
     except ValueError as err:
         raise EvaluationError(str(err)) from None
 
@@ -30,14 +33,22 @@ def _config(top_k, seed, no_operator, no_permuted, dtype) -> WeightsConfig:
 @click.option("--no-permuted", is_flag=True, help="Skip the randomly permuted baselines.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--esd-layers", type=int, default=16, show_default=True, help="ESD panels per model.")
+@click.option("--zero-top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Top-k singular values of each conv's zero-padded operator (the first is its exact Lipschitz "
+                   "constant), by Lanczos; 0 skips it (costly on CPU: hundreds of conv passes a layer).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the zero-padded operator (cpu, cuda).")
+@click.option("--sensitivity", is_flag=True, help="Per-filter d sigma_max / d W (sensitivity.png|npz).")
+@click.option("--ww-conventions", is_flag=True,
+              help="Also fit alpha as WeightWatcher does (per-kernel-position slices): ww_* columns.")
 @workers_option("Threads analysing layers in parallel (0: one per CPU core). The analysis runs on the CPU.")
 @trust_option
 @quiet_option
 @friendly_errors
 def command(checkpoints, out, layers, input_size, top_k, seed, no_operator, no_permuted, dtype, esd_layers,
-            workers, trust_checkpoint, quiet):
-    """SVD of every Conv2d/Linear weight: unfolded and exact operator spectra, RMT fits, figures."""
-    cfg = _config(top_k, seed, no_operator, no_permuted, dtype)
+            zero_top_k, device, sensitivity, ww_conventions, workers, trust_checkpoint, quiet):
+    """SVD of every Conv2d/Linear weight: unfolded, circular- and zero-padded operator spectra, RMT fits
+    with reliability flags, optional singular-value sensitivity, figures."""
+    cfg = _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, sensitivity, ww_conventions)
     ckpts = load_checkpoints(checkpoints, "cpu", trust=trust_checkpoint)
     size = input_size or common_input_size(ckpts, "pass --input-size to analyse them at one resolution") or 224
     try:

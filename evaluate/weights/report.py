@@ -10,6 +10,7 @@ Output layout under ``out_dir``::
     <model>/vectors.npz               top-k unfolded singular triplets: "<layer>/u", "/s", "/vh"
     <model>/esd.png                   ESD histograms of the first layers with the fitted MP density
     <model>/filters.png               first-layer top right singular vectors as RGB filters (3-channel input)
+    <model>/lipschitz.png, sensitivity.png|npz   zero-padded operator and sensitivities (operator_report.py)
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, so importing this module
 never changes the process-wide pyplot backend.
@@ -30,6 +31,7 @@ from torch import nn
 from rankshard.preprocess.progress import Progress
 
 from rankshard.evaluate.results import safe_name, write_result
+from rankshard.evaluate.weights.operator_report import write_operator_report
 from rankshard.evaluate.weights.rmt import esd, mp_density
 from rankshard.evaluate.weights.spectra import (LayerResult, WeightsConfig, analyse_model, as_pair, layer_row,
                                                 select_layers)
@@ -182,6 +184,7 @@ def write_model_report(name: str, results: list[LayerResult], out_dir: Path,
     first_conv = next((r for r in results if r.info.kind == "conv"), None)
     if first_conv is not None:
         plot_filters(first_conv, folder / "filters.png", cfg)
+    write_operator_report(results, rows, folder, cfg.dpi)
     return rows
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankshard.evaluate.weights.layer_extras import LayerExtras, layer_extras
+from rankshard.evaluate.weights.operator import LanczosConfig, resolve_padding
 from rankshard.evaluate.weights.rmt import RMTConfig, spectrum_stats
 from rankshard.preprocess.devices import torch_threads
 
@@ -51,12 +53,24 @@ class WeightsConfig:
     # its complex128 matmul + eigvalsh only beat complex64 svdvals on wide stride-2 polyphase blocks.
     method: str = "svd"
     rmt: RMTConfig = field(default_factory=RMTConfig)
+    # The zero-padded operator each Conv2d applies (layer_extras.py): top-k singular values by Lanczos.
+    # 0 skips it: it costs hundreds of conv + conv_transpose passes per layer (see bench_operator.py).
+    zero_top_k: int = 0
+    zero_dtype: str = "float64"  # precision of those passes; float32 is ~4x faster on CPU, ~1e-6 relative
+    lanczos: LanczosConfig = field(default_factory=LanczosConfig)
+    device: str = "cpu"  # where the zero-padded operator runs ("cuda" for a GPU)
+    sensitivity: bool = False  # per-filter d sigma_max / d W (unfolded; operator too when zero_top_k > 0)
+    ww_conventions: bool = False  # also fit alpha as WeightWatcher does (ww.py): ww_* columns
 
     def __post_init__(self) -> None:
         if self.dtype not in _COMPLEX:
             raise ValueError(f"WeightsConfig.dtype={self.dtype!r}: use one of {sorted(_COMPLEX)}")
         if self.method not in SVDVALS_METHODS:
             raise ValueError(f"WeightsConfig.method={self.method!r}: use one of {sorted(SVDVALS_METHODS)}")
+        if self.zero_dtype not in _REAL:
+            raise ValueError(f"WeightsConfig.zero_dtype={self.zero_dtype!r}: use one of {sorted(_REAL)}")
+        if self.zero_top_k < 0:
+            raise ValueError(f"WeightsConfig.zero_top_k={self.zero_top_k}: must be >= 0 (0 skips the operator)")
         if self.top_k < 0:
             raise ValueError(f"WeightsConfig.top_k={self.top_k}: must be >= 0")
 
@@ -261,6 +275,8 @@ class LayerInfo:
     groups: int
     input_hw: Pair | None  # None for linear layers and for convolutions the probe never reached
     calls: int  # forward calls during the probe (a module reused at two resolutions is analysed at the first)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # zeros added (top, bottom, left, right) by the conv
+    padding_mode: str = "zeros"
 
 
 _KINDS: dict[type, str] = {nn.Conv2d: "conv", nn.Linear: "linear"}
@@ -329,7 +345,9 @@ def discover_layers(model: nn.Module, cfg: WeightsConfig) -> list[LayerInfo]:
         layers.append(LayerInfo(
             index=order, name=name, kind=_kind(m), weight=m.weight.detach().cpu(),
             stride=as_pair(m.stride) if conv else (1, 1), dilation=as_pair(m.dilation) if conv else (1, 1),
-            groups=m.groups if conv else 1, input_hw=hw if conv else None, calls=calls))
+            groups=m.groups if conv else 1, input_hw=hw if conv else None, calls=calls,
+            padding=resolve_padding(m.padding, as_pair(m.kernel_size), as_pair(m.dilation)) if conv else (0, 0, 0, 0),
+            padding_mode=m.padding_mode if conv else "zeros"))
     layers.sort(key=lambda layer: layer.index)
     return [replace(layer, index=i) for i, layer in enumerate(layers)]
 
@@ -355,6 +373,7 @@ class LayerResult:
     top: UnfoldedSVD  # top_k singular triplets of the unfolded trained weight (float32)
     notes: tuple[str, ...]
     seconds: float
+    extras: LayerExtras = field(default_factory=lambda: LayerExtras({}))  # zero-padded operator etc.
 
 
 def permuted_weight(weight: torch.Tensor, seed: int, name: str) -> torch.Tensor:
@@ -422,9 +441,10 @@ def analyse_layer(info: LayerInfo, cfg: WeightsConfig) -> LayerResult:
     full = unfold_svd(info.weight)
     spectra, notes = layer_spectra(info, cfg, full.s)
     stats = {k: spectrum_stats(sp.svals, sp.rows, sp.cols, cfg.rmt) for k, sp in spectra.items()}
+    extras, extra_notes = layer_extras(info, full, spectra, cfg)
     k = min(cfg.top_k, full.s.numel())
     top = UnfoldedSVD(full.u[:, :k].float(), full.s[:k].float(), full.vh[:k].float())
-    return LayerResult(info, stats, spectra, top, notes, time.perf_counter() - t0)
+    return LayerResult(info, stats, spectra, top, notes + extra_notes, time.perf_counter() - t0, extras)
 
 
 def analyse_model(model: nn.Module, cfg: WeightsConfig = WeightsConfig(), workers: int | None = None,
@@ -460,6 +480,7 @@ def layer_row(result: LayerResult) -> dict:
     for spec in ("unfolded", "operator", "unfolded_perm", "operator_perm"):
         for key, value in result.stats.get(spec, {}).items():
             row[f"{spec}_{key}"] = value
+    row.update(result.extras.columns)
     row["seconds"] = round(result.seconds, 4)
     row["notes"] = "; ".join(result.notes)
     return row

@@ -1,0 +1,277 @@
+"""The convolution the network actually applies, as a matrix-free linear operator, and its top singular values.
+
+``rankshard.evaluate.weights.spectra`` computes every singular value of a convolution with **circular**
+padding (exact and cheap through the FFT, Sedghi et al. 2019). A ``nn.Conv2d`` pads with **zeros** (unless
+``padding_mode`` says otherwise): near the border its taps fall on zeros instead of wrapping around, so the
+operator is a different matrix. Its largest singular value is the layer's exact Lipschitz constant in
+ℓ2 on inputs of that resolution, and the circular value is neither an upper nor a lower bound of it in
+general (measured on ResNet-50: see ``benchmarks/bench_operator.py``).
+
+This module applies that operator with ``F.conv2d`` and its exact adjoint with ``F.conv_transpose2d``
+(``output_padding`` restores the input rows a strided convolution never reads), and finds the top-k
+singular triplets by a restarted block Lanczos iteration on the Gram operator ``A^T A`` (or ``A A^T``,
+whichever side is smaller) with full reorthogonalisation, in float64 by default, on any device.
+
+Conventions: the operator maps a ``[C, H, W]`` input (flattened row-major) to the ``[O, Ho, Wo]`` output;
+bias is ignored (an affine shift does not change a Lipschitz constant); a module reused at several
+resolutions is a different operator at each one, and this takes the resolution the probe saw first.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Pair = tuple[int, int]
+Pad4 = tuple[int, int, int, int]  # top, bottom, left, right
+
+
+def _pair(v: int | tuple[int, ...]) -> Pair:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def resolve_padding(padding: int | tuple | str, kernel_hw: Pair, dilation: Pair) -> Pad4:
+    """``nn.Conv2d``'s ``padding`` as explicit (top, bottom, left, right) counts.
+
+    ``"same"`` pads ``d*(k-1)`` in total with the odd one at the bottom/right, as torch does.
+    """
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    if padding == "same":
+        th, tw = (d * (k - 1) for d, k in zip(dilation, kernel_hw))
+        return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    if isinstance(padding, str):
+        raise ValueError(f"padding={padding!r}: use an int, a pair, 'same' or 'valid'")
+    ph, pw = _pair(padding)
+    return (ph, ph, pw, pw)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything besides the kernel that fixes the linear map of a Conv2d."""
+    in_channels: int
+    input_hw: Pair
+    stride: Pair = (1, 1)
+    padding: Pad4 = (0, 0, 0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"  # "zeros" has a conv_transpose2d adjoint; other modes use autograd's
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, input_hw: Pair) -> "ConvGeometry":
+        """The geometry of ``conv`` applied to an ``input_hw`` input."""
+        dilation = _pair(conv.dilation)
+        return cls(conv.in_channels, _pair(input_hw), _pair(conv.stride),
+                   resolve_padding(conv.padding, _pair(conv.kernel_size), dilation), dilation, conv.groups,
+                   conv.padding_mode)
+
+    def output_hw(self, kernel_hw: Pair) -> Pair:
+        """Output resolution: ``floor((H + pads - d(k-1) - 1) / s) + 1`` per axis."""
+        t, b, left, r = self.padding
+        sizes = []
+        for n, pads, k, d, s in zip(self.input_hw, (t + b, left + r), kernel_hw, self.dilation, self.stride):
+            span = n + pads - d * (k - 1) - 1
+            if span < 0:
+                raise ValueError(f"kernel {kernel_hw} with dilation {self.dilation} does not fit the "
+                                 f"padded {self.input_hw} input")
+            sizes.append(span // s + 1)
+        return sizes[0], sizes[1]
+
+
+class ConvOperator:
+    """``x [b, C*H*W] -> conv(x) [b, O*Ho*Wo]`` and its adjoint, rows of a block being separate vectors."""
+
+    def __init__(self, weight: torch.Tensor, geom: ConvGeometry, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None):
+        if weight.dim() != 4 or weight.shape[1] * geom.groups != geom.in_channels:
+            raise ValueError(f"weight {tuple(weight.shape)} does not match in_channels={geom.in_channels}, "
+                             f"groups={geom.groups}")
+        self.weight = weight.detach().to(dtype=dtype, device=device)
+        self.geom = geom
+        self.in_shape = (geom.in_channels, *geom.input_hw)
+        self.out_shape = (weight.shape[0], *geom.output_hw(tuple(weight.shape[2:])))
+        self.n_in, self.n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        t, b, left, r = geom.padding
+        # Symmetric zero padding goes through conv2d's own padding (no copy); anything else is an explicit
+        # F.pad of the input, so the adjoint is conv_transpose2d without padding followed by a crop.
+        self._builtin = geom.padding_mode == "zeros" and t == b and left == r
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        t, b, left, r = self.geom.padding
+        mode = "constant" if self.geom.padding_mode == "zeros" else self.geom.padding_mode
+        return F.pad(x, (left, r, t, b), mode=mode)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        g = self.geom
+        pad = (g.padding[0], g.padding[2]) if self._builtin else 0
+        x = x if self._builtin else self._pad(x)
+        return F.conv2d(x, weight, None, g.stride, pad, g.dilation, g.groups)
+
+    def matvec(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``A x`` for each row of ``x [b, n_in]``; ``weight`` overrides the kernel (for autograd)."""
+        out = self._conv(x.reshape(-1, *self.in_shape), self.weight if weight is None else weight)
+        return out.reshape(x.shape[0], -1)
+
+    def rmatvec(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` for each row of ``y [b, n_out]``."""
+        y = y.reshape(-1, *self.out_shape)
+        if self.geom.padding_mode != "zeros":
+            return self._autograd_adjoint(y)
+        g = self.geom
+        t, b, left, r = g.padding
+        padded = (self.in_shape[1] + t + b, self.in_shape[2] + left + r)
+        kernel_hw = self.weight.shape[2:]
+        # conv_transpose2d returns (Ho-1)s + d(k-1) + 1 rows; the last (padded - that) input rows were
+        # never read by the strided conv, and output_padding appends them (as zeros of the adjoint).
+        extra = [p - ((o - 1) * s + d * (k - 1) + 1)
+                 for p, o, s, d, k in zip(padded, self.out_shape[1:], g.stride, g.dilation, kernel_hw)]
+        pad = (t, left) if self._builtin else 0
+        x = F.conv_transpose2d(y, self.weight, None, g.stride, pad, tuple(extra), g.groups, g.dilation)
+        if not self._builtin:
+            x = x[:, :, t:t + self.in_shape[1], left:left + self.in_shape[2]]
+        return x.reshape(y.shape[0], -1)
+
+    def _autograd_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` as the gradient of ``<A x, y>`` in ``x``: exact for reflect/replicate/circular padding."""
+        with torch.enable_grad():
+            x = torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device, requires_grad=True)
+            (grad,) = torch.autograd.grad(self._conv(x, self.weight), x, y)
+        return grad.reshape(y.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Top-k singular triplets
+
+
+@dataclass(frozen=True)
+class LanczosConfig:
+    """Restarted block Lanczos on the Gram operator: block ``k + guard`` vectors, ``steps`` blocks a cycle."""
+    guard: int = 4  # extra vectors beyond k: convergence of the k-th value goes with the gap to the (k+guard+1)-th
+    steps: int = 8  # Krylov blocks built per restart cycle (memory: block*(steps+1) vectors of the smaller side)
+    tol: float = 1e-10  # stop when the top-k eigenvalues of G moved <= tol * theta_max in a cycle (see top_eigen_gram)
+    max_cycles: int = 200  # restarts before giving up (the result then says converged=False)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TopSingular:
+    """Top-k singular triplets: ``s [k]`` descending, ``u [k, n_out]``, ``v [k, n_in]`` (unit rows)."""
+    s: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    residual: float  # largest ||G x - theta x|| / theta_max over the k Ritz pairs returned
+    converged: bool
+    gram_products: int  # vectors multiplied by A^T A (or A A^T): the cost, each one conv + one transpose conv
+
+
+def _orthonormalize(block: torch.Tensor, basis: torch.Tensor | None, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of ``block`` made orthogonal to ``basis`` (twice: classical Gram-Schmidt loses orthogonality
+    once, not twice) then orthonormal. Returns (Q, coefficients on basis, R) with block = C·basis + R·Q.
+    Rows that vanish (an invariant subspace was found) are replaced by random orthonormal directions with a
+    zero row in R, so the Krylov basis keeps its width and the projection stays exact."""
+    coef = block.new_zeros(block.shape[0], 0 if basis is None else basis.shape[0])
+    if basis is not None:
+        for _ in range(2):
+            c = block @ basis.T
+            block = block - c @ basis
+            coef = coef + c
+    q, r = torch.linalg.qr(block.T)
+    small = r.diagonal().abs() <= 1e-12 * max(float(r.abs().max()), 1e-300)
+    if bool(small.any()):
+        fresh = torch.randn(int(small.sum()), block.shape[1], generator=gen, dtype=block.dtype).to(block.device)
+        keep = q.T[~small]
+        fresh, _, _ = _orthonormalize(fresh, keep if basis is None else torch.cat([basis, keep]), gen)
+        q = q.clone()
+        q.T[small] = fresh
+        r = r.clone()
+        r[small] = 0
+    return q.T.contiguous(), coef, r.T
+
+
+def _krylov_cycle(gram, x: torch.Tensor, steps: int, gen: torch.Generator):
+    """One cycle from the orthonormal block ``x``: basis ``V`` (steps blocks), projection ``H = V G V^T``
+    and the coupling ``R`` of the last block to the next (for residual norms). Rows are vectors."""
+    b = x.shape[0]
+    basis, rows = x, []
+    for j in range(steps):
+        w = gram(basis[j * b:(j + 1) * b])  # G V_j = coef V + r V_{j+1}
+        q, coef, r = _orthonormalize(w, basis, gen)
+        rows.append((coef, r))
+        if j < steps - 1:
+            basis = torch.cat([basis, q])
+    m = basis.shape[0]
+    h = basis.new_zeros(m, m)
+    for j, (coef, r) in enumerate(rows):
+        width = coef.shape[1]
+        h[j * b:(j + 1) * b, :width] = coef
+        if width < m:
+            h[j * b:(j + 1) * b, width:width + b] = r
+    # H is symmetric in exact arithmetic; averaging removes the rounding asymmetry eigh would ignore
+    return basis, (h + h.T) / 2, rows[-1][1]
+
+
+def _rayleigh_ritz(basis, h, r_last, b: int):
+    """Top ``b`` Ritz values/vectors and their residual norms ``||R y_last||`` (Arnoldi relation)."""
+    theta, y = torch.linalg.eigh(h)
+    theta, y = theta.flip(0)[:b], y.flip(1)[:, :b]
+    resid = torch.linalg.vector_norm(r_last.T @ y[-b:], dim=0)
+    return theta, y.T @ basis, resid
+
+
+def top_eigen_gram(gram, n: int, k: int, cfg: LanczosConfig, dtype: torch.dtype, device
+                   ) -> tuple[torch.Tensor, torch.Tensor, float, bool, int]:
+    """Top-k eigenpairs of the symmetric PSD operator ``gram`` on ``R^n`` (rows in, rows out).
+
+    Stops when the top-k Ritz values moved by at most ``cfg.tol * theta_max`` over the last cycle, or
+    their residuals are that small. Why not residuals alone: the top singular values of a zero-padded
+    convolution come in near-degenerate clusters (a plane wave and its shifted twin), whose individual
+    residuals shrink with the tiny in-cluster gap while the values themselves are converged long before
+    (values err by ~residual^2 / gap to the rest of the spectrum). Ritz values only increase from cycle to
+    cycle (each cycle's space contains the previous Ritz vectors), so a stalled value is a converged one.
+    """
+    b = min(k + cfg.guard, n)
+    steps = max(1, min(cfg.steps, n // b))  # the basis never grows past the dimension
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, _, _ = _orthonormalize(torch.randn(b, n, generator=gen, dtype=dtype).to(device), None, gen)
+    products, resid_rel, previous = 0, math.inf, None
+    for _ in range(cfg.max_cycles):
+        basis, h, r_last = _krylov_cycle(gram, x, steps, gen)
+        products += b * steps
+        theta, x, resid = _rayleigh_ritz(basis, h, r_last, b)
+        scale = max(float(theta[0]), 1e-300)
+        resid_rel = float(resid[:k].max()) / scale
+        moved = math.inf if previous is None else float((theta[:k] - previous).abs().max()) / scale
+        if min(resid_rel, moved) <= cfg.tol or basis.shape[0] >= n:  # a full basis makes the Ritz pairs exact
+            return theta[:k], x[:k], resid_rel, True, products
+        previous = theta[:k]
+    return theta[:k], x[:k], resid_rel, False, products
+
+
+def top_singular(op: ConvOperator, k: int = 10, cfg: LanczosConfig = LanczosConfig()) -> TopSingular:
+    """Top-``k`` singular values and vectors of ``op``, by Lanczos on the Gram operator of the smaller side."""
+    k = min(k, op.n_in, op.n_out)
+    if k < 1:
+        raise ValueError(f"top_singular: k must be >= 1 (got {k})")
+    dtype, device = op.weight.dtype, op.weight.device
+    with torch.no_grad():
+        if op.n_in <= op.n_out:
+            theta, v, res, ok, n = top_eigen_gram(lambda x: op.rmatvec(op.matvec(x)), op.n_in, k, cfg, dtype,
+                                                  device)
+            s = theta.clamp_min(0).sqrt()
+            u = op.matvec(v) / s.clamp_min(1e-300)[:, None]
+        else:
+            theta, u, res, ok, n = top_eigen_gram(lambda y: op.matvec(op.rmatvec(y)), op.n_out, k, cfg, dtype,
+                                                  device)
+            s = theta.clamp_min(0).sqrt()
+            v = op.rmatvec(u) / s.clamp_min(1e-300)[:, None]
+    return TopSingular(s, u, v, res, ok, n)
+
+
+def conv_top_singular(weight: torch.Tensor, geom: ConvGeometry, k: int = 10, cfg: LanczosConfig = LanczosConfig(),
+                      dtype: torch.dtype = torch.float64, device=None) -> TopSingular:
+    """Top-``k`` singular triplets of the zero-padded (or ``geom.padding_mode``) convolution."""
+    return top_singular(ConvOperator(weight, geom, dtype, device), k, cfg)
