@@ -66,8 +66,9 @@ class SweepConfig:
         notes = {}
         if "aa" in self.attacks:
             ran = self.sequence("aa")
-            notes["aa"] = (f"AutoAttack standard sequence as implemented here: {' -> '.join(ran)}; "
-                           f"not run: {', '.join(a for a in AA_STANDARD if a not in ran)}")
+            left = [a for a in AA_STANDARD if a not in ran]
+            notes["aa"] = (f"AutoAttack standard sequence: {' -> '.join(ran)}"
+                           + (f"; not run ({self.norm} not implemented): {', '.join(left)}" if left else ""))
         return {"eps": list(self.eps), "attacks": list(self.attacks), "norm": self.norm, "seed": self.seed,
                 "budget": vars(self.budget), "sequences": {g: self.sequence(g) for g in self.attacks}, "notes": notes}
 

@@ -21,7 +21,7 @@ from rankshard.train.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU = DistContext(0, 1, "cpu")
-SMALL = AttackBudget(pgd_steps=5, apgd_steps=10, n_target_classes=3, square_queries=30)
+SMALL = AttackBudget(pgd_steps=5, apgd_steps=10, n_target_classes=3, square_queries=30, fab_steps=5)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_l2_sweep_and_aa_notes(tiny, tmp_path):
     rows = run_robustness([ck], tensor_data(x, y, 10), cfg, CPU, tmp_path, quiet=True)
     body = json.loads((tmp_path / "robustness.json").read_text())
     assert body["kind"] == "robustness" and body["attack"]["sequences"] == {"aa": ["apgd-ce", "apgd-t"]}
-    assert "not run: fab-t, square" in body["attack"]["notes"]["aa"]
+    assert "not run (l2 not implemented): fab-t, square" in body["attack"]["notes"]["aa"]
     assert body["figures"] == ["robustness.png"] and (tmp_path / "robustness.png").stat().st_size > 0
     assert [r["eps"] for r in rows] == [0.0, 0.25]
 
@@ -110,7 +110,7 @@ def test_cli_sweep_writes_csv_json_figure_and_report_shows_curves(shards, tmp_pa
     a, b = tiny_checkpoint(tmp_path / "a.pt", 0), tiny_checkpoint(tmp_path / "b.pt", 1)
     code, out = _run("robustness", f"a={a}", f"b={b}", *_common(shards, tmp_path / "rob"), "--eps", "0,2/255,8/255",
                      "--attack", "pgd,aa", "--pgd-steps", "3", "--apgd-steps", "5", "--square-queries", "10",
-                     "--target-classes", "2")
+                     "--target-classes", "2", "--fab-steps", "3")
     assert code == 0, out
     assert "| eps | a (pgd) | a (aa) | b (pgd) | b (aa) |" in out and "| 8/255 |" in out
     rows = list(csv.DictReader(open(tmp_path / "rob" / "robustness.csv")))
@@ -120,7 +120,8 @@ def test_cli_sweep_writes_csv_json_figure_and_report_shows_curves(shards, tmp_pa
     code, out = _run("report", tmp_path / "rob", "--out", tmp_path / "report")
     assert code == 0, out
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "Robust accuracy vs eps" in md and "robustness.png" in md and "not run: fab-t" in md
+    assert "Robust accuracy vs eps" in md and "robustness.png" in md
+    assert "aa: apgd-ce -> apgd-t -> fab-t -> square" in md
 
 
 def test_cli_evaluates_a_torchvision_wide_resnet50_2_state_dict(shards, tmp_path):

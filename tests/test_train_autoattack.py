@@ -5,6 +5,7 @@ import torch
 
 from rankshard.train.apgd import APGDConfig, apgd, dlr_loss, dlr_targeted_loss
 from rankshard.train.autoattack import AttackBudget, expand, run_sequence
+from rankshard.train.fab import FABConfig, fab_t
 from rankshard.train.models import build_model
 from rankshard.train.square import SquareConfig, square
 
@@ -50,6 +51,19 @@ def test_apgd_equals_torchattacks_sample_for_sample(tiny, norm, eps, loss):
     assert 0 < int(robust.sum()) < 13  # the comparison covers both fooled and robust samples
 
 
+@pytest.mark.parametrize("eps", [1 / 255, 4 / 255])
+def test_fab_t_equals_torchattacks_sample_for_sample(tiny, eps):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = tiny
+    adv, robust = fab_t(model, x, y, FABConfig(eps, 20, 3))  # one restart: deterministic, no random start
+    ref_adv = torchattacks.FAB(model, norm="Linf", eps=eps, steps=20, n_restarts=1, multi_targeted=True,
+                               n_classes=4)(x, y)
+    with torch.no_grad():
+        ref_robust = model(ref_adv).argmax(1) == y
+    assert torch.equal(adv, ref_adv) and torch.equal(robust, ref_robust)
+    assert int(robust.sum()) < 13  # FAB fooled some samples, so the comparison covers its adversarial points
+
+
 def test_dlr_losses_match_their_definition():
     z = torch.tensor([[4.0, 1.0, 3.0, 0.0, 2.0]])
     y, t = torch.tensor([0]), torch.tensor([2])
@@ -74,11 +88,11 @@ def _inside(adv, x, norm, eps):
     return bool((size <= eps + 1e-6).all()) and float(adv.min()) >= 0 and float(adv.max()) <= 1
 
 
-@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"])
 def test_attacks_return_misclassified_points_inside_the_ball(tiny, attack):
     model, x, y = tiny
     eps = 2 / 255
-    res = run_sequence(model, x, y, [attack], "linf", eps, {attack: _per_sample(16)}, AttackBudget(5, 10, 3, 40))
+    res = run_sequence(model, x, y, [attack], "linf", eps, {attack: _per_sample(16)}, AttackBudget(5, 10, 3, 40, 10))
     with torch.no_grad():
         pred = model(res.adv).argmax(1)
     assert _inside(res.adv, x, "linf", eps)
@@ -106,8 +120,8 @@ def test_square_schedule_follows_autoattack():
 def test_sequence_robustness_never_increases(tiny):
     model, x, y = tiny
     names = expand(["pgd", "aa"], "linf")
-    assert names == ["pgd", "apgd-ce", "apgd-t", "square"]
-    budget = AttackBudget(5, 10, 3, 30)
+    assert names == ["pgd", "apgd-ce", "apgd-t", "fab-t", "square"]
+    budget = AttackBudget(5, 10, 3, 30, 10)
     prev = None
     for k in range(1, len(names) + 1):
         res = run_sequence(model, x, y, names[:k], "linf", 2 / 255, {n: _per_sample(16, i) for i, n in enumerate(names)},
@@ -120,6 +134,7 @@ def test_sequence_robustness_never_increases(tiny):
 def test_expand_refuses_unknown_and_l2_square():
     with pytest.raises(ValueError, match="unknown attack 'fgsm'"):
         expand(["fgsm"], "linf")
-    with pytest.raises(ValueError, match="only L-inf"):
-        expand(["square"], "l2")
+    for name in ("square", "fab-t"):
+        with pytest.raises(ValueError, match="only L-inf"):
+            expand([name], "l2")
     assert expand(["aa"], "l2") == ["apgd-ce", "apgd-t"]

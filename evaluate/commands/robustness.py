@@ -44,13 +44,15 @@ def normalization_override(preset: str | None, mean: str | None, std: str | None
               help="Ascending radii, comma-separated, [0, 1] pixel units; fractions allowed (8/255).")
 @click.option("--attack", "attacks", default="aa", show_default=True,
               help="Comma-separated attacks run in order, each on the points still robust: pgd, apgd-ce, "
-                   "apgd-dlr, apgd-t, square, aa (AutoAttack standard). 'pgd,aa' reports AA <= PGD by construction.")
+                   "apgd-dlr, apgd-t, fab-t, square, aa (AutoAttack standard). 'pgd,aa' reports AA <= PGD by construction.")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds random starts per sample key.")
 @click.option("--pgd-steps", type=int, default=20, show_default=True)
 @click.option("--apgd-steps", type=int, default=100, show_default=True, help="AutoAttack standard: 100.")
 @click.option("--square-queries", type=int, default=5000, show_default=True, help="AutoAttack standard: 5000.")
-@click.option("--target-classes", type=int, default=9, show_default=True, help="APGD-T target classes (standard: 9).")
+@click.option("--fab-steps", type=int, default=100, show_default=True, help="AutoAttack standard: 100.")
+@click.option("--target-classes", type=int, default=9, show_default=True,
+              help="Target classes of APGD-T and FAB-T (standard: 9).")
 @click.option("--normalization", type=click.Choice(["cifar10", "imagenet", "none"]), default=None,
               help="Input normalization of foreign checkpoints that record none (default: guessed, with a warning).")
 @click.option("--mean", default=None, help="Per-channel mean R,G,B for foreign checkpoints (with --std).")
@@ -58,10 +60,10 @@ def normalization_override(preset: str | None, mean: str | None, std: str | None
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, quiet, root, dataset, split, variant, limit,
             batch_size, workers, verify_shards, eps_list, attacks, norm, seed, pgd_steps, apgd_steps, square_queries,
-            target_classes, normalization, mean, std):
+            fab_steps, target_classes, normalization, mean, std):
     """Robust accuracy, attack success and recovery of each CKPT at every --eps; robustness.csv/json, per-sample
     CSVs and robustness.png (curves per checkpoint) in --out, shown by `rankshard-evaluate report`."""
-    budget = AttackBudget(pgd_steps, apgd_steps, target_classes, square_queries)
+    budget = AttackBudget(pgd_steps, apgd_steps, target_classes, square_queries, fab_steps)
     cfg = SweepConfig(parse_eps_list(eps_list), tuple(a.strip() for a in attacks.split(",") if a.strip()), norm, seed,
                       budget)
     overrides = normalization_override(normalization, mean, std)
