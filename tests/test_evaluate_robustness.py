@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evaluate_demo import demo_shards, tiny_checkpoint
+from evaluate_demo import demo_shards, tiny_attack_setup, tiny_checkpoint
 from rankshard.evaluate.checkpoints import LoadedCheckpoint
 from rankshard.evaluate.cli import main
 from rankshard.evaluate.data import tensor_data
@@ -26,13 +26,7 @@ SMALL = AttackBudget(pgd_steps=5, apgd_steps=10, n_target_classes=3, square_quer
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    model = build_model("resnet18", "cifar", 10, 4).eval()
-    x = torch.rand(14, 3, 16, 16)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:2] = (y[:2] + 1) % 10
-    return model, x, y
+    return tiny_attack_setup(14, 16, 2)
 
 
 def _sweep(tiny, cfg, batch_size=14):

@@ -6,7 +6,7 @@ import torch
 from rankshard.train.apgd import APGDConfig, apgd, dlr_loss, dlr_targeted_loss
 from rankshard.train.autoattack import AttackBudget, expand, run_sequence
 from rankshard.train.fab import FABConfig, fab_t
-from rankshard.train.models import build_model
+from evaluate_demo import tiny_attack_setup
 from rankshard.train.square import SquareConfig, square
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -14,14 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A fixed random width-4 ResNet-18 on 16x16 inputs; labels = its predictions, 3 flipped (clean-wrong)."""
-    torch.manual_seed(0)
-    model = build_model("resnet18", "cifar", 10, 4).eval()
-    x = torch.rand(16, 3, 16, 16)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[:3] = (y[:3] + 1) % 10
-    return model, x, y
+    return tiny_attack_setup(16, 16, 3)
 
 
 def _per_sample(n, seed=0):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankshard.train.attacks import Generators, frozen_parameters, parse_eps, uniform_noise
+from rankshard.train.attacks import Generators, select_generators, frozen_parameters, parse_eps, uniform_noise
 
 
 def normal_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -216,13 +216,6 @@ def _halve(s: _State, halve: torch.Tensor) -> None:
         s.grad[halve] = s.grad_best[halve]
 
 
-def _select(generator: Generators, idx: torch.Tensor) -> Generators:
-    """The generators of the samples ``idx`` (a single shared generator is passed through)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    return [generator[i] for i in idx.tolist()]
-
-
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: APGDConfig,
          generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
     """APGD on ``x`` (in [0, 1]): ``(adv, robust)``, where ``adv`` is a misclassified point in the eps-ball for
@@ -244,7 +237,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: APGDConfig,
                 if idx.numel() == 0:
                     return adv, robust
                 target = clean_logits[idx].sort(dim=1)[1][:, -rank] if rank else None
-                found, still = _run(model, x[idx], y[idx], cfg, target, _select(generator, idx))
+                found, still = _run(model, x[idx], y[idx], cfg, target, select_generators(generator, idx))
                 fooled = idx[~still]
                 adv[fooled], robust[fooled] = found[~still], False
     return adv, robust

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rankshard.train.apgd import APGDConfig, apgd
-from rankshard.train.attacks import Generators, PGDConfig, pgd
+from rankshard.train.attacks import Generators, PGDConfig, pgd, select_generators
 from rankshard.train.fab import FABConfig, fab_t
 from rankshard.train.square import SquareConfig, square
 
@@ -133,9 +133,7 @@ def run_sequence(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequ
         idx = robust.nonzero().flatten()
         if idx.numel() == 0 or eps == 0:
             break
-        gens = (generators or {}).get(name)
-        if gens is not None and not isinstance(gens, torch.Generator):
-            gens = [gens[i] for i in idx.tolist()]
+        gens = select_generators((generators or {}).get(name), idx)
         found, still = ATTACKS[name](norm, eps, budget)(model, x[idx], y[idx], gens)
         for i in idx[~still].tolist():
             fooled_by[i] = name

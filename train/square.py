@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankshard.train.attacks import Generators, parse_eps, uniform_noise
+from rankshard.train.attacks import Generators, select_generators, parse_eps, uniform_noise
 
 _P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))
 
@@ -80,12 +80,6 @@ def _proposal(x: torch.Tensor, best: torch.Tensor, s: int, eps: float, generator
     return torch.clamp(torch.min(torch.max(best + delta, x - eps), x + eps), 0.0, 1.0)
 
 
-def _select(generator: Generators, idx: torch.Tensor) -> Generators:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    return [generator[i] for i in idx.tolist()]
-
-
 @torch.no_grad()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SquareConfig,
            generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +89,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SquareConfig
     idx = robust.nonzero().flatten()
     if idx.numel() == 0 or cfg.eps == 0:
         return adv, robust
-    xs, ys, gens = x[idx], y[idx], _select(generator, idx)
+    xs, ys, gens = x[idx], y[idx], select_generators(generator, idx)
     best = torch.clamp(xs + cfg.eps * _signs((len(idx), c, 1, w), gens, x.device), 0.0, 1.0)  # vertical stripes
     loss = margin(model, best, ys)
     for it in range(cfg.n_queries):  # as the reference: n_queries proposals after the stripes
@@ -103,7 +97,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SquareConfig
         if active.numel() == 0:
             break
         s = max(int(round(math.sqrt(cfg.p(it) * h * w))), 1)
-        cand = _proposal(xs[active], best[active], s, cfg.eps, _select(gens, active))
+        cand = _proposal(xs[active], best[active], s, cfg.eps, select_generators(gens, active))
         new = margin(model, cand, ys[active])
         keep = new < loss[active]  # margin loss: improving also covers newly misclassified (margin <= 0)
         best[active[keep]], loss[active[keep]] = cand[keep], new[keep]
