@@ -57,14 +57,15 @@ def _trained_on(payload: dict[str, Any]) -> str:
 
 
 def load_checkpoints(specs: Sequence[str], device: str | torch.device = "cpu",
-                     trust: bool = False) -> list[LoadedCheckpoint]:
+                     trust: bool = False, **overrides: Any) -> list[LoadedCheckpoint]:
     """Load every ``[NAME=]PATH`` with ``rankshard.train.checkpoint.model_from_checkpoint`` (weights_only unless
-    ``trust``: full unpickling runs code from the file); models in eval mode on ``device``."""
+    ``trust``: full unpickling runs code from the file); models in eval mode on ``device``. ``overrides``
+    (e.g. ``normalization="none"`` or ``{"mean": ..., "std": ...}``) go to ``model_from_checkpoint``."""
     loaded = []
     for name, path in split_names(specs):
         if not Path(path).is_file():
             raise EvaluationError(f"checkpoint {path}: no such file")
-        model, payload = model_from_checkpoint(path, trust=trust)
+        model, payload = model_from_checkpoint(path, trust=trust, **overrides)
         size = payload.get("input_size")
         loaded.append(LoadedCheckpoint(name, str(path), model.to(device).eval(), int(payload["num_classes"]),
                                        None if size is None else int(size), _trained_on(payload), payload))

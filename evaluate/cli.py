@@ -11,6 +11,7 @@ import click
 from rankshard.evaluate.commands.accuracy import command as accuracy
 from rankshard.evaluate.commands.pgd import command as pgd
 from rankshard.evaluate.commands.report import command as report
+from rankshard.evaluate.commands.robustness import command as robustness
 from rankshard.evaluate.commands.spectrum import command as spectrum
 from rankshard.evaluate.rig.command import command as rig
 from rankshard.evaluate.weights.command import command as weights
@@ -22,7 +23,7 @@ def main():
     """Evaluate checkpoints on rank-k data: accuracy, spectrum, PGD robustness, RIG saliency, weights."""
 
 
-for _command in (accuracy, spectrum, pgd, rig, weights, svd_profile, report):
+for _command in (accuracy, spectrum, pgd, robustness, rig, weights, svd_profile, report):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -66,6 +66,31 @@ def plot_gaps(curves: Sequence[Curve], mode: str, title: str, path: str | os.Pat
     return _save(fig, path)
 
 
+def _eps_axis(norm: str) -> tuple[str, float]:
+    """(label, scale): L-inf eps read in 1/255 steps as papers quote them; L2 in [0, 1] pixel units."""
+    return ("eps (L-inf, in 1/255 of the pixel range)", 255.0) if norm == "linf" else ("eps (L2 norm, [0, 1] pixels)", 1.0)
+
+
+def plot_robustness(rows: Sequence[dict], norm: str, title: str, path: str | os.PathLike) -> Path:
+    """Robust accuracy vs eps: one curve per checkpoint and attack (``robustness`` result rows)."""
+    label, scale = _eps_axis(norm)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    for c, name in enumerate(dict.fromkeys(r["checkpoint"] for r in rows)):
+        for a, attack in enumerate(attacks):  # colour: checkpoint; line style: attack
+            pts = sorted((r["eps"], r["robust_accuracy"]) for r in rows if r["checkpoint"] == name and r["attack"] == attack)
+            ax.plot([e * scale for e, _ in pts], [100 * v for _, v in pts], styles[a % len(styles)], marker="o", color=f"C{c % 10}",
+                    label=f"{name} ({attack})" if len(attacks) > 1 else name)
+    ax.set_xlabel(label)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

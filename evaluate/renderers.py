@@ -14,7 +14,8 @@ from pathlib import Path
 
 from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
 from rankshard.evaluate.results import Skipped, safe_name
-from rankshard.evaluate.tables import Table, accuracy_table_rows, pct, pgd_table_rows, spectrum_table
+from rankshard.evaluate.tables import (Table, accuracy_table_rows, pct, pgd_table_rows, robustness_table,
+                                       spectrum_table)
 
 
 @dataclass
@@ -131,6 +132,16 @@ def svd_profile_section(r: dict, figs: Figures) -> Section:
     return Section("SVD profile", text, [Table(r["summary"], "influential directions per layer")], figs.adopt(r))
 
 
+def robustness_section(r: dict, figs: Figures) -> Section:
+    """The eps sweep: robust-accuracy curves (the result's own figure) and the eps x checkpoint table."""
+    a = r["attack"]
+    text = [f"{a['norm']} threat model, attacks {', '.join(a['attacks'])} (sequences: "
+            + "; ".join(f"{g}: {' -> '.join(seq)}" for g, seq in a["sequences"].items())
+            + f"), seed {a['seed']}, on {r['data']} ({r['path']})."]
+    text += list(a.get("notes", {}).values())
+    return Section("Robust accuracy vs eps", text, [robustness_table(r["rows"])], figs.adopt(r))
+
+
 def each(build: Callable[[dict, Figures], Section]) -> Renderer:
     """A renderer giving one section per result (kinds whose results are not merged across files)."""
     return lambda results, figs: [build(r, figs) for r in results]
@@ -139,6 +150,7 @@ def each(build: Callable[[dict, Figures], Section]) -> Renderer:
 RENDERERS: dict[str, Renderer] = {
     "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": each(pgd_section), "rig": each(rig_section),
     "weights": each(weights_section), "svd-profile": each(svd_profile_section),
+    "robustness": each(robustness_section),
 }
 
 

@@ -18,7 +18,7 @@ from rankshard.evaluate.results import Skipped, read_results
 from rankshard.evaluate.tables import Table, markdown_table
 
 # Kinds in page order; a kind missing here but present in RENDERERS still renders, after these.
-ORDER = ("accuracy", "spectrum", "pgd", "rig", "weights", "svd-profile")
+ORDER = ("accuracy", "spectrum", "pgd", "robustness", "rig", "weights", "svd-profile")
 
 
 @dataclass

@@ -5,7 +5,7 @@ Every subcommand writes its summary through ``write_result`` and nothing else, s
 * file name: ``OUT/<kind>.json``, or ``OUT/<kind>-<qualifier>.json`` when one run writes several results of a
   kind (spectrum: ``spectrum-<mode>-<checkpoint>.json``);
 * body: ``{"format": "rankshard-eval/1", "kind", "config", "provenance", "figures", "files", ...}`` where
-  ``kind`` is one of accuracy | spectrum | pgd | rig | weights | svd-profile (``report.RENDERERS``),
+  ``kind`` is one of accuracy | spectrum | pgd | robustness | rig | weights | svd-profile (``report.RENDERERS``),
   ``config`` the resolved options, ``provenance`` versions and device (``provenance``), ``figures`` the PNGs
   the result owns and ``files`` its other outputs (JSON/CSV/NPY side files), both relative to the JSON's folder.
 

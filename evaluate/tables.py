@@ -68,3 +68,29 @@ def spectrum_table(results: dict[str, list[dict]], max_rows: int = SPECTRUM_ALL_
     lookup = {n: {r["rank"]: r for r in rows} for n, rows in results.items()}
     rows = [{"rank": k, **{n: pct(lookup[n][k]["top1"]) if k in lookup[n] else "" for n in names}} for k in picked]
     return Table(rows, caption)
+
+
+def eps_label(eps: float, norm: str) -> str:
+    """L-inf eps as papers quote it (``8/255``) when it is a whole number of 1/255 steps, else the number."""
+    steps = eps * 255
+    if norm == "linf" and abs(steps - round(steps)) < 1e-6:
+        return "0" if round(steps) == 0 else f"{round(steps)}/255"
+    return f"{eps:.4g}"
+
+
+def robustness_table(rows: Sequence[dict]) -> Table:
+    """eps x (checkpoint, attack) robust accuracy from ``robustness`` rows; caption names the threat model."""
+    if not rows:
+        return Table([], "robust accuracy: no results")
+    columns = list(dict.fromkeys((r["checkpoint"], r["attack"]) for r in rows))
+    norm = rows[0]["norm"]
+    lookup = {(r["checkpoint"], r["attack"], r["eps"]): r for r in rows}
+    table = []
+    for eps in sorted({r["eps"] for r in rows}):
+        row = {"eps": eps_label(eps, norm)}
+        for ck, attack in columns:
+            hit = lookup.get((ck, attack, eps))
+            row[f"{ck} ({attack})"] = pct(hit["robust_accuracy"]) if hit else ""
+        table.append(row)
+    return Table(table, f"robust accuracy ({norm}) per eps; each attack runs on the points robust to the attacks "
+                        f"before it and to every smaller eps, so values never increase down or across ({rows[0]['count']} images)")

@@ -26,3 +26,15 @@ def tiny_checkpoint(path: Path, seed: int, variant: str = "cifar", num_classes: 
     torch.manual_seed(seed)
     model = build_model("resnet18", variant, num_classes, width=4)
     return str(save_checkpoint(path, checkpoint_payload(model, data=data or {"variant": "full"})))
+
+
+def tiny_attack_setup(n: int = 16, size: int = 16, flipped: int = 3):
+    """A fixed random width-4 ResNet-18 (eval), ``n`` random ``size``-pixel images and labels = its predictions
+    with the first ``flipped`` changed (clean-wrong samples): attack plumbing and guarantees, not accuracy."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", "cifar", 10, 4).eval()
+    x = torch.rand(n, 3, size, size)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:flipped] = (y[:flipped] + 1) % 10
+    return model, x, y

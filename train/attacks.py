@@ -93,6 +93,14 @@ def uniform_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 
+def select_generators(generator: Generators, idx: torch.Tensor) -> Generators:
+    """The generators of the samples ``idx`` (attacks that rerun on the still-robust subset); a single shared
+    generator (or None) passes through."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [generator[i] for i in idx.tolist()]
+
+
 class LinfStep:
     """L-inf ball: uniform random start in the box, sign-gradient step, clamp to the eps box."""
 

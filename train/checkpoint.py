@@ -21,6 +21,7 @@ import shutil
 import pickle
 import re
 import uuid
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +31,9 @@ import torch
 from torch import nn
 
 from rankshard.preprocess.errors import RankshardError
-from rankshard.train.models import ARCHS, INPUT_SIZE, ArchSpec, ResNet, build_model, default_normalization
+from rankshard.train.cifar_models import PreActResNet18
+from rankshard.train.models import (ARCHS, INPUT_SIZE, NORMALIZATION_PRESETS, ArchSpec, NormalizedNet, build_model,
+                                    default_normalization)
 
 FORMAT = "rankshard-checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "variant", "num_classes", "normalization", "state_dict")
@@ -74,22 +77,90 @@ def check_weights_only_safe(obj: Any, where: str = "payload") -> None:
 
 
 def infer_spec(state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, Any]:
-    """``{"arch", "variant", "num_classes", "width"}`` read off torchvision-named ResNet keys and shapes."""
-    for key in ("conv1.weight", "fc.weight"):
-        if key not in state_dict:
-            sample = ", ".join(list(state_dict)[:5])
-            raise CheckpointError(f"{source}: no {key!r}, so not a torchvision-style ResNet state dict "
-                                  f"(first keys: {sample})")
+    """``{"arch", "variant", "num_classes", "width"}`` read off the state dict's key names and shapes.
+
+    The layout decides the family (RobustBench Wide-ResNet: ``block1.layer.*``; PreAct-ResNet: no top-level
+    ``bn1`` but ``layer1.0.bn1``; else torchvision ResNet), shapes decide the member: blocks per stage, the
+    bottleneck's inner width and 3x3 groups (Wide-ResNet-50-2 vs ResNet-50 vs ResNeXt-50 share key names).
+    Anything else is refused with what was found, not guessed."""
+    if "conv1.weight" not in state_dict:
+        raise CheckpointError(f"{source}: no 'conv1.weight', so no architecture rankshard knows ({_found(state_dict)})")
+    if "block1.layer.0.conv1.weight" in state_dict:
+        return _infer_wrn(state_dict, source)
+    if "bn1.weight" not in state_dict and "layer1.0.bn1.weight" in state_dict:
+        return _infer_preact(state_dict, source)
+    return _infer_resnet(state_dict, source)
+
+
+def _found(state_dict: Mapping[str, Any]) -> str:
+    """What a state dict holds, for refusals: its top-level modules and first keys with shapes."""
+    tops = list(dict.fromkeys(k.split(".")[0] for k in state_dict))
+    first = ", ".join(f"{k} {tuple(getattr(v, 'shape', ()))}" for k, v in list(state_dict.items())[:4])
+    return f"found top-level modules {tops[:12]}; first keys: {first}"
+
+
+def _blocks(state_dict: Mapping[str, Any], prefix: str) -> int:
+    """Number of distinct block indices under ``prefix`` (``layer2.`` -> 4 for ResNet-50)."""
+    depth = prefix.count(".")
+    return len({k.split(".")[depth] for k in state_dict if k.startswith(prefix)})
+
+
+def _classifier(state_dict: Mapping[str, Any], key: str, source: str) -> int:
+    if key not in state_dict:
+        raise CheckpointError(f"{source}: no {key!r} classifier ({_found(state_dict)})")
+    return int(state_dict[key].shape[0])
+
+
+def _infer_wrn(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
+    n = [_blocks(state_dict, f"block{g}.layer.") for g in (1, 2, 3)]
+    stem = int(state_dict["conv1.weight"].shape[0])
+    widen, rest = divmod(int(state_dict["block1.layer.0.conv1.weight"].shape[0]), stem)
+    if len(set(n)) != 1 or rest or state_dict["conv1.weight"].shape[-1] != 3:
+        raise CheckpointError(f"{source}: a RobustBench-layout Wide-ResNet needs three equal groups and a 3x3 stem; "
+                              f"found blocks per group {n}, stem {tuple(state_dict['conv1.weight'].shape)}, "
+                              f"block1 conv1 {tuple(state_dict['block1.layer.0.conv1.weight'].shape)}")
+    return {"arch": f"wrn-{6 * n[0] + 4}-{widen}", "variant": "cifar",
+            "num_classes": _classifier(state_dict, "fc.weight", source), "width": stem}
+
+
+def _infer_preact(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
+    layers = tuple(_blocks(state_dict, f"layer{i}.") for i in range(1, 5))
+    if layers != PreActResNet18.LAYERS or state_dict["conv1.weight"].shape[-1] != 3:
+        raise CheckpointError(f"{source}: pre-activation ResNet layout (no top-level bn1) with blocks per stage "
+                              f"{layers} and stem {tuple(state_dict['conv1.weight'].shape)}; only PreAct-ResNet-18 "
+                              f"(2, 2, 2, 2) with a 3x3 stem is registered")
+    return {"arch": "preact_resnet18" if "bn.weight" in state_dict else "preact_resnet18_nobn", "variant": "cifar",
+            "num_classes": _classifier(state_dict, "linear.weight", source),
+            "width": int(state_dict["conv1.weight"].shape[0])}
+
+
+def _resnet_arch(state_dict: Mapping[str, torch.Tensor]) -> ArchSpec:
+    """Block type, blocks per stage, and (bottlenecks) the 3x3 groups and width per group, from layer1.0."""
+    layers = tuple(_blocks(state_dict, f"layer{i}.") for i in range(1, 5))
+    if "layer1.0.conv3.weight" not in state_dict:
+        return ArchSpec("basic", layers)
+    planes = int(state_dict["conv1.weight"].shape[0])  # layer1's planes equal the stem width
+    inner, per_group = state_dict["layer1.0.conv2.weight"].shape[:2]
+    groups = int(inner) // int(per_group)
+    return ArchSpec("bottleneck", layers, groups, int(inner) // groups * 64 // planes)
+
+
+def _infer_resnet(state_dict: Mapping[str, torch.Tensor], source: str) -> dict[str, Any]:
     stem = state_dict["conv1.weight"]
     variants = {7: "imagenet", 3: "cifar"}
     if stem.shape[-1] not in variants:
         raise CheckpointError(f"{source}: conv1 kernel {tuple(stem.shape)} is neither 7x7 (imagenet) nor 3x3 (cifar)")
-    block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-    layers = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5))
-    arch = next((name for name, a in ARCHS.items() if a == ArchSpec(block, layers)), None)
+    found = _resnet_arch(state_dict)
+    arch = next((name for name, a in ARCHS.items() if a == found), None)
     if arch is None:
-        raise CheckpointError(f"{source}: {block} blocks per stage {layers} match no known arch {sorted(ARCHS)}")
-    return {"arch": arch, "variant": variants[stem.shape[-1]], "num_classes": int(state_dict["fc.weight"].shape[0]),
+        conv2 = state_dict.get("layer1.0.conv2.weight")
+        raise CheckpointError(
+            f"{source}: torchvision-style ResNet keys, but {found.block} blocks per stage {found.layers}, 3x3 groups "
+            f"{found.groups}, width per group {found.width_per_group} (layer1.0.conv2.weight "
+            f"{tuple(conv2.shape) if conv2 is not None else '-'}) match no registered architecture; known: "
+            + ", ".join(f"{n} {a.block} {a.layers} groups {a.groups} width/group {a.width_per_group}"
+                        for n, a in ARCHS.items()))
+    return {"arch": arch, "variant": variants[stem.shape[-1]], "num_classes": _classifier(state_dict, "fc.weight", source),
             "width": int(stem.shape[0])}
 
 
@@ -99,7 +170,7 @@ def _check_consistent(payload: Mapping[str, Any], source: str) -> None:
     for key in ("arch", "variant", "num_classes"):
         if payload[key] != found[key]:
             raise CheckpointError(f"{source}: declares {key}={payload[key]!r} but its state_dict holds "
-                                  f"{key}={found[key]!r} (fc.weight {tuple(payload['state_dict']['fc.weight'].shape)}, "
+                                  f"{key}={found[key]!r} ({found['arch']}, {found['num_classes']} classes, "
                                   f"conv1.weight {tuple(payload['state_dict']['conv1.weight'].shape)}); "
                                   "fix the declaration or pick the matching checkpoint")
     classes = (payload.get("data") or {}).get("classes")
@@ -126,7 +197,7 @@ def validate_payload(payload: Mapping[str, Any], source: str = "payload") -> Non
     _check_consistent(payload, source)
 
 
-def checkpoint_payload(model: ResNet, **fields: Any) -> dict[str, Any]:
+def checkpoint_payload(model: NormalizedNet, **fields: Any) -> dict[str, Any]:
     """The checkpoint dict for ``model`` (arch, variant, classes, normalization, weights) plus ``fields``
     (optimizer, scheduler, epoch, step, rng, config, data, metrics, input_size)."""
     unknown = sorted(set(fields) - set(OPTIONAL_KEYS))
@@ -271,8 +342,23 @@ def _is_tensor_map(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _is_resnet_layout(state_dict: Mapping[str, Any]) -> bool:
+    """torchvision/MadryLab ResNets have a top-level ``bn1`` after the stem; RobustBench's Wide-ResNet
+    (``block1.layer.*``) and PreAct-ResNet (no stem BN) keep their own key names."""
+    return "block1.layer.0.conv1.weight" not in state_dict and "bn1.weight" in state_dict
+
+
+def guess_normalization(spec: Mapping[str, Any]) -> str:
+    """The preset (``NORMALIZATION_PRESETS``) a foreign file without normalization most likely used:
+    torchvision ImageNet models normalize with ImageNet statistics, MadryLab/kuangliu CIFAR ResNets with
+    CIFAR-10's, RobustBench's Wide-/PreAct-ResNets take raw [0, 1] inputs ("none")."""
+    if spec["arch"] not in ARCHS:
+        return "none"
+    return "imagenet" if spec["variant"] == "imagenet" else "cifar10"
+
+
 def _from_foreign(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """A torchvision/MadryLab/DDP/wrapped state dict -> our checkpoint dict (spec inferred from weights)."""
+    """A torchvision/MadryLab/RobustBench/DDP/wrapped state dict -> our checkpoint dict (spec from weights)."""
     raw, extras = _unwrap(obj)
     if not _is_tensor_map(raw):
         raise CheckpointError(f"{source}: not a rankshard checkpoint and no state dict of tensors found "
@@ -282,15 +368,21 @@ def _from_foreign(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
     if any(k.startswith(("model.", "normalizer.", "attacker.")) for k in sd):
         kind = "madrylab-robustness"
         sd, norm = _madry_split(sd)
-    sd = _cifar_names(sd)
+    if _is_resnet_layout(sd):
+        sd = _cifar_names(sd)
+    else:
+        kind = "robustbench-state-dict" if kind == "torchvision-state-dict" else kind
+        # TRADES-era WRN files carry an unused sub_block1 (RobustBench builds it with sub_block1=False)
+        sd = {k: v for k, v in sd.items() if not k.startswith("sub_block1.")}
     spec = infer_spec(sd, source)
-    assumed = norm is None
-    if assumed:  # the file carries no normalization: use the one conventionally paired with its stem
-        mean, std = default_normalization(spec["variant"])
+    source_info = {"format": kind, "path": source, "normalization_assumed": norm is None}
+    if norm is None:  # the file carries no normalization: the one its family conventionally uses
+        guess = source_info["normalization_guess"] = guess_normalization(spec)
+        mean, std = NORMALIZATION_PRESETS[guess]
         norm = {"mean": list(mean), "std": list(std)}
     return {"format": FORMAT, "arch": spec["arch"], "variant": spec["variant"], "num_classes": spec["num_classes"],
             "normalization": norm, "input_size": INPUT_SIZE[spec["variant"]], "state_dict": sd,
-            "config": {"source": {"format": kind, "path": source, "normalization_assumed": assumed}}, **extras}
+            "config": {"source": source_info}, **extras}
 
 
 def normalize_checkpoint(obj: Any, source: str = "<object>") -> dict[str, Any]:
@@ -305,25 +397,68 @@ def normalize_checkpoint(obj: Any, source: str = "<object>") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 # Building the model
 
+def _normalization_override(payload: dict[str, Any], value: Any) -> None:
+    """A preset name (``cifar10``, ``imagenet``, ``none``) or ``{"mean": [...], "std": [...]}``."""
+    if isinstance(value, str):
+        if value not in NORMALIZATION_PRESETS:
+            raise CheckpointError(f"normalization {value!r} is not a preset; choose one of "
+                                  f"{sorted(NORMALIZATION_PRESETS)} or give mean and std")
+        value = dict(zip(("mean", "std"), NORMALIZATION_PRESETS[value]))
+    payload["normalization"] = {"mean": [float(x) for x in value["mean"]], "std": [float(x) for x in value["std"]]}
+
+
 _OVERRIDES: dict[str, Callable[[dict[str, Any], Any], None]] = {
     "arch": lambda p, v: p.__setitem__("arch", v),
     "variant": lambda p, v: p.__setitem__("variant", v),
     "num_classes": lambda p, v: p.__setitem__("num_classes", int(v)),
     "input_size": lambda p, v: p.__setitem__("input_size", int(v)),
-    "normalization": lambda p, v: p.__setitem__("normalization", {"mean": list(v["mean"]), "std": list(v["std"])}),
+    "normalization": _normalization_override,
     "mean": lambda p, v: p.__setitem__("normalization", {**p["normalization"], "mean": [float(x) for x in v]}),
     "std": lambda p, v: p.__setitem__("normalization", {**p["normalization"], "std": [float(x) for x in v]}),
 }
+_NORMALIZATION_KEYS = {"normalization", "mean", "std"}
+
+
+class NormalizationGuessed(UserWarning):
+    """A foreign checkpoint records no normalization and none was given: a conventional one is assumed."""
+
+
+def _note_normalization(payload: dict[str, Any], name: str, given: bool) -> None:
+    """Record (config.source) whether normalization was given, and warn when it is only a guess."""
+    source = (payload.get("config") or {}).get("source")
+    if not isinstance(source, dict) or not source.get("normalization_assumed"):
+        return
+    if given:
+        source["normalization_assumed"] = False
+        source["normalization_given"] = True
+        return
+    norm = payload["normalization"]
+    warnings.warn(f"{name}: the file records no input normalization; assuming {source.get('normalization_guess')!r} "
+                  f"(mean {norm['mean']}, std {norm['std']}); pass --normalization cifar10|imagenet|none or "
+                  "--mean/--std if the model was trained otherwise", NormalizationGuessed, stacklevel=3)
+
+
+def _check_shapes(model: nn.Module, state_dict: Mapping[str, torch.Tensor], name: str, arch: str) -> None:
+    """A clear refusal (not torch's multi-page size-mismatch traceback) when the weights do not fit."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    wrong = [f"{k} {got[k]} (expected {expected[k]})" for k in expected if k in got and got[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{name}: the weights do not fit {arch}: {len(missing)} missing keys {missing[:3]}, "
+                              f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} shape mismatches "
+                              f"{wrong[:3]}")
 
 
 def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any], trust: bool = False,
-                          **overrides: Any) -> tuple[ResNet, dict[str, Any]]:
+                          **overrides: Any) -> tuple[NormalizedNet, dict[str, Any]]:
     """Build the model of a checkpoint (path or already loaded dict) in eval mode, weights loaded strictly.
 
-    ``overrides`` (``arch``, ``variant``, ``num_classes``, ``input_size``, ``normalization``, ``mean``,
-    ``std``) replace declared fields before validation: e.g. ``mean``/``std`` for a plain CIFAR state dict
-    trained with other statistics, or ``num_classes=10`` to assert the evaluation dataset's class count
-    (a mismatch with the classifier raises ``CheckpointError``). Returns ``(model, payload)``.
+    ``overrides`` (``arch``, ``variant``, ``num_classes``, ``input_size``, ``normalization`` (a preset name
+    or a mean/std dict), ``mean``, ``std``) replace declared fields before validation: e.g. ``mean``/``std``
+    for a plain CIFAR state dict trained with other statistics, or ``num_classes=10`` to assert the
+    evaluation dataset's class count (a mismatch with the classifier raises ``CheckpointError``). A foreign
+    file without normalization and no override warns (``NormalizationGuessed``). Returns ``(model, payload)``.
     """
     name = "<dict>" if isinstance(source, Mapping) else str(source)
     payload = normalize_checkpoint(source, name) if isinstance(source, Mapping) else load_checkpoint(source, trust)
@@ -333,8 +468,10 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any], trust: 
     for key, value in overrides.items():
         _OVERRIDES[key](payload, value)
     validate_payload(payload, name)
+    _note_normalization(payload, name, given=bool(_NORMALIZATION_KEYS & set(overrides)))
     width = infer_spec(payload["state_dict"], name)["width"]
     norm = payload["normalization"]
     model = build_model(payload["arch"], payload["variant"], payload["num_classes"], width, norm["mean"], norm["std"])
+    _check_shapes(model, payload["state_dict"], name, payload["arch"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), payload

@@ -18,7 +18,7 @@ from rankshard.evaluate.report import build_report
 @friendly_errors
 def command(results, runs, out):
     """Render every result in RESULTS (JSON files, or folders searched recursively) of every kind (accuracy,
-    spectrum, pgd, rig, weights, svd-profile) and the training curves of --runs into OUT/report.html and
+    spectrum, pgd, robustness, rig, weights, svd-profile) and the training curves of --runs into OUT/report.html and
     OUT/report.md. Files that are not rendered are listed with the reason, on the page and on stderr."""
     if not results and not runs:
         raise EvaluationError("nothing to report: give result files or folders, and/or --runs RUN_DIR")
