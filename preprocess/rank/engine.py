@@ -33,7 +33,7 @@ import torch
 from rankshard.preprocess.devices import resolve_device, torch_threads
 
 ACCURACY_BAR = 1e-4          # max-abs error on the [0, 1] scale vs the float64 reference (SPEC)
-CPU_PREFERENCE = ("gram64", "torch")  # fastest first, as measured by benchmarks/bench_rank_engine.py
+CPU_PREFERENCE = ("gram64", "torch32", "torch")  # fastest first (bench_rank_engine.py, 1 thread, 32x32 and 224x224)
 CALIBRATION_MARGIN = 10.0    # auto wants error <= bar / margin on synthetic images: real photos are harder
 CALIBRATION_PIXELS = 400_000  # pixels per channel summed over the calibration batch (~0.5 s at 224x224)
 BAR_RANKS = (1, 5, 10, 30, 50, 100)
@@ -112,13 +112,14 @@ class _TorchSVD:
     dtype: str = "float64 svd, float32 reconstruction"
     auto: bool = True
     exact: bool = True
+    precision: torch.dtype = torch.float64
 
     def available(self, device: torch.device) -> bool:
         return self.driver is None or device.type == "cuda"
 
     def factorize(self, a: torch.Tensor, k: int) -> _Factors:
-        u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False, driver=self.driver)
-        return _Factors(u[..., :k].float(), s, vh[..., :k, :].float(), "none")
+        u, s, vh = torch.linalg.svd(a.to(self.precision), full_matrices=False, driver=self.driver)
+        return _Factors(u[..., :k].float(), s.double(), vh[..., :k, :].float(), "none")
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,10 @@ BACKENDS = {
         _TorchSVD(name="torch-gesvd", driver="gesvd"),
         _TorchSVD(name="torch-gesvda", driver="gesvda"),
         _TorchSVD(name="torch-gesvdj", driver="gesvdj"),
+        # float32 LAPACK. Measured vs float64 on scikit-image's photos (bench_rank_engine.py): 1.7e-6 at 32x32,
+        # 2.5e-5 at 224x224, 5.7e-5 at 512x512 (1.2e-4 / 4.6e-4 with its text and checkerboard images), so
+        # calibration's 10x margin admits it at small sizes only; on CPU gram64 is faster there anyway
+        _TorchSVD(name="torch32", dtype="float32 svd", precision=torch.float32),
         _Gram64(),
         _CupySVD(),
         _Randomized(),
