@@ -22,6 +22,13 @@ def _npy(members: dict[str, bytes], k: int | None) -> np.ndarray:
     return decode_npy(members["npy"]).astype(np.float32)
 
 
+def _raw(members: dict[str, bytes], k: int | None) -> np.ndarray:
+    image = decode_npy(members["npy"])
+    if image.dtype != np.uint8:
+        raise ValueError(f"a raw-encoded sample holds uint8 pixels, this one {image.dtype}")
+    return image  # stays uint8, like png: divided by 255 once the batch is on its way to the model
+
+
 def _factors(members: dict[str, bytes], k: int | None) -> np.ndarray:
     u, s, v = (decode_npy(members[m]).astype(np.float32) for m in ("u.npy", "s.npy", "v.npy"))
     k = s.shape[-1] if k is None else k
@@ -33,7 +40,7 @@ def _factors(members: dict[str, bytes], k: int | None) -> np.ndarray:
 
 
 DECODERS: dict[str, Callable[[dict[str, bytes], int | None], np.ndarray]] = {
-    "png": _png, "npy": _npy, "factors": _factors,
+    "png": _png, "npy": _npy, "raw": _raw, "factors": _factors,
 }
 
 

@@ -148,7 +148,7 @@ def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str,
     if images:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     else:
-        x = torch.zeros(0, 3, *stored, dtype=torch.uint8 if encoding == "png" else torch.float32)
+        x = torch.zeros(0, 3, *stored, dtype=torch.uint8 if encoding in ("png", "raw") else torch.float32)
     return x, torch.tensor(labels, dtype=torch.int64), keys, tuple(errors)
 
 

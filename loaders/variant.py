@@ -30,7 +30,7 @@ from rankshard.loaders.errors import LoaderError
 from rankshard.loaders.normalization import normalization_for
 
 FORMAT = "rankshard/1"
-IMAGE_ENCODINGS = ("png", "npy", "factors")
+IMAGE_ENCODINGS = ("png", "npy", "raw", "factors")
 REBUILD = "rerun the same `rankshard-preprocess` command (it resumes and rewrites missing shards)"
 HASH_THREADS = min(8, os.cpu_count() or 1)  # hashlib releases the GIL: threads hash shards in parallel
 

@@ -61,8 +61,9 @@ def shard_options(fn):
         click.option("--ranks", callback=_int_list, default="5,10,20", show_default=True,
                      help="Low ranks k: keep the k largest singular values per channel."),
         click.option("--high", callback=_int_list, default="", help="High ranks k: remove the k largest (x - x_k)."),
-        click.option("--encoding", type=click.Choice(["png", "npy"]), default="png", show_default=True,
-                     help="png: uint8, lossless after rounding; npy: float16, no clipping."),
+        click.option("--encoding", type=click.Choice(["png", "npy", "raw"]), default="png", show_default=True,
+                     help="png: uint8, lossless after rounding; raw: the same uint8 pixels uncompressed (no "
+                          "encode cost, more bytes); npy: float16, no clipping."),
         click.option("--png-level", type=click.IntRange(0, 9), default=1, show_default=True,
                      help="zlib level of PNG members (1 is ~3x faster than 6 for ~5-10% more bytes)."),
         click.option("--factors", type=click.IntRange(min=1), default=None, help="Also store the top-K SVD factors (factors-K)."),

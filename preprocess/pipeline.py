@@ -159,7 +159,7 @@ def _stored_npy(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 # encoding -> (array to store, what a reader gets back on the [0, 1] scale, share of clipped pixels)
-STORAGE = {"png": _stored_png, "npy": _stored_npy}
+STORAGE = {"png": _stored_png, "npy": _stored_npy, "raw": _stored_png}  # raw: PNG's pixels, uncompressed
 
 
 def _quantized(xk: torch.Tensor, encoding: str) -> dict:
@@ -186,7 +186,7 @@ class _Batch:
 
 
 def _full(v: Variant, b: _Batch) -> dict:
-    if v.encoding == "png":
+    if v.encoding in ("png", "raw"):
         return b.lossless(image=b.images)
     return {**_quantized(b.x, "npy"), "energy": b.lossless()["energy"]}
 
@@ -498,7 +498,8 @@ def _empty_payloads(variants: list[Variant], size: tuple[int, int]) -> dict[str,
     """Payloads of a shard whose every input was skipped: zero-length arrays of the right shapes."""
     h, w = size
     base = {"energy": np.zeros((0, 3)), "clip_fraction": np.zeros(0), "leak": np.zeros(0)}
-    arrays = {"png": {"image": np.zeros((0, h, w, 3), np.uint8)}, "npy": {"image": np.zeros((0, h, w, 3), np.float16)},
+    arrays = {"png": {"image": np.zeros((0, h, w, 3), np.uint8)}, "raw": {"image": np.zeros((0, h, w, 3), np.uint8)},
+              "npy": {"image": np.zeros((0, h, w, 3), np.float16)},
               "factors": {"u": np.zeros((0, 3, h, 1)), "s": np.zeros((0, 3, 1)), "v": np.zeros((0, 3, w, 1))},
               "spectra": {"s": np.zeros((0, 3, min(h, w)))}}
     return {v.name: {**base, **arrays[v.encoding]} for v in variants}

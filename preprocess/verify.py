@@ -16,7 +16,7 @@ from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
-TOLERANCE = {"png": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
+TOLERANCE = {"png": 0.5 / 255 + 2e-4, "raw": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
         ref = reference_low_rank(x, k)[0]
         if mode == "high":
             ref = x[0] - ref
-        elif manifest["encoding"] == "png":
+        elif manifest["encoding"] in ("png", "raw"):
             ref = np.clip(ref, 0, 1)
         stored = decode_image(head[key]).transpose(2, 0, 1)
         errors.append(float(np.max(np.abs(stored - ref))))
@@ -112,7 +112,7 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
         return
     check.max_error = max(errors)
     # spectra are compared relative to s1; a float16 full variant itself carries ~5e-4 of rounding
-    spectra_tol = 1e-4 if manifest["config"]["encoding"] == "png" else 2e-3
+    spectra_tol = 1e-4 if manifest["config"]["encoding"] in ("png", "raw") else 2e-3
     tol = spectra_tol if mode == "spectra" else TOLERANCE[manifest["encoding"]]
     if check.max_error > tol:
         check.problems.append(f"{check.folder}: max error {check.max_error:.2e} against the float64 "

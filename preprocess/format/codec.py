@@ -22,7 +22,8 @@ def decode_image(members: dict[str, bytes]) -> np.ndarray:
     if "png" in members:
         return decode_png(members["png"]).astype(np.float32) / 255.0
     if "npy" in members:
-        return decode_npy(members["npy"]).astype(np.float32)
+        image = decode_npy(members["npy"])
+        return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)  # raw / npy
     if "u.npy" in members:
         u, s, v = (decode_npy(members[k]).astype(np.float32) for k in ("u.npy", "s.npy", "v.npy"))
         return np.einsum("chk,ck,cwk->hwc", u, s, v)

@@ -10,7 +10,9 @@ import numpy as np
 
 from rankshard.preprocess.format.pngenc import encode_png_batch
 
-ENCODINGS = ("png", "npy")
+# png: uint8, zlib-compressed; raw: the same uint8 pixels as an uncompressed .npy (no encode cost, ~2-3x the
+# bytes); npy: float16 (needed where values leave [0, 1])
+ENCODINGS = ("png", "npy", "raw")
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class Variant:
 
     mode: str            # "full" | "low" | "high" | "factors" | "spectra"
     rank: int | None     # k for low/high/factors; None for full/spectra
-    encoding: str        # "png" | "npy" | "factors" | "spectra"
+    encoding: str        # "png" | "npy" | "raw" | "factors" | "spectra"
 
     @property
     def name(self) -> str:
@@ -59,6 +61,10 @@ def _image_members(payload: dict, level: int) -> list[dict[str, bytes]]:
     return [{"npy": npy_bytes(img)} for img in images]
 
 
+def _raw_members(payload: dict, level: int) -> list[dict[str, bytes]]:
+    return [{"npy": npy_bytes(img)} for img in payload["image"]]  # uint8 HWC, uncompressed
+
+
 def _factors_members(payload: dict, level: int) -> list[dict[str, bytes]]:
     return [{"u.npy": npy_bytes(u), "s.npy": npy_bytes(s), "v.npy": npy_bytes(v)}
             for u, s, v in zip(payload["u"], payload["s"], payload["v"])]
@@ -70,7 +76,8 @@ def _spectra_members(payload: dict, level: int) -> list[dict[str, bytes]]:
 
 # How a variant's payload arrays become the data members of each sample, for a whole shard at once.
 MEMBER_ENCODERS: dict[str, Callable[[dict, int], list[dict[str, bytes]]]] = {
-    "png": _image_members, "npy": _image_members, "factors": _factors_members, "spectra": _spectra_members,
+    "png": _image_members, "npy": _image_members, "raw": _raw_members, "factors": _factors_members,
+    "spectra": _spectra_members,
 }
 
 
