@@ -26,6 +26,7 @@ LAYOUTS = {
     "png": [("png", "uint8 RGB image, H x W x C (HWC), round(255 * clip(x_k, 0, 1))")],
     "npy": [("npy", "float16 array [H, W, C] (HWC, channels last, like the PNG), values unclipped (high-rank "
                     "images are negative in places)")],
+    "raw": [("npy", "uint8 array [H, W, C] (HWC): the PNG's pixels, uncompressed")],
     "factors": [("u.npy", "float16 U [C, H, k] (channels first)"), ("s.npy", "float16 s [C, k]"),
                 ("v.npy", "float16 V [C, W, k]; x_k[c] = U[c] @ diag(s[c]) @ V[c].T gives [C, H, W]")],
     "spectra": [("s.npy", "float32 singular values [C, min(H, W)] (channels first)")],
