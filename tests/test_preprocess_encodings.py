@@ -11,6 +11,7 @@ from rankshard.preprocess.pipeline import ArraySource, materialize_split
 from rankshard.preprocess.rank.engine import ACCURACY_BAR, RankEngine, calibrate, reference_low_rank
 from rankshard.preprocess.spec import ShardSpec
 from rankshard.preprocess.sources.synth import labelled_images
+from rankshard.preprocess.verify import verify_tree
 
 
 def _source(per_class: int = 6) -> ArraySource:
