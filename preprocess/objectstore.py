@@ -4,7 +4,7 @@ Every process (one, or each ``torchrun`` rank on nodes that share no filesystem)
 private local staging folder exactly as a local run would (same bytes: a shard is a pure function of
 source, config and index), then publishes each one:
 
-1. the shard, uploaded under a hidden temporary key ``.NAME.partial`` and copied to ``NAME``: an object
+1. the shard, uploaded under a hidden temporary key ``.NAME.<pid>-<id>.partial`` and copied to ``NAME``: an object
    named like a shard is always whole (a failed upload leaves at most the temporary key);
 2. its sidecar record ``.progress/NAME.json``, only after the shard: a record means a whole shard.
 

@@ -31,6 +31,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -276,8 +277,10 @@ class FsspecTransport(Transport):
     def put_file(self, local, url):
         # object stores have no rename: upload under a hidden temporary key, then copy. A reader listing the
         # prefix sees the shard only once it is whole (a failed upload leaves at most the temporary key).
+        # The key is unique to this process: ranks that publish the same object (the split's config, equal
+        # manifests) would otherwise copy or delete each other's upload mid-flight.
         fs, path = self._fs(url)
-        tmp = join(parent(path), f".{path.rsplit('/', 1)[-1]}.partial")
+        tmp = join(parent(path), f".{path.rsplit('/', 1)[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
         fs.put_file(str(local), tmp)
         fs.copy(tmp, path)
         fs.rm(tmp)
