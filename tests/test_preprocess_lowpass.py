@@ -98,3 +98,42 @@ def test_rank_check_reports_the_bound():
     rows = rank_check(x, [2, 5])
     assert [r["k"] for r in rows] == [2, 5] and all(r["bound_holds"] for r in rows)
     assert rows[1]["max_rank"] == [5, 5, 5] and rows[0]["images"] == 2
+
+
+# -- materialized in the same pass as the rank variants ------------------------------------------------------
+
+def test_materialize_frequency_variants_same_pass(tmp_path):
+    import json
+
+    from rankshard.preprocess.format.codec import decode_image
+    from rankshard.preprocess.format.tarindex import read_shard
+    from rankshard.preprocess.pipeline import ArraySource, materialize_split
+    from rankshard.preprocess.sources.synth import labelled_images
+    from rankshard.preprocess.spec import ShardSpec
+    from rankshard.preprocess.verify import verify_tree
+
+    images, labels = labelled_images(3, seed=0)
+    info = {"kind": "test", "path": "memory", "fingerprint": "synth-lp", "checksum_verified": False}
+    src = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
+    base = dict(dataset="cifar10", split="test", ranks=(4,), shard_size=16, workers=0, shuffle=False)
+    materialize_split(src, ShardSpec(**base, lowpass=(4, 7), highpass=(4,)), tmp_path, show_progress=False)
+    split = tmp_path / "cifar10" / "test"
+    assert {"lowpass-004", "lowpass-007", "highpass-004", "rank-004"} <= {p.name for p in split.iterdir()}
+    m = json.loads((split / "highpass-004" / "manifest.json").read_text())
+    assert (m["mode"], m["rank"], m["encoding"]) == ("highpass", 4, "npy")
+    assert m["config"]["lowpass"] == [4, 7]
+    assert verify_tree(tmp_path).ok  # includes the float64 reference check of the frequency variants
+    full = dict(read_shard(split / "full" / "test-000000.tar"))
+    low = dict(read_shard(split / "lowpass-007" / "test-000000.tar"))
+    key = next(iter(full))
+    x = decode_image(full[key]).transpose(2, 0, 1).astype(np.float64)
+    ref = np.clip(reference_lowpass(x, 7), 0, 1)
+    assert np.abs(decode_image(low[key]).transpose(2, 0, 1) - ref).max() <= 0.5 / 255 + 1e-6
+
+
+def test_spec_without_frequency_variants_keeps_its_config_hash():
+    from rankshard.preprocess.spec import ShardSpec
+
+    cfg = ShardSpec("cifar10", "train").hashed_config({"fingerprint": "f"})
+    assert "lowpass" not in cfg and "highpass" not in cfg
+    assert ShardSpec("cifar10", "train", lowpass=(3,)).hashed_config({"fingerprint": "f"})["lowpass"] == [3]

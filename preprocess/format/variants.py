@@ -15,22 +15,24 @@ ENCODINGS = ("png", "npy")
 
 @dataclass(frozen=True)
 class Variant:
-    """One output folder: ``full``, ``rank-005``, ``high-002``, ``factors-020`` or ``spectra``."""
+    """One output folder: ``full``, ``rank-005``, ``high-002``, ``factors-020``, ``spectra``, ``lowpass-008``
+    or ``highpass-008`` (k x k lowest 2-D DFT frequencies kept / removed, ``preprocess.rank.lowpass``)."""
 
-    mode: str            # "full" | "low" | "high" | "factors" | "spectra"
-    rank: int | None     # k for low/high/factors; None for full/spectra
+    mode: str            # "full" | "low" | "high" | "factors" | "spectra" | "lowpass" | "highpass"
+    rank: int | None     # k for low/high/factors/lowpass/highpass; None for full/spectra
     encoding: str        # "png" | "npy" | "factors" | "spectra"
 
     @property
     def name(self) -> str:
-        prefix = {"low": "rank", "high": "high", "factors": "factors"}
+        prefix = {"low": "rank", "high": "high", "factors": "factors", "lowpass": "lowpass", "highpass": "highpass"}
         if self.mode in prefix:
             return f"{prefix[self.mode]}-{self.rank:03d}"
         return self.mode
 
 
-def variants_for(ranks, high, factors, spectra, encoding) -> list[Variant]:
-    """All variants of one materialization, in a fixed order. High rank can be negative, so it is npy."""
+def variants_for(ranks, high, factors, spectra, encoding, lowpass=(), highpass=()) -> list[Variant]:
+    """All variants of one materialization, in a fixed order. High rank and high-pass can be negative, so they
+    are npy. Frequency variants come last: without them the list (and every shard) is what it always was."""
     out = [Variant("full", None, encoding)]
     out += [Variant("low", k, encoding) for k in sorted(set(ranks))]
     out += [Variant("high", k, "npy") for k in sorted(set(high))]
@@ -38,6 +40,8 @@ def variants_for(ranks, high, factors, spectra, encoding) -> list[Variant]:
         out.append(Variant("factors", int(factors), "factors"))
     if spectra:
         out.append(Variant("spectra", None, "spectra"))
+    out += [Variant("lowpass", k, encoding) for k in sorted(set(lowpass))]
+    out += [Variant("highpass", k, "npy") for k in sorted(set(highpass))]
     return out
 
 
