@@ -170,9 +170,10 @@ class Study:
         progress.finished(stage, seconds)
 
     def _run_parallel(self, todo: list[Stage], progress: StudyProgress, outcome: Outcome) -> None:
-        threads = max(1, (os.cpu_count() or 1) // self.jobs)  # no oversubscription when the devices are CPUs
+        jobs = min(self.jobs, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // jobs)  # no oversubscription when the devices are CPUs
         # one fresh process per stage (max_tasks_per_child=1): CUDA_VISIBLE_DEVICES must be set before CUDA starts
-        with ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
                                  initargs=(threads,), max_tasks_per_child=1) as pool:
             started = {}
             for i, stage in enumerate(todo):
