@@ -7,12 +7,16 @@ loudly with the allowed ones, like the other stages' configs (STYLE: config is a
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from rankshard.evaluate.errors import EvaluationError
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # Python 3.10: the same parser from PyPI (setup.cfg installs it there)
+    import tomli as tomllib
 
 SOURCES = ("demo", "cifar10", "imagenet", "folder")
 
