@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rankshard.evaluate.results import safe_name
-from rankshard.evaluate.stats import ALPHA, compare_paired, mean_ci
+from rankshard.evaluate.stats import ALPHA, cohens_d, compare_paired, mean_ci
 from rankshard.evaluate.tables import Table, pct
 
 _SEED = re.compile(r"^(?P<group>.+?)[-_@/]seed(?P<seed>\d+)$")
@@ -72,7 +72,17 @@ def _paired_row(label: str, a: str, b: str, oa: dict[str, bool], ob: dict[str, b
             "B - A (95% CI, points)": f"{100 * boot.diff:+.1f} [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}]",
             "only A / only B": f"{mc.only_a} / {mc.only_b}", "McNemar p": f"{mc.p_value:.3g}",
             "odds ratio": f"{mc.odds_ratio:.2f}", "n": len(keys),
-            "note": "within noise" if cmp.within_noise else f"significant (p < {ALPHA})"}
+            "note": _note(cmp)}
+
+
+def _note(cmp) -> str:
+    """Both tests agree on noise, both agree on a difference, or they disagree (then say so: borderline)."""
+    significant = cmp.mcnemar.p_value < ALPHA
+    if cmp.within_noise:
+        return "within noise"
+    if significant and not cmp.bootstrap.includes_zero:
+        return f"significant (p < {ALPHA})"
+    return "borderline: McNemar and bootstrap CI disagree"
 
 
 def paired_table(label: str, outcomes: dict[str, dict[str, bool]], what: str) -> Table | None:
@@ -99,11 +109,14 @@ def seed_table(values: dict[str, float], what: str, label: str) -> Table | None:
     """Mean ± 95% CI of ``{checkpoint: value}`` per seed group (only when some group has >= 2 seeds)."""
     if not has_seed_groups(list(values)):
         return None
-    rows = []
-    for group, seeds in groups_of(list(values)).items():
-        ci = mean_ci([values[n] for n in seeds.values()])
+    rows, groups = [], groups_of(list(values))
+    base = [values[n] for n in next(iter(groups.values())).values()]
+    for group, seeds in groups.items():
+        mine = [values[n] for n in seeds.values()]
+        d = cohens_d(base, mine)
         rows.append({"data": label, "group": group, "seeds": ",".join(str(s) for s in seeds),
-                     f"{what} mean ± 95% CI (%)": ci.format(),
+                     f"{what} mean ± 95% CI (%)": mean_ci(mine).format(),
+                     "Cohen's d vs first group": "n/a" if d != d else f"{d:+.2f}",
                      "min - max (%)": f"{100 * min(values[n] for n in seeds.values()):.1f} - "
                                       f"{100 * max(values[n] for n in seeds.values()):.1f}"})
     return Table(rows, f"{what} across seeds: mean ± Student-t 95% confidence interval over seeds")

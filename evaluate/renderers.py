@@ -84,7 +84,7 @@ def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
     for (data, mode), series in sorted(groups.items()):
         curves = [curve_from_rows(name, rows) for name, rows in series.items()]
         sec = Section(f"Rank spectrum ({mode} rank) on {data}" if mode in ("low", "high") else f"Frequency spectrum ({mode}) on {data}",
-                      [f"Algorithm 1: top-1 of each checkpoint on rank-k inputs ({len(curves)} checkpoints, "
+                      [f"Algorithm 1: top-1 of each checkpoint on {mode}-k inputs ({len(curves)} checkpoints, "
                        f"{next(iter(series.values()))[0]['count']} images)."])
         sec.figures.append(plot_spectra(curves, mode, f"{mode}-rank spectrum on {data}",
                                         figs.new(f"spectrum-{data}-{mode}.png")))

@@ -51,6 +51,12 @@ def test_paired_table_flags_noise():
     assert cmp.noise_notes(table) == ["Within noise (p >= 0.05 and the bootstrap CI covers 0): y vs x."]
     worse = {k: False for k in a}
     assert cmp.paired_table("full", {"x": a, "y": worse}, "top-1").rows[0]["note"].startswith("significant")
+    # 1 vs 7 discordant of 300: McNemar p = 0.07 but the bootstrap CI excludes 0 -> said to be borderline
+    x = np.zeros(300, bool)
+    y = x.copy()
+    x[0], y[1:8] = True, True
+    note = cmp.paired_table("t", {"x": dict(enumerate(x)), "y": dict(enumerate(y))}, "attack success").rows[0]["note"]
+    assert note.startswith("borderline")
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +106,15 @@ def test_report_shows_error_bands_paired_tables_and_rank_vs_lowpass(evaluated, t
     assert not report.skipped
     figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
     assert any("rank-vs-lowpass" in f for f in figures) and sum("bands" in f for f in figures) == 2
+
+
+def test_seed_table_mean_ci_and_effect_size():
+    from rankshard.evaluate.stats import cohens_d
+
+    values = {"full-seed0": 0.869, "full-seed1": 0.933, "rank-004-seed0": 0.90, "rank-004-seed1": 0.91}
+    rows = cmp.seed_table(values, "top-1", "test").rows
+    ci = mean_ci([0.869, 0.933])
+    assert rows[0]["top-1 mean ± 95% CI (%)"] == f"{100 * ci.mean:.1f} ± {100 * ci.half_width:.1f} (n=2)"
+    assert rows[0]["Cohen's d vs first group"] == "+0.00"
+    assert rows[1]["Cohen's d vs first group"] == f"{cohens_d([0.869, 0.933], [0.90, 0.91]):+.2f}"
+    assert cmp.seed_table({"a": 0.5, "b": 0.6}, "top-1", "test") is None  # no seed groups, no table
