@@ -28,8 +28,13 @@ def curve_from_rows(name: str, rows: Sequence[dict]) -> Curve:
                  tuple(float(r["agreement"]) for r in rows))
 
 
+AXIS_LABELS = {"high": "rank k (largest k singular values removed)",
+               "lowpass": "k (k x k lowest 2-D DFT frequencies kept)",
+               "highpass": "k (k x k lowest 2-D DFT frequencies removed)"}
+
+
 def _axis_label(mode: str) -> str:
-    return "rank k (largest k singular values removed)" if mode == "high" else "rank k of the input image"
+    return AXIS_LABELS.get(mode, "rank k of the input image")
 
 
 def plot_spectra(curves: Sequence[Curve], mode: str, title: str, path: str | os.PathLike) -> Path:
@@ -98,3 +103,35 @@ def _save(fig, path: str | os.PathLike) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _band_axes(ax, bands: Sequence, xlabel: str, ylabel: str) -> None:
+    """Mean line per seed group and, where it has >= 2 seeds, its 95% CI as a shaded band."""
+    for b in bands:
+        mean = [100 * v for v in b.mean]
+        (line,) = ax.plot(b.x, mean, marker="." if len(b.x) < 40 else None, label=f"{b.name} (n={b.seeds})")
+        if b.seeds > 1:
+            ax.fill_between(b.x, [100 * v for v in b.low], [100 * v for v in b.high], color=line.get_color(),
+                            alpha=0.2, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_bands(bands: Sequence, mode: str, title: str, path: str | os.PathLike) -> Path:
+    """Top-1 vs k: mean over seeds per group, shaded 95% confidence band (Student t over seeds)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _band_axes(ax, bands, _axis_label(mode), "top-1 accuracy (%), mean ± 95% CI over seeds")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_side_by_side(panels: dict[str, Sequence], title: str, path: str | os.PathLike) -> Path:
+    """One panel per mode (``{mode: bands}``), shared y axis: e.g. rank-k vs k x k low-pass inputs."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (mode, bands) in zip(axes[0], panels.items()):
+        _band_axes(ax, bands, _axis_label(mode), "top-1 accuracy (%)")
+    fig.suptitle(title)
+    return _save(fig, path)

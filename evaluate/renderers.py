@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
+from rankshard.evaluate import comparisons as cmp
+from rankshard.evaluate.plots import curve_from_rows, plot_bands, plot_gaps, plot_side_by_side, plot_spectra
 from rankshard.evaluate.results import Skipped, safe_name
 from rankshard.evaluate.tables import (Table, accuracy_table_rows, pct, pgd_table_rows, robustness_table,
                                        spectrum_table)
@@ -56,8 +57,24 @@ Renderer = Callable[[list[dict], Figures], list[Section]]
 
 def accuracy_sections(results: list[dict], figs: Figures) -> list[Section]:
     rows = [row for r in results for row in r["rows"]]
-    return [Section("Accuracy", [f"Top-1/top-5 from {len(results)} result file(s)."],
-                    [Table(accuracy_table_rows(rows))])]
+    sec = Section("Accuracy", [f"Top-1/top-5 from {len(results)} result file(s)."], [Table(accuracy_table_rows(rows))])
+    for data in dict.fromkeys(row["data"] for row in rows):
+        top1 = {row["checkpoint"]: row["top1"] for row in rows if row["data"] == data}
+        paired = cmp.paired_table(data, _accuracy_outcomes(results, data), "top-1")
+        sec.tables += [t for t in (cmp.seed_table(top1, "top-1", data), paired) if t]
+        sec.text += cmp.noise_notes(paired)
+    return [sec]
+
+
+def _accuracy_outcomes(results: list[dict], data: str) -> dict[str, dict[str, bool]]:
+    """``{checkpoint: {key: correct}}`` on ``data`` from the per-sample CSVs the results list."""
+    out = {}
+    for r in results:
+        for row in (x for x in r["rows"] if x["data"] == data):
+            path = cmp.samples_file(r, cmp.accuracy_samples_name(row["checkpoint"], data))
+            if path is not None:
+                out[row["checkpoint"]] = cmp.read_outcomes(path, cmp.correct)
+    return out
 
 
 def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
@@ -67,8 +84,8 @@ def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
     sections = []
     for (data, mode), series in sorted(groups.items()):
         curves = [curve_from_rows(name, rows) for name, rows in series.items()]
-        sec = Section(f"Rank spectrum ({mode} rank) on {data}",
-                      [f"Algorithm 1: top-1 of each checkpoint on rank-k inputs ({len(curves)} checkpoints, "
+        sec = Section(f"Rank spectrum ({mode} rank) on {data}" if mode in ("low", "high") else f"Frequency spectrum ({mode}) on {data}",
+                      [f"Algorithm 1: top-1 of each checkpoint on {mode}-k inputs ({len(curves)} checkpoints, "
                        f"{next(iter(series.values()))[0]['count']} images)."])
         sec.figures.append(plot_spectra(curves, mode, f"{mode}-rank spectrum on {data}",
                                         figs.new(f"spectrum-{data}-{mode}.png")))
@@ -76,6 +93,44 @@ def spectrum_sections(results: list[dict], figs: Figures) -> list[Section]:
             sec.figures.append(plot_gaps(curves, mode, f"top-1 gap vs {curves[0].name} on {data}",
                                          figs.new(f"spectrum-{data}-{mode}-gap.png")))
         sec.tables.append(spectrum_table(series))
+        if cmp.has_seed_groups(list(series)):
+            sec.text.append("Seed groups: mean top-1 over seeds with its 95% confidence band (Student t).")
+            sec.figures.append(plot_bands(cmp.bands(_top1_by_k(series)), mode, f"{mode} spectrum on {data}, "
+                                          "mean ± 95% CI over seeds", figs.new(f"spectrum-{data}-{mode}-bands.png")))
+        sections.append(sec)
+    return sections + rank_vs_lowpass_sections(results, figs)
+
+
+def _top1_by_k(series: dict[str, list[dict]]) -> dict[str, dict[int, float]]:
+    return {name: {row["rank"]: row["top1"] for row in rows} for name, rows in series.items()}
+
+
+def _rank_check_table(results: list[dict]) -> Table | None:
+    checks = [r["rank_check"] for r in results if r.get("rank_check")]
+    if not checks:
+        return None
+    rows = [{"k": c["k"], "images": c["images"], "max measured rank (R, G, B)": ", ".join(map(str, c["max_rank"])),
+             "mean rank": ", ".join(f"{v:.2f}" for v in c["mean_rank"]), "rank <= k": "yes" if c["bound_holds"] else "NO"}
+            for c in checks[0]["rows"]]
+    return Table(rows, f"the paper's hypothesis (appendix 9.1): numeric rank of k x k low-pass images per channel, "
+                       f"float64 SVD, singular values > {checks[0]['tolerance']} counted")
+
+
+def rank_vs_lowpass_sections(results: list[dict], figs: Figures) -> list[Section]:
+    """Accuracy vs k for rank-k and k x k low-pass inputs side by side, and the rank <= k check on the data."""
+    sections = []
+    for data in sorted({r["data"] for r in results}):
+        by_mode = {m: {r["checkpoint"]: r["rows"] for r in results if r["data"] == data and r["mode"] == m}
+                   for m in ("low", "lowpass")}
+        if not all(by_mode.values()):
+            continue
+        sec = Section(f"Rank truncation vs frequency truncation on {data}",
+                      ["Top-1 on rank-k inputs (k largest singular values kept) beside top-1 on k x k low-pass inputs "
+                       "(k x k lowest 2-D DFT frequencies kept): related but not the same truncation."])
+        sec.figures.append(plot_side_by_side({m: cmp.bands(_top1_by_k(s)) for m, s in by_mode.items()},
+                                             f"rank-k vs k x k low-pass on {data}", figs.new(f"rank-vs-lowpass-{data}.png")))
+        table = _rank_check_table([r for r in results if r["data"] == data and r["mode"] == "lowpass"])
+        sec.tables += [table] if table else []
         sections.append(sec)
     return sections
 
@@ -85,6 +140,29 @@ def pgd_section(r: dict, figs: Figures) -> Section:
     what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
             f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
     return Section("PGD robustness", [what], [Table(pgd_table_rows(r["rows"]), "Table 2 layout")])
+
+
+def pgd_comparison_sections(results: list[dict], figs: Figures) -> list[Section]:
+    """Attack success across seeds and paired between checkpoints, per data and attack (results merged)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["rows"][0]["data"] if r["rows"] else "?", json.dumps(r["attack"], sort_keys=True)), []).append(r)
+    sections = []
+    for (data, attack), members in groups.items():
+        rate = {row["checkpoint"]: row["attack_success"] for r in members for row in r["rows"]}
+        success = cmp.attack_success(json.loads(attack)["targeted"])
+        outcomes = {row["checkpoint"]: cmp.read_outcomes(p, success) for r in members for row in r["rows"]
+                    if (p := cmp.samples_file(r, cmp.pgd_samples_name(row["checkpoint"]))) is not None}
+        paired = cmp.paired_table(data, outcomes, "attack success")
+        tables = [t for t in (cmp.seed_table(rate, "attack success", data), paired) if t]
+        if tables:
+            sections.append(Section(f"PGD comparisons on {data}", ["Attack success rate over all evaluated samples; "
+                                    "pairs share their points and targets."] + cmp.noise_notes(paired), tables))
+    return sections
+
+
+def pgd_sections(results: list[dict], figs: Figures) -> list[Section]:
+    return [pgd_section(r, figs) for r in results] + pgd_comparison_sections(results, figs)
 
 
 def _rig_lines(ck: dict) -> list[str]:
@@ -148,7 +226,7 @@ def each(build: Callable[[dict, Figures], Section]) -> Renderer:
 
 
 RENDERERS: dict[str, Renderer] = {
-    "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": each(pgd_section), "rig": each(rig_section),
+    "accuracy": accuracy_sections, "spectrum": spectrum_sections, "pgd": pgd_sections, "rig": each(rig_section),
     "weights": each(weights_section), "svd-profile": each(svd_profile_section),
     "robustness": each(robustness_section),
 }

@@ -9,6 +9,10 @@ Modes (SPEC rank semantics): ``low`` feeds ``x_k`` (k largest singular values ke
 ``x - x_k`` (k largest removed, paper section 5.1). Images are NOT clipped to [0, 1]: Algorithm 1 feeds the
 reconstruction as is (the model normalizes inside). k = 0 is exactly zeros, k >= n exactly ``x`` (SPEC),
 so the full-rank point of the spectrum is the plain accuracy bit for bit.
+
+Frequency modes (issue 16): ``lowpass`` feeds the k x k lowest 2-D DFT frequencies of each channel, ``highpass``
+the rest (``preprocess.rank.lowpass``, exact definition there). No SVD: a fixed filter per k, so the paper's
+question -- is rank truncation the same as frequency truncation? -- is answered by running both modes.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 from rankshard.preprocess.rank.engine import RankEngine
+from rankshard.preprocess.rank.lowpass import highpass, lowpass
 
 from rankshard.evaluate.accuracy import predict
 from rankshard.evaluate.errors import EvaluationError
@@ -28,6 +33,8 @@ MODES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "low": lambda x, xk: xk,
     "high": lambda x, xk: x - xk,
 }
+# Modes that truncate frequencies instead of singular values: the model input for window k, from x alone.
+FREQUENCY_MODES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"lowpass": lowpass, "highpass": highpass}
 
 
 def _parse_item(item: str, n: int) -> list[int]:
@@ -72,8 +79,8 @@ class SpectrumConfig:
     forward_batch: int = 256  # rank-k images per model call: ranks are grouped so that B * group <= this
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise EvaluationError(f"--mode {self.mode!r}: choose one of {sorted(MODES)}")
+        if self.mode not in MODES and self.mode not in FREQUENCY_MODES:
+            raise EvaluationError(f"--mode {self.mode!r}: choose one of {sorted(MODES) + sorted(FREQUENCY_MODES)}")
         if not self.ranks or min(self.ranks) < 0:
             raise EvaluationError(f"spectrum ranks must be a non-empty list of ranks >= 0, got {self.ranks}")
         if self.forward_batch < 1:
@@ -91,6 +98,9 @@ def rank_inputs(x: torch.Tensor, engine: RankEngine, cfg: SpectrumConfig) -> Ite
     One decomposition of ``x`` serves every group; each group is reconstructed from it when needed, so memory
     holds one group of rank-k images, never all ranks.
     """
+    if cfg.mode in FREQUENCY_MODES:
+        yield from _frequency_inputs(x, cfg)
+        return
     n = min(x.shape[-2:])
     inner = [k for k in cfg.ranks if 0 < k < n]
     dec = engine.decompose(x, kmax=max(inner)) if inner else None
@@ -100,6 +110,12 @@ def rank_inputs(x: torch.Tensor, engine: RankEngine, cfg: SpectrumConfig) -> Ite
         # k = 0 and k >= n are exact by definition (zeros, x): no float32 reconstruction error at the ends.
         low = [torch.zeros_like(x) if k == 0 else x if k >= n else rec[k].to(x.dtype) for k in group]
         yield group, torch.cat([MODES[cfg.mode](x, xk) for xk in low])
+
+
+def _frequency_inputs(x: torch.Tensor, cfg: SpectrumConfig) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``rank_inputs`` for the frequency modes: each window k filtered directly (k = 0 and k >= n exact)."""
+    for group in _rank_groups(cfg.ranks, len(x), cfg.forward_batch):
+        yield group, torch.cat([FREQUENCY_MODES[cfg.mode](x, k) for k in group])
 
 
 @torch.no_grad()

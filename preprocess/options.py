@@ -61,6 +61,10 @@ def shard_options(fn):
         click.option("--ranks", callback=_int_list, default="5,10,20", show_default=True,
                      help="Low ranks k: keep the k largest singular values per channel."),
         click.option("--high", callback=_int_list, default="", help="High ranks k: remove the k largest (x - x_k)."),
+        click.option("--lowpass", callback=_int_list, default="",
+                     help="Low-pass windows k: keep the k x k lowest 2-D DFT frequencies per channel (lowpass-k)."),
+        click.option("--highpass", callback=_int_list, default="",
+                     help="High-pass windows k: remove the k x k lowest frequencies (highpass-k, npy)."),
         click.option("--encoding", type=click.Choice(["png", "npy", "raw"]), default="png", show_default=True,
                      help="png: uint8, lossless after rounding; raw: the same uint8 pixels uncompressed (no "
                           "encode cost, more bytes); npy: float16, no clipping."),

@@ -33,6 +33,7 @@ import torch
 
 from rankshard.preprocess.devices import Placement, torch_threads
 from rankshard.preprocess.rank.engine import RankEngine, RankOutputs, energy_retained
+from rankshard.preprocess.rank.lowpass import energy_kept, highpass, lowpass
 from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, SourceError, check_on_error
 from rankshard.preprocess.sources.listing import Loaded, run_job
 from rankshard.preprocess.locking import RunLock
@@ -209,7 +210,19 @@ def _spectra(v: Variant, b: _Batch) -> dict:
     return b.lossless(s=b.out.spectra.float().cpu().numpy())
 
 
-PAYLOAD_BUILDERS = {"full": _full, "low": _low, "high": _high, "factors": _factors, "spectra": _spectra}
+def _lowpass(v: Variant, b: _Batch) -> dict:
+    # frequency truncation needs no SVD: a fixed real filter per axis (preprocess.rank.lowpass)
+    xk = lowpass(b.x, v.rank)
+    return {**_quantized(xk, v.encoding), "energy": energy_kept(b.x, xk).cpu().numpy()}
+
+
+def _highpass(v: Variant, b: _Batch) -> dict:
+    xk = highpass(b.x, v.rank)
+    return {**_quantized(xk, "npy"), "energy": energy_kept(b.x, xk).cpu().numpy()}
+
+
+PAYLOAD_BUILDERS = {"full": _full, "low": _low, "high": _high, "factors": _factors, "spectra": _spectra,
+                    "lowpass": _lowpass, "highpass": _highpass}
 
 
 class NullEngine:

@@ -29,7 +29,7 @@ def _split_dirs(root: Path) -> list[Path]:
 
 def _displayable(folder: Path, members: dict) -> np.ndarray:
     img = decode_image(members)
-    if folder.name.startswith("high-"):
+    if folder.name.startswith(("high-", "highpass-")):
         # high-rank images are small and centred on zero: mid-grey plus contrast stretched to max |value|
         return 0.5 + 0.5 * img / max(float(np.abs(img).max()), 1e-6)
     return np.clip(img, 0, 1)
@@ -38,7 +38,7 @@ def _displayable(folder: Path, members: dict) -> np.ndarray:
 def _grid_folders(split_dir: Path) -> list[Path]:
     """The image variants of a split in display order: full, low rank, high rank, factors, others."""
     folders = [f for f in sorted(split_dir.iterdir()) if (f / "manifest.json").exists() and f.name != "spectra"]
-    order = {"full": 0, "rank": 1, "high": 2, "factors": 3}
+    order = {"full": 0, "rank": 1, "high": 2, "factors": 3, "lowpass": 4, "highpass": 5}
     return sorted(folders, key=lambda f: (order.get(f.name.split("-")[0], 4), f.name))
 
 

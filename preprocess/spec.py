@@ -33,11 +33,14 @@ class ShardSpec:
     device: str = "cpu"
     batch_size: int = 1000        # images per SVD call
     workers: int = 2              # encode/write processes; 0 runs everything in this process
+    lowpass: tuple[int, ...] = ()   # k x k lowest 2-D DFT frequencies kept per channel (lowpass-k)
+    highpass: tuple[int, ...] = ()  # ... and removed (highpass-k = x - lowpass-k)
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
             raise RankshardError(f"--encoding {self.encoding!r}: choose one of {', '.join(ENCODINGS)}")
-        for flag, ks in (("--ranks", self.ranks), ("--high", self.high)):
+        for flag, ks in (("--ranks", self.ranks), ("--high", self.high), ("--lowpass", self.lowpass),
+                         ("--highpass", self.highpass)):
             _check_rank_list(flag, ks)
         if self.factors is not None and self.factors < 1:
             raise RankshardError(f"--factors {self.factors}: must be at least 1")
@@ -53,7 +56,8 @@ class ShardSpec:
         rank ``k >= n`` is a copy of ``full`` and high rank ``k >= n`` is all zeros (and so is the
         ``factors`` variant past ``n`` components, which could not be stored)."""
         n = min(height, width)
-        for flag, ks in (("--ranks", self.ranks), ("--high", self.high), ("--factors", (self.factors or 0,))):
+        for flag, ks in (("--ranks", self.ranks), ("--high", self.high), ("--factors", (self.factors or 0,)),
+                         ("--lowpass", self.lowpass), ("--highpass", self.highpass)):
             too_big = [k for k in ks if k >= n + (flag == "--factors")]
             if too_big:
                 raise RankshardError(f"{flag} {','.join(map(str, too_big))}: these {height}x{width} images have only "
@@ -61,12 +65,18 @@ class ShardSpec:
                                      f"{'a copy of full' if flag == '--ranks' else 'nothing useful'}; use ranks below {n}")
 
     def variants(self) -> list[Variant]:
-        return variants_for(self.ranks, self.high, self.factors, self.spectra, self.encoding)
+        return variants_for(self.ranks, self.high, self.factors, self.spectra, self.encoding, self.lowpass,
+                            self.highpass)
 
     def hashed_config(self, source: dict) -> dict:
         """The resolved config that identifies the output bytes, with the source's fingerprint."""
         cfg = {k: v for k, v in asdict(self).items() if k not in _NOT_HASHED}
         cfg["ranks"], cfg["high"] = sorted(set(self.ranks)), sorted(set(self.high))
+        for key in ("lowpass", "highpass"):
+            # absent when unused, so configs (and manifests) made before frequency variants keep their hash
+            cfg[key] = sorted(set(getattr(self, key)))
+            if not cfg[key]:
+                del cfg[key]
         cfg["source_fingerprint"] = source["fingerprint"]
         if "geometry" in source:  # image sources: resize/crop and the size rules
             cfg["geometry"] = source["geometry"]

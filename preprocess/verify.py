@@ -9,6 +9,7 @@ import numpy as np
 
 from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.rank.engine import reference_low_rank
+from rankshard.preprocess.rank.lowpass import lowpass_matrix
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.progress import Progress
@@ -88,6 +89,11 @@ def _check_sample(path: Path, key: str, members: dict, previous: int | None, che
     return int(key)
 
 
+def _frequency_reference(x: np.ndarray, mode: str, k: int) -> np.ndarray:
+    """float64 k x k low-pass of x [C, H, W] (``highpass`` is then ``x -`` this, like high rank)."""
+    return lowpass_matrix(x.shape[1], k) @ x @ lowpass_matrix(x.shape[2], k).T
+
+
 def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: VariantCheck) -> None:
     """Recompute low/high rank (or spectra) from the full variant with float64 numpy and compare."""
     mode, k = manifest["mode"], manifest["rank"]
@@ -101,8 +107,8 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
             s = decode_npy(head[key]["s.npy"]).astype(np.float64)
             errors.append(float(np.max(np.abs(s - s_ref)) / max(s_ref.max(), 1e-12)))
             continue
-        ref = reference_low_rank(x, k)[0]
-        if mode == "high":
+        ref = _frequency_reference(x[0], mode, k) if mode in ("lowpass", "highpass") else reference_low_rank(x, k)[0]
+        if mode in ("high", "highpass"):
             ref = x[0] - ref
         elif manifest["encoding"] in ("png", "raw"):
             ref = np.clip(ref, 0, 1)
@@ -136,7 +142,7 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
     for check in checks:
         manifest = manifests[check.folder]
         full = heads.get(check.folder.parent / "full")
-        if manifest["mode"] in ("low", "high", "spectra", "factors") and full and reference_samples:
+        if manifest["mode"] in ("low", "high", "spectra", "factors", "lowpass", "highpass") and full and reference_samples:
             _reference_check(manifest, heads[check.folder], full, reference_samples, check)
     return VerifyReport(checks)
 

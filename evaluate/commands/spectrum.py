@@ -17,8 +17,10 @@ from rankshard.evaluate.tables import markdown_table, spectrum_table
 @data_options()
 @click.option("--ranks", default="all", show_default=True,
               help="'all' (0..min(H,W)), an inclusive range '0:32' or '0:224:8', or a list '0,5,10,20'.")
-@click.option("--mode", type=click.Choice(["low", "high"]), default="low", show_default=True,
-              help="low: keep the k largest singular values; high: remove them (x - x_k).")
+@click.option("--mode", type=click.Choice(["low", "high", "lowpass", "highpass"]), default="low", show_default=True,
+              help="low: keep the k largest singular values; high: remove them (x - x_k); lowpass: keep the k x k "
+                   "lowest 2-D DFT frequencies per channel; highpass: remove them. With lowpass the result also "
+                   "holds the measured rank of the low-pass images (the paper's rank <= k hypothesis).")
 @click.option("--forward-batch", type=int, default=256, show_default=True,
               help="Rank-k images per forward pass (several ranks of one batch stacked).")
 @click.option("--svd-backend", default="auto", show_default=True, help="Rank engine backend (see rankshard-preprocess).")

@@ -10,29 +10,31 @@ import numpy as np
 
 from rankshard.preprocess.format.pngenc import encode_png_batch
 
-# png: uint8, zlib-compressed; raw: the same uint8 pixels as an uncompressed .npy (no encode cost, ~2-3x the
-# bytes); npy: float16 (needed where values leave [0, 1])
+# png: uint8, zlib-compressed; raw: the same uint8 pixels as an uncompressed .npy (no zlib cost, larger
+# files); npy: float16 (needed where values leave [0, 1])
 ENCODINGS = ("png", "npy", "raw")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One output folder: ``full``, ``rank-005``, ``high-002``, ``factors-020`` or ``spectra``."""
+    """One output folder: ``full``, ``rank-005``, ``high-002``, ``factors-020``, ``spectra``, ``lowpass-008``
+    or ``highpass-008`` (k x k lowest 2-D DFT frequencies kept / removed, ``preprocess.rank.lowpass``)."""
 
-    mode: str            # "full" | "low" | "high" | "factors" | "spectra"
-    rank: int | None     # k for low/high/factors; None for full/spectra
+    mode: str            # "full" | "low" | "high" | "factors" | "spectra" | "lowpass" | "highpass"
+    rank: int | None     # k for low/high/factors/lowpass/highpass; None for full/spectra
     encoding: str        # "png" | "npy" | "raw" | "factors" | "spectra"
 
     @property
     def name(self) -> str:
-        prefix = {"low": "rank", "high": "high", "factors": "factors"}
+        prefix = {"low": "rank", "high": "high", "factors": "factors", "lowpass": "lowpass", "highpass": "highpass"}
         if self.mode in prefix:
             return f"{prefix[self.mode]}-{self.rank:03d}"
         return self.mode
 
 
-def variants_for(ranks, high, factors, spectra, encoding) -> list[Variant]:
-    """All variants of one materialization, in a fixed order. High rank can be negative, so it is npy."""
+def variants_for(ranks, high, factors, spectra, encoding, lowpass=(), highpass=()) -> list[Variant]:
+    """All variants of one materialization, in a fixed order. High rank and high-pass can be negative, so they
+    are npy. Frequency variants come last: without them the list (and every shard) is what it always was."""
     out = [Variant("full", None, encoding)]
     out += [Variant("low", k, encoding) for k in sorted(set(ranks))]
     out += [Variant("high", k, "npy") for k in sorted(set(high))]
@@ -40,6 +42,8 @@ def variants_for(ranks, high, factors, spectra, encoding) -> list[Variant]:
         out.append(Variant("factors", int(factors), "factors"))
     if spectra:
         out.append(Variant("spectra", None, "spectra"))
+    out += [Variant("lowpass", k, encoding) for k in sorted(set(lowpass))]
+    out += [Variant("highpass", k, "npy") for k in sorted(set(highpass))]
     return out
 
 

@@ -1,0 +1,3 @@
+from rankshard.evaluate.study.cli import main
+
+main()
