@@ -15,13 +15,13 @@ from rankshard.preprocess.sources.synth import labelled_images
 
 # A tiny net trains on the demo shards in seconds on a CPU; the same commands scale to the paper's runs.
 NEXT_STEPS = """
-Next steps on these shards (a tiny ResNet-18, seconds on a CPU):
+Next steps on these shards (a tiny ResNet-18: seconds each on a CPU; the AutoAttack sweep a few minutes):
   rankshard-train --preset cifar10-paper --data {shards} --train-variant rank-005 --out {runs}/rank-005 \\
       --arch resnet18 --width 8 --epochs 2 --batch-size 64 --milestones 1 --workers 2
   rankshard-evaluate spectrum {runs}/rank-005/best.pt --data {shards} --split test --ranks all --out {results}/spectrum
   rankshard-evaluate pgd {runs}/rank-005/best.pt --data {shards} --eps 4/255 --steps 20 --targeted --out {results}/pgd
   rankshard-evaluate robustness {runs}/rank-005/best.pt --data {shards} --eps 0,1/255,2/255,4/255,8/255 \\
-      --attack pgd,aa --apgd-steps 20 --fab-steps 20 --square-queries 200 --limit 50 --out {results}/robustness
+      --attack pgd,aa --apgd-steps 20 --fab-steps 20 --square-queries 200 --limit 20 --out {results}/robustness
   rankshard-evaluate report {results} --runs {runs}/rank-005 --out {results}/report
 """
 
