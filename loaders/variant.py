@@ -123,7 +123,7 @@ def _read_manifest(folder, location: str | None = None) -> dict:
                           "with this version of rankshard-preprocess")
     if manifest.get("encoding") not in IMAGE_ENCODINGS:
         raise LoaderError(f"{folder}: variant {manifest.get('variant')!r} holds no images "
-                          f"(encoding {manifest.get('encoding')!r}); open a full, rank-, high- or factors- variant")
+                          f"(encoding {manifest.get('encoding')!r}); open a full, rank-, high-, lowpass-, highpass- or factors- variant")
     return manifest
 
 

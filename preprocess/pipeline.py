@@ -310,6 +310,7 @@ class Materializer:
         self.num_shards = -(-len(self.order) // self.spec.shard_size)
         self.stats.rank, self.stats.world = self.rank, self.world
         self.recorded_svd: dict | None = None  # set when resuming an ``auto`` run (see _engine_and_config)
+        self.spec.check_image_size(*self.source.image_size)  # before any folder or lock file is made
 
     # -- setup ------------------------------------------------------------------------------------
     def _make_engine(self, backend: str):
@@ -329,7 +330,6 @@ class Materializer:
             # this run never calibrates, so the manifest keeps the first run's account of auto's choice
             self.recorded_svd = recorded.get("svd")
         self.image_size = tuple(self.source.image_size)
-        self.spec.check_image_size(*self.image_size)
         engine = self._make_engine(backend)
         self.spec = replace(self.spec, backend=engine.describe()["backend"], device=engine.device.type)
         cfg = self.spec.hashed_config(self.source.info)

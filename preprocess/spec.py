@@ -52,17 +52,22 @@ class ShardSpec:
             raise RankshardError("--workers must be 0 (in-process) or more")
 
     def check_image_size(self, height: int, width: int) -> None:
-        """Refuse ranks that the images cannot have: with ``n = min(H, W)`` singular values per channel, low
-        rank ``k >= n`` is a copy of ``full`` and high rank ``k >= n`` is all zeros (and so is the
-        ``factors`` variant past ``n`` components, which could not be stored)."""
-        n = min(height, width)
-        for flag, ks in (("--ranks", self.ranks), ("--high", self.high), ("--factors", (self.factors or 0,)),
-                         ("--lowpass", self.lowpass), ("--highpass", self.highpass)):
-            too_big = [k for k in ks if k >= n + (flag == "--factors")]
+        """Refuse ranks that the images cannot have. With ``n = min(H, W)`` singular values per channel, low
+        rank ``k >= n`` is a copy of ``full``, high rank ``k >= n`` is all zeros and ``factors`` cannot hold
+        more than ``n`` components; a ``k x k`` frequency window with ``k >= max(H, W)`` keeps (low-pass) or
+        removes (high-pass) every frequency."""
+        n, m = min(height, width), max(height, width)
+        limits = {"--ranks": (n, "a copy of full"), "--high": (n, "all zeros"),
+                  "--factors": (n + 1, "more components than exist"), "--lowpass": (m, "a copy of full"),
+                  "--highpass": (m, "all zeros")}
+        lists = {"--ranks": self.ranks, "--high": self.high, "--factors": (self.factors or 0,),
+                 "--lowpass": self.lowpass, "--highpass": self.highpass}
+        for flag, ks in lists.items():
+            limit, result = limits[flag]
+            too_big = [k for k in ks if k >= limit]
             if too_big:
-                raise RankshardError(f"{flag} {','.join(map(str, too_big))}: these {height}x{width} images have only "
-                                     f"{n} singular values per channel, so rank {too_big[0]} would store "
-                                     f"{'a copy of full' if flag == '--ranks' else 'nothing useful'}; use ranks below {n}")
+                raise RankshardError(f"{flag} {','.join(map(str, too_big))}: on these {height}x{width} images "
+                                     f"{too_big[0]} would store {result}; use values below {limit}")
 
     def variants(self) -> list[Variant]:
         return variants_for(self.ranks, self.high, self.factors, self.spectra, self.encoding, self.lowpass,

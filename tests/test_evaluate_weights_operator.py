@@ -213,7 +213,7 @@ def test_weights_command_zero_operator_outputs(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "m.pt", 0)
     out = tmp_path / "report"
     res = CliRunner().invoke(main, ["weights", ckpt, "--out", str(out), "--zero-top-k", "2", "--sensitivity",
-                                    "--ww-conventions", "--no-permuted", "--input-size", "8", "--quiet",
+                                    "--ww-conventions", "--no-permuted", "--input-size", "8", "--quiet", "--device", "auto",
                                     "--layers", "conv1,layer1.0.conv1,layer2.0.conv1,fc"])
     assert res.exit_code == 0, res.output
     folder = out / "m"
@@ -222,6 +222,10 @@ def test_weights_command_zero_operator_outputs(tmp_path):
     header = (folder / "weights.csv").read_text().splitlines()[0].split(",")
     assert {"operator_zero_sigma_max", "operator_circular_sigma_max", "unfolded_alpha_reliable",
             "unfolded_alpha_reason", "ww_alpha"} <= set(header)
+    # the result lists the new figures, so `report` shows them instead of dropping them silently
+    import json
+    result = json.loads((out / "weights.json").read_text())
+    assert {"m/lipschitz.png", "m/sensitivity.png"} <= set(result["figures"]), result["figures"]
 
 
 @pytest.mark.parametrize("o,c,k,hw,stride,padding,bias,dilation,groups", ZERO_CASES[:6])

@@ -43,7 +43,7 @@ def test_bad_values_are_refused_with_the_option_named(tree, tmp_path, extra, nee
 def test_ranks_beyond_the_stored_image_are_refused(tree, tmp_path):
     result = CliRunner().invoke(main, ["folder", "--source", str(tree), "--out", str(tmp_path / "o"), "--quiet",
                                        "--workers", "0", "--crop", "16", "--resize", "16", "--ranks", "5,16"])
-    assert result.exit_code == 2 and "--ranks 16: these 16x16 images have only 16 singular values" in result.output
+    assert result.exit_code == 2 and "--ranks 16: on these 16x16 images 16 would store a copy of full" in result.output
 
 
 def test_a_symlink_loop_lists_every_image_once_and_gifs_are_images(tree):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from rankshard.preprocess.devices import resolve_device
+
 from rankshard.evaluate.checkpoints import common_input_size, load_checkpoints
 from rankshard.evaluate.errors import EvaluationError, friendly_errors
 from rankshard.evaluate.options import checkpoints_argument, out_option, quiet_option, trust_option, workers_option
@@ -36,7 +38,9 @@ def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, se
 @click.option("--zero-top-k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Top-k singular values of each conv's zero-padded operator (the first is its exact Lipschitz "
                    "constant), by Lanczos; 0 skips it (costly on CPU: hundreds of conv passes a layer).")
-@click.option("--device", default="cpu", show_default=True, help="Device of the zero-padded operator (cpu, cuda).")
+@click.option("--device", default="auto", show_default=True,
+              help="Device of the zero-padded operator's Lanczos: auto (this process's GPU when present), cpu, "
+                   "cuda, cuda:N. The other spectra run on the CPU.")
 @click.option("--sensitivity", is_flag=True, help="Per-filter d sigma_max / d W (sensitivity.png|npz).")
 @click.option("--ww-conventions", is_flag=True,
               help="Also fit alpha as WeightWatcher does (per-kernel-position slices): ww_* columns.")
@@ -48,6 +52,7 @@ def command(checkpoints, out, layers, input_size, top_k, seed, no_operator, no_p
             zero_top_k, device, sensitivity, ww_conventions, workers, trust_checkpoint, quiet):
     """SVD of every Conv2d/Linear weight: unfolded, circular- and zero-padded operator spectra, RMT fits
     with reliability flags, optional singular-value sensitivity, figures."""
+    device = str(resolve_device(device))  # the one device rule: auto, cuda without a GPU -> clear error
     cfg = _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, sensitivity, ww_conventions)
     ckpts = load_checkpoints(checkpoints, "cpu", trust=trust_checkpoint)
     size = input_size or common_input_size(ckpts, "pass --input-size to analyse them at one resolution") or 224

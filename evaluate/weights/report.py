@@ -188,8 +188,10 @@ def write_model_report(name: str, results: list[LayerResult], out_dir: Path,
     return rows
 
 
-SUMMARY_STATS = ("unfolded_spectral_norm", "unfolded_stable_rank", "unfolded_alpha", "unfolded_mp_spikes",
-                 "operator_spectral_norm")  # per layer, in the result's summary tables (all columns: the CSVs)
+# per layer, in the result's summary tables (all columns: the CSVs); optional ones appear when computed
+SUMMARY_STATS = ("unfolded_spectral_norm", "unfolded_stable_rank", "unfolded_alpha", "unfolded_alpha_reliable",
+                 "unfolded_mp_spikes", "operator_spectral_norm", "operator_zero_sigma_max", "ww_alpha",
+                 "ww_alpha_reliable")
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
@@ -200,8 +202,10 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def _outputs(out: Path, names: list[str]) -> tuple[list[Path], list[Path]]:
     """(figures, other files) that exist after the analysis, for the result's ``figures``/``files``."""
-    figures = [out / "depth.png"] + [out / safe_name(n) / f for n in names for f in ("esd.png", "filters.png")]
-    files = [out / safe_name(n) / f for n in names for f in ("weights.csv", "weights.json", "vectors.npz")]
+    figures = [out / "depth.png"] + [out / safe_name(n) / f for n in names
+                                     for f in ("esd.png", "filters.png", "lipschitz.png", "sensitivity.png")]
+    files = [out / safe_name(n) / f for n in names
+             for f in ("weights.csv", "weights.json", "vectors.npz", "sensitivity.npz")]
     files += [out / "compare.csv", out / "compare.json"]
     return [f for f in figures if f.exists()], [f for f in files if f.exists()]
 
