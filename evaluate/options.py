@@ -50,14 +50,16 @@ def workers_option(help_text: str = "Loader worker processes per process."):
 
 
 def data_root_options(required: bool = True, alternative: str = ""):
-    """--data ROOT, --dataset, --split: the shard layout ROOT/<dataset>/<split>/<variant>/ (``alternative``:
-    the other input source when --data is optional)."""
+    """--data ROOT, --dataset, --split, --verify-shards: the shard layout ROOT/<dataset>/<split>/<variant>/
+    (``alternative``: the other input source when --data is optional)."""
     return _stack([
         click.option("--data", "root", type=click.Path(exists=True, file_okay=False, path_type=Path),
                      required=required, help="Shard root: ROOT/<dataset>/<split>/<variant>/ as written by "
                                              f"rankshard-preprocess{alternative}."),
         click.option("--dataset", default=None, help="Dataset folder under ROOT (default: the only one there)."),
         click.option("--split", default=SPLIT_DEFAULT, show_default=True, help="Split to read (test, val, ...)."),
+        click.option("--verify-shards/--no-verify-shards", default=True, show_default=True,
+                     help="Check each shard's sha256 against its manifest before reading it."),
     ])
 
 
@@ -78,8 +80,6 @@ def data_options(variant: bool = True):
         click.option("--limit", type=int, default=None, help="Evaluate only the first N samples (keys 0..N-1)."),
         click.option("--batch-size", type=int, default=128, show_default=True, help="Images per loader batch, per process."),
         workers_option(),
-        click.option("--verify-shards/--no-verify-shards", default=True, show_default=True,
-                     help="Check each shard's sha256 against its manifest before reading it."),
     ]
     if variant:
         options.insert(1, click.option("--variant", default="full", show_default=True,

@@ -125,3 +125,9 @@ def test_a_damaged_shard_stops_evaluation_unless_verification_is_off(setup, tmp_
     assert code == 2 and f"{shard.name}: sha256" in out and "Traceback" not in out
     code, out = _run(*args, "--no-verify-shards")
     assert code == 0, out
+    rig = ["rig", ck["a"], "--data", shards, "--index", "0:1", "--methods", "vanilla", "--out", tmp_path / "r",
+           "--device", "cpu", "--quiet"]
+    code, out = _run(*rig)
+    assert code == 2 and f"{shard.name}: sha256" in out
+    code, out = _run(*rig, "--no-verify-shards")
+    assert code == 0, out

@@ -25,7 +25,8 @@ def _split_list(values: tuple[str, ...] | str | None) -> list[str]:
     return [v.strip() for item in items for v in item.split(",") if v.strip()]
 
 
-def _inputs(root, dataset, split, keys, index, images, size: int) -> tuple[InputBatch, dict]:
+def _inputs(root, dataset, split, keys, index, images, size: int,
+            verify_shards: bool = True) -> tuple[InputBatch, dict]:
     """The images to explain from exactly one of shards (``--data`` with ``--keys``/``--index``) or files."""
     files = _split_list(images)
     if bool(files) == bool(root):
@@ -34,7 +35,7 @@ def _inputs(root, dataset, split, keys, index, images, size: int) -> tuple[Input
         return load_image_files(files, size), {"kind": "files", "paths": files, "size": size}
     key_list = _split_list(keys) if keys else None
     rng = parse_index(index) if index else None
-    batch = read_shard_samples(root, dataset, split, key_list, rng)
+    batch = read_shard_samples(root, dataset, split, key_list, rng, verify_shards)
     return batch, {"kind": "shards", "root": str(root), "dataset": dataset, "split": split, "keys": key_list,
                    "index": index}
 
@@ -102,7 +103,8 @@ def _report(summary: dict) -> None:
 @trust_option
 @quiet_option
 @friendly_errors
-def command(checkpoints, root, dataset, split, keys, index, images, out, trust_checkpoint, quiet, **opts):
+def command(checkpoints, root, dataset, split, verify_shards, keys, index, images, out, trust_checkpoint, quiet,
+            **opts):
     """Rank Integrated Gradients (paper Eq. 3) and baseline saliency maps for CHECKPOINTS.
 
     Example: rankshard-evaluate rig natural.pt robust.pt --data shards --index 0:8 --methods
@@ -112,7 +114,7 @@ def command(checkpoints, root, dataset, split, keys, index, images, out, trust_c
                     opts["check"], opts["randomization"], opts["seed"], quiet)
     loaded = load_checkpoints(list(checkpoints), resolve_device(opts["device"]), trust=trust_checkpoint)
     size = common_input_size(loaded, "explain them in separate runs") if images else loaded[0].input_size
-    batch, source = _inputs(root, dataset, split, keys, index, images, size or 224)
+    batch, source = _inputs(root, dataset, split, keys, index, images, size or 224, verify_shards)
     check_input_size(loaded, batch.images)
     summary = run_rig(loaded, batch, cfg, source)
     _report(summary)

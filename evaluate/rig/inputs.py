@@ -29,13 +29,13 @@ class InputBatch:
     labels: list[int]
 
 
-def full_urls(root: str | Path, dataset: str | None, split: str) -> list[str]:
+def full_urls(root: str | Path, dataset: str | None, split: str, verify_shards: bool = True) -> list[str]:
     """Shard files of ``ROOT/<dataset>/<split>/full`` in manifest order (the layout every subcommand reads)."""
     from rankshard.loaders import open_variant
 
     dataset = resolve_dataset(root, dataset)
     check_layout(root, dataset, split, "full")
-    return open_variant(root, dataset, split, "full").urls
+    return open_variant(root, dataset, split, "full", verify_shards=verify_shards).urls
 
 
 def parse_index(spec: str) -> range:
@@ -64,12 +64,12 @@ def _batch(samples: list[tuple[str, dict[str, bytes]]]) -> InputBatch:
 
 
 def read_shard_samples(root: str | Path, dataset: str | None, split: str, keys: list[str] | None = None,
-                       index: range | None = None) -> InputBatch:
+                       index: range | None = None, verify_shards: bool = True) -> InputBatch:
     """Samples of ``split``'s full shards, by key (in the given order) or by manifest position; reading
     stops once everything asked for was found."""
     if (keys is None) == (index is None):
         raise RankshardError("choose the samples with exactly one of --keys K1,K2 or --index START:STOP")
-    urls = full_urls(root, dataset, split)
+    urls = full_urls(root, dataset, split, verify_shards)
     folder = Path(urls[0]).parent if urls else Path(root)
     wanted = set(keys) if keys is not None else None
     found: dict[str, tuple[str, dict[str, bytes]]] = {}

@@ -34,13 +34,14 @@ from rankshard.evaluate.weights.svd_profile import ProfileConfig, profile_model,
 @trust_option
 @quiet_option
 @friendly_errors
-def command(checkpoints, root, dataset, split, variant, per_class, layers, mass, top_k, class_share, out, device,
-            batch_size, workers, trust_checkpoint, quiet):
+def command(checkpoints, root, dataset, split, verify_shards, variant, per_class, layers, mass, top_k, class_share,
+            out, device, batch_size, workers, trust_checkpoint, quiet):
     """DeepDataProfiler-style SVD profile: per class, the singular directions of each layer's unfolded weight
     that carry MASS of the images' projected activations; writes svd-profile.json, hypergraph.json (classes x
     directions incidence), jaccard.json and jaccard.png to OUT."""
     cfg = ProfileConfig(layers=layers, top_k=top_k, mass=mass, class_share=class_share, per_class=per_class)
-    data = shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers)
+    data = shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers,
+                      verify_shards=verify_shards)
     device = resolve_device(device)
     (ck,) = load_checkpoints([checkpoints], device, trust=trust_checkpoint)
     # the profile stops once every class has --per-class images, so that is the work to do
