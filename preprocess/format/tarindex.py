@@ -14,6 +14,7 @@ Sparse members and multi-volume archives cannot be read in place and are reporte
 """
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
@@ -157,14 +158,15 @@ class _Scan:
             raise TarDamage(f"corrupt extended header at byte {data_at - BLOCK - self.start} ({exc})") from None
 
 
-class Blob:
+class Blob(abc.ABC):
     """Random access to a shard's bytes: ``pread(n, at)`` and ``size``. The scan and the reader see only this,
     so a local file (seeks) and a downloaded remote shard (bytes in memory) are read by the same code."""
 
     size: int
 
+    @abc.abstractmethod
     def pread(self, n: int, at: int) -> bytes:
-        raise NotImplementedError
+        """``n`` bytes at offset ``at`` (fewer at the end)."""
 
     def close(self) -> None:
         pass

@@ -22,6 +22,7 @@ limit), so a second epoch reads local files.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -84,7 +85,7 @@ def parent(url: str) -> str:
     return str(url).rstrip("/").rsplit("/", 1)[0]
 
 
-class Transport:
+class Transport(abc.ABC):
     """Reading is ``stream`` (bytes from ``start`` on) and ``size``; where ``resumable`` a broken download
     continues where it stopped. Writing (materialization to object storage) is only for ``writable`` ones."""
 
@@ -95,8 +96,9 @@ class Transport:
     def resumable(self, url: str) -> bool:
         return self.ranged
 
+    @abc.abstractmethod
     def stream(self, url: str, start: int, timeout: float) -> Iterator[bytes]:
-        raise NotImplementedError
+        """The bytes at ``url`` from offset ``start`` on, in chunks."""
 
     def size(self, url: str, timeout: float) -> int | None:
         """Bytes at ``url``, None when the transport cannot tell without reading; MissingError if absent."""
@@ -104,7 +106,8 @@ class Transport:
 
     def names(self, folder: str) -> list[str]:
         """Names of the objects directly in ``folder`` (only where ``can_list``)."""
-        raise NotImplementedError
+        raise TransportError(f"{folder}: this transport cannot list a folder; name the shards explicitly "
+                             "(a brace pattern such as train-{000000..000009}.tar)")
 
     def put_file(self, local: Path, url: str) -> None:
         raise TransportError(f"{url}: this transport is read-only; write to a local folder or to s3:// "
