@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from rankshard.evaluate.results import safe_name
 from rankshard.evaluate.stats import ALPHA, cohens_d, compare_paired, mean_ci

@@ -32,8 +32,7 @@ from torch import nn
 
 from rankshard.preprocess.errors import RankshardError
 from rankshard.train.cifar_models import PreActResNet18
-from rankshard.train.models import (ARCHS, INPUT_SIZE, NORMALIZATION_PRESETS, ArchSpec, NormalizedNet, build_model,
-                                    default_normalization)
+from rankshard.train.models import ARCHS, INPUT_SIZE, NORMALIZATION_PRESETS, ArchSpec, NormalizedNet, build_model
 
 FORMAT = "rankshard-checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "variant", "num_classes", "normalization", "state_dict")

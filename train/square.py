@@ -84,7 +84,7 @@ def _proposal(x: torch.Tensor, best: torch.Tensor, s: int, eps: float, generator
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: SquareConfig,
            generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Square Attack on the clean-correct samples of ``x``: ``(adv, robust)`` as ``apgd.apgd`` returns them."""
-    x, (n, c, h, w) = x.detach(), x.shape
+    x, (_, c, h, w) = x.detach(), x.shape
     adv, robust = x.clone(), margin(model, x, y) > 0
     idx = robust.nonzero().flatten()
     if idx.numel() == 0 or cfg.eps == 0:

@@ -18,11 +18,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
-from rankshard.evaluate.study.config import StudyConfig, StudyConfigError, plain
+from rankshard.evaluate.study.config import StudyConfig
 from rankshard.evaluate.study.jobs import execute
 
 FORMAT = "rankshard-study/1"
