@@ -14,3 +14,41 @@ def write_result(result: dict, name: str, out: str | Path | None = None) -> Path
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``platform.processor()`` is often just the architecture on Linux)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def interleaved(contenders: dict, rounds: int, report=print) -> dict:
+    """Run every ``name -> fn()`` once per round, in turn (a burst of load hits them all alike).
+
+    ``fn`` returns extra fields to keep (or None). Returns per name: every round's seconds, median, best,
+    and the last round's extras.
+    """
+    import os
+    import statistics
+    import time
+
+    runs: dict = {name: {"rounds": []} for name in contenders}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            extra = fn()
+            seconds = time.perf_counter() - start
+            runs[name]["rounds"].append(round(seconds, 3))
+            runs[name].update(extra or {})
+            report(f"round {r} {name:24s} {seconds:8.2f} s  load {os.getloadavg()[0]:.1f}")
+    for rec in runs.values():
+        rec["median_seconds"] = round(statistics.median(rec["rounds"]), 3)
+        rec["best_seconds"] = min(rec["rounds"])
+    return runs

@@ -1,16 +1,17 @@
-"""End-to-end ImageNet-style materialization at 224x224: images/s with the SVD vs the same pipeline without.
+"""End-to-end ImageNet-style materialization at 224x224: images/s with the SVD vs the same pipeline without,
+and scaling from 1 worker to W.
 
 Writes an ILSVRC-like train tree of synthetic natural JPEGs (sizes around ImageNet's ~400x350), then runs
-the real ``imagenet`` pipeline twice in this process: ranks {30,40,50,100} + full + spectra, and the
-identical job with ``--backend none`` (every stage but the SVD). The ratio is what matters: this machine
-is shared and noisy; absolute figures only mean something on a dedicated box.
+the real ``imagenet`` pipeline in this process, ranks {30,40,50,100} + full + spectra: with W workers, the
+identical job with ``--backend none`` (every stage but the SVD: the floor), and with 1 worker. Rounds are
+interleaved; median and best kept. Goals (issue #13): with SVD >= 0.85 of the floor; scaling efficiency
+img/s(W) / (W x img/s(1)) >= 0.85.
 
-    python benchmarks/bench_imagenet_pipeline.py [--quick] [--images N] [--workers W]
+    python benchmarks/bench_imagenet_pipeline.py [--quick] [--images N] [--workers W] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
 from rankshard.preprocess.imagejob import Placement, imagenet_source, run_image_job  # noqa: E402
+from rankshard.preprocess.options import default_workers  # noqa: E402
 from rankshard.preprocess.sources.images import Geometry  # noqa: E402
 from rankshard.preprocess.pipeline import peak_rss_mb  # noqa: E402
 from rankshard.preprocess.spec import ShardSpec  # noqa: E402
@@ -48,15 +51,13 @@ def write_tree(root: Path, images: int) -> None:
 
 
 def run(root: Path, out: Path, backend: str, workers: int, device: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
     source = imagenet_source(root, "train", Geometry(224, 224), out / "imagenet/train/.listing")
     spec = ShardSpec(dataset="imagenet", split="train", ranks=RANKS, backend=backend, device=device,
                      workers=workers, shard_size=100, batch_size=50)
-    start = time.perf_counter()
     result = run_image_job(source, spec, out, placement=Placement(), show_progress=False)
-    seconds = time.perf_counter() - start
     stats = result["stats"]
-    return {"backend": result["manifests"]["full"]["svd"]["backend"], "seconds": round(seconds, 3),
-            "images": stats["images"], "images_per_s": round(stats["images"] / seconds, 2),
+    return {"backend": result["manifests"]["full"]["svd"]["backend"], "images": stats["images"],
             "time_split": {k: stats[k] for k in ("read", "decode", "svd", "encode_write", "write_wait")},
             "bytes": sum(s["bytes"] for m in result["manifests"].values() for s in m["shards"])}
 
@@ -65,34 +66,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200 images instead of 1000")
     parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--workers", type=int, default=default_workers(device))
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     images = args.images or (200 if args.quick else 1000)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tmp = Path(tempfile.mkdtemp(prefix="bench-imagenet-"))
+    load_start = os.getloadavg()
     try:
         write_tree(tmp / "src", images)
-        results = {}
-        for name, backend in (("svd", "auto"), ("no_svd", "none"), ("svd_again", "auto")):
-            results[name] = run(tmp / "src", tmp / f"out-{name}", backend, args.workers, device)
-            print(f"{name:10s} {results[name]['images_per_s']:8.1f} img/s  {results[name]['time_split']}", flush=True)
+        contenders = {"svd": ("auto", args.workers), "no_svd": ("none", args.workers), "svd_1_worker": ("auto", 1)}
+        runs = interleaved({name: (lambda b=b, w=w, n=name: run(tmp / "src", tmp / f"out-{n}", b, w, device))
+                            for name, (b, w) in contenders.items()}, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    best_svd = max(results["svd"]["images_per_s"], results["svd_again"]["images_per_s"])
-    ratio = best_svd / results["no_svd"]["images_per_s"]
+    for rec in runs.values():
+        rec["images_per_s"] = round(images / rec["median_seconds"], 2)
+    med = {name: rec["median_seconds"] for name, rec in runs.items()}
+    ratios = {"svd_vs_no_svd": round(med["no_svd"] / med["svd"], 3),
+              "svd_vs_no_svd_best": round(min(runs["no_svd"]["rounds"]) / min(runs["svd"]["rounds"]), 3),
+              f"scaling_efficiency_1_to_{args.workers}": round(med["svd_1_worker"] / (args.workers * med["svd"]), 3)}
     provenance = {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-                  "cpu_count": os.cpu_count(), "workers": args.workers, "torch": torch.__version__,
-                  "numpy": np.__version__, "python": platform.python_version(), "images": images,
-                  "geometry": "shorter side 224, center crop 224", "ranks": list(RANKS),
-                  "variants": "full + rank-030/040/050/100 + spectra, png level 1",
-                  "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "peak_rss_mb": peak_rss_mb(), "note": "shared, noisy machine: compare the ratio, not absolutes"}
-    print(f"end-to-end with SVD / without SVD = {ratio:.3f}  ({device}, {args.workers} workers, {images} images)")
-    out = Path(__file__).resolve().parent / "results" / f"imagenet_pipeline-{device}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "imagenet_pipeline", "provenance": provenance, "results": results,
-                               "ratio_svd_vs_no_svd": round(ratio, 3)}, indent=2) + "\n")
-    print(f"wrote {out}")
+                  "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "workers": args.workers,
+                  "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                  "images": images, "rounds": args.rounds, "geometry": "shorter side 224, center crop 224",
+                  "ranks": list(RANKS), "variants": "full + rank-030/040/050/100 + spectra, png level 1",
+                  "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_rss_mb": peak_rss_mb()}
+    for name, rec in runs.items():
+        print(f"{name:14s} median {rec['median_seconds']:7.2f} s  best {rec['best_seconds']:7.2f} s  "
+              f"{rec['images_per_s']:8.1f} img/s  {rec['time_split']}")
+    for k, v in ratios.items():
+        print(f"{k:32s} {v:6.3f}")
+    write_result({"benchmark": "imagenet_pipeline", "provenance": provenance, "runs": runs, "ratios": ratios},
+                 f"imagenet_pipeline-{device}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # Every GPU check the issues ask for, for a session lent a GPU machine (e.g. the H200), in a few calls.
 #
 #   bash benchmarks/gpu_suite.sh tests engine eval     # one call (well under 10 minutes)
-#   bash benchmarks/gpu_suite.sh train pipeline loader # another
+#   bash benchmarks/gpu_suite.sh weights train pipeline loader # another
 #
 # JSON results land in benchmarks/results/ (named after the device), logs and nvidia-smi's description of the
 # hardware in benchmarks/results/gpu-logs/; when $OUT is set (the device tool), all of it is also packed into
@@ -37,10 +37,11 @@ for stage in "$@"; do
               run bench-rig python3 benchmarks/bench_rig.py --device cuda --arch resnet50 --variant imagenet \
                   --size 224 --width 64 --images 4 --batch-size 224
               run torchvision python3 benchmarks/crosscheck_torchvision.py --device cuda ;;
+    weights)  run bench-operator python3 benchmarks/bench_operator.py --device cuda ;;
     train)    run bench-train python3 benchmarks/bench_train_step.py --device cuda ;;
     pipeline) run bench-imagenet python3 benchmarks/bench_imagenet_pipeline.py --workers "$(( $(nproc) - 1 ))" ;;
     loader)   run bench-loader python3 benchmarks/bench_loader.py --workers "$(nproc)" --out "$results/loader-gpu-host.json" ;;
-    *)        echo "unknown stage $stage (tests engine eval train pipeline loader)"; exit 2 ;;
+    *)        echo "unknown stage $stage (tests engine eval weights train pipeline loader)"; exit 2 ;;
   esac
 done
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-suite.tgz" "$results"

@@ -27,8 +27,9 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
     out, shuffle, quiet, workers = opts.pop("out"), opts.pop("shuffle"), opts.pop("quiet"), opts.pop("workers")
     device, overwrite = opts.pop("device"), opts.pop("overwrite")
     source = make_source(geometry, cache_dir(out, dataset, split))
+    device = str(placement.device(device))
     spec = ShardSpec(dataset=dataset, split=split, shuffle=(split == "train") if shuffle is None else shuffle,
-                     device=str(placement.device(device)), workers=default_workers() if workers is None else workers,
+                     device=device, workers=default_workers(device) if workers is None else workers,
                      **sized(opts, **IMAGE_SIZES))
     print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from rankshard.preprocess.errors import friendly_errors
-from rankshard.preprocess.options import default_workers, quiet_option
+from rankshard.preprocess.options import quiet_option
 
 
 @click.command("verify")
@@ -44,11 +44,11 @@ def preview_command(root, count, out, quiet):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rankshard-demo"),
               show_default=True)
 @click.option("--per-class", type=int, default=100, show_default=True, help="Training images per class.")
-@click.option("--workers", type=int, default=None)
+@click.option("--workers", type=int, default=None, help="Worker processes (default: as cifar10's --workers).")
 @quiet_option
 @friendly_errors
 def demo_command(out, per_class, workers, quiet):
     """Offline end-to-end run: build a small CIFAR-10-format archive, materialize, verify, preview."""
     from rankshard.preprocess.demo import run_demo
 
-    run_demo(out, per_class=per_class, workers=default_workers() if workers is None else workers, quiet=quiet)
+    run_demo(out, per_class=per_class, workers=workers, quiet=quiet)

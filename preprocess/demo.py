@@ -33,7 +33,7 @@ def build_demo_archive(folder: Path, per_class: int = 100, test_per_class: int =
     return write_cifar10_archive(folder / ARCHIVE, train, test)
 
 
-def run_demo(out: Path, per_class: int = 100, workers: int = 1, quiet: bool = False) -> None:
+def run_demo(out: Path, per_class: int = 100, workers: int | None = None, quiet: bool = False) -> None:
     """Build the archive, run the real ``cifar10`` command on it, verify, preview, say where things are."""
     out = Path(out)
     archive = build_demo_archive(out / "source", per_class)
@@ -41,7 +41,8 @@ def run_demo(out: Path, per_class: int = 100, workers: int = 1, quiet: bool = Fa
                "CIFAR-10, so --no-verify-md5)")
     shards = out / "shards"
     args = ["cifar10", "--source", str(archive), "--out", str(shards), "--no-verify-md5", "--ranks", "5,10,20",
-            "--high", "2,5", "--factors", "8", "--shard-size", "250", "--workers", str(workers)] + ["--quiet"] * quiet
+            "--high", "2,5", "--factors", "8", "--shard-size", "250"] + ["--workers", str(workers)] * (workers is not None)
+    args += ["--quiet"] * quiet
     click.echo(f"\n$ rankshard-preprocess {' '.join(args)}")
     cifar10_command.main(args[1:], "rankshard-preprocess cifar10", standalone_mode=False)
     click.echo(f"\n$ rankshard-preprocess verify {shards}")

@@ -32,9 +32,14 @@ def _out_location(ctx, param, value: str) -> Path | str:
     return value if is_url(value) else Path(value)
 
 
-def default_workers() -> int:
-    # one core stays with the main process, which runs the SVD
-    return max(1, (os.cpu_count() or 2) - 1)
+def default_workers(device: str = "cpu") -> int:
+    """Worker processes when --workers is not given.
+
+    On CPU every core runs a worker that makes whole shards (decode, SVD, encode, write), and the main
+    process only hands them out. With a GPU, the main process runs the numeric chain on it and keeps a core.
+    """
+    cores = os.cpu_count() or 2
+    return cores if str(device) == "cpu" else max(1, cores - 1)
 
 
 def sized(options: dict, **defaults) -> dict:
@@ -84,7 +89,7 @@ def shard_options(fn):
                           "cuda:1."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="Encode/write processes (default: cores - 1; 0: none)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: one per core on CPU, cores - 1 with a GPU; 0: none, all in this process)."),
         click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
         quiet_option,
     ])

@@ -1,11 +1,15 @@
 """Materialization: source images -> one SVD pass per batch -> every variant's shards + manifests.
 
-Stages, each sized so memory stays flat:
+Stages, each sized so memory stays flat (``preprocess.shardtask`` has the steps of one shard):
 
-1. read + decode: in worker processes for file sources (``DecodeJob`` per chunk of ``batch_size`` images,
-   a bounded number in flight), in this process for in-memory arrays;
-2. SVD: this process, one ``RankEngine.materialize`` per chunk (on the GPU when there is one);
-3. encode + write: worker processes, one job per shard, a bounded number in flight.
+1. read + decode, per chunk of ``batch_size`` images;
+2. numeric: one ``RankEngine.materialize`` per chunk, then quantization, energy and leak
+   (``preprocess.payloads``);
+3. encode + write, one job per shard.
+
+On CPU, each worker process runs all three for a whole shard, a bounded number in flight: every core does
+every stage. With the numeric chain on a GPU, this process owns the device and runs stage 2 while workers
+decode (file sources) and encode + write.
 
 Every shard is a pure function of (source, config, shard index): a chunk never crosses a shard boundary,
 so shard ``i`` is computed identically whichever process (or ``torchrun`` rank) writes it and whatever
@@ -32,17 +36,16 @@ import numpy as np
 import torch
 
 from rankshard.preprocess.devices import Placement, torch_threads
-from rankshard.preprocess.rank.engine import RankEngine, RankOutputs, energy_retained
-from rankshard.preprocess.rank.lowpass import energy_kept, highpass, lowpass
-from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, SourceError, check_on_error
+from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, check_on_error
+from rankshard.preprocess.payloads import make_engine
+from rankshard.preprocess.shardtask import ShardContext, ShardDone, ShardTask, decompose, make_shard, shard_job
 from rankshard.preprocess.sources.listing import Loaded, run_job
 from rankshard.preprocess.locking import RunLock
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json, write_json
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
-from rankshard.preprocess.format.variants import Variant
-from rankshard.preprocess.writer import ShardJob, write_shard_job
+from rankshard.preprocess.writer import write_shard_job
 from rankshard.preprocess.workers import WorkerPool
 
 
@@ -100,9 +103,9 @@ class RunStats:
 
     read: float = 0.0           # this process waiting for decoded chunks (or loading them itself)
     decode: float = 0.0         # read + decode inside workers
-    svd: float = 0.0            # SVD + reconstruction + quantization, this process
+    svd: float = 0.0            # SVD + reconstruction + quantization (summed over workers on CPU)
     encode_write: float = 0.0   # PNG/npy encoding + tar writing inside workers
-    write_wait: float = 0.0     # this process blocked because the writers were behind
+    write_wait: float = 0.0     # this process blocked because the workers were behind
     shards_written: int = 0
     shards_skipped: int = 0
     images: int = 0
@@ -132,10 +135,6 @@ def sample_order(n: int, spec: ShardSpec) -> np.ndarray:
     return np.random.default_rng(spec.seed).permutation(n)
 
 
-def _to_hwc(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
 @contextlib.contextmanager
 def _cpu_share(workers: int):
     """Give the main process's torch only the cores the worker processes leave free.
@@ -145,139 +144,6 @@ def _cpu_share(workers: int):
     """
     with torch_threads((os.cpu_count() or 1) - workers):
         yield
-
-
-def _stored_png(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q = (xk * 255).round_().clamp_(0, 255)  # = round(255 * clip(x, 0, 1)): 0 and 255 are integers
-    flat = xk.flatten(1)
-    clipped = ((flat < 0) | (flat > 1)).sum(1) / flat.shape[1]
-    return q.to(torch.uint8), q.div_(255), clipped
-
-
-def _stored_npy(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    half = xk.half()  # float16 keeps negative and > 1 values: nothing is clipped
-    return half, half.float(), torch.zeros(len(xk), device=xk.device)
-
-
-# encoding -> (array to store, what a reader gets back on the [0, 1] scale, share of clipped pixels)
-STORAGE = {"png": _stored_png, "npy": _stored_npy, "raw": _stored_png}  # raw: PNG's pixels, uncompressed
-
-
-def _quantized(xk: torch.Tensor, encoding: str) -> dict:
-    """Stored form of a reconstruction plus what storing it lost (SPEC: clip_fraction and leak)."""
-    image, stored, clipped = STORAGE[encoding](xk)
-    leak = stored.sub_(xk).flatten(1).norm(dim=1) / xk.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return {"image": _to_hwc(image), "clip_fraction": clipped.cpu().numpy(), "leak": leak.cpu().numpy()}
-
-
-@dataclass
-class _Batch:
-    """One decomposed batch: the stored originals, their float version and the engine's outputs."""
-
-    images: np.ndarray
-    x: torch.Tensor
-    out: object
-
-    def energy(self, k: int) -> np.ndarray:
-        return energy_retained(self.out.spectra, [k])[..., 0].cpu().numpy()
-
-    def lossless(self, **arrays) -> dict:
-        n = len(self.images)
-        return {"clip_fraction": np.zeros(n), "leak": np.zeros(n), "energy": np.ones((n, self.x.shape[1])), **arrays}
-
-
-def _full(v: Variant, b: _Batch) -> dict:
-    if v.encoding in ("png", "raw"):
-        return b.lossless(image=b.images)
-    return {**_quantized(b.x, "npy"), "energy": b.lossless()["energy"]}
-
-
-def _low(v: Variant, b: _Batch) -> dict:
-    return {**_quantized(b.out.low[v.rank], v.encoding), "energy": b.energy(v.rank)}
-
-
-def _high(v: Variant, b: _Batch) -> dict:
-    # energy of x - x_k is the share of the squared singular values beyond k
-    return {**_quantized(b.out.high[v.rank], "npy"), "energy": 1.0 - b.energy(v.rank)}
-
-
-def _factors(v: Variant, b: _Batch) -> dict:
-    u, s, vv = (t.half().cpu().numpy() for t in b.out.factors)
-    return {**b.lossless(u=u, s=s, v=vv), "energy": b.energy(v.rank)}
-
-
-def _spectra(v: Variant, b: _Batch) -> dict:
-    return b.lossless(s=b.out.spectra.float().cpu().numpy())
-
-
-def _lowpass(v: Variant, b: _Batch) -> dict:
-    # frequency truncation needs no SVD: a fixed real filter per axis (preprocess.rank.lowpass)
-    xk = lowpass(b.x, v.rank)
-    return {**_quantized(xk, v.encoding), "energy": energy_kept(b.x, xk).cpu().numpy()}
-
-
-def _highpass(v: Variant, b: _Batch) -> dict:
-    xk = highpass(b.x, v.rank)
-    return {**_quantized(xk, "npy"), "energy": energy_kept(b.x, xk).cpu().numpy()}
-
-
-PAYLOAD_BUILDERS = {"full": _full, "low": _low, "high": _high, "factors": _factors, "spectra": _spectra,
-                    "lowpass": _lowpass, "highpass": _highpass}
-
-
-class NullEngine:
-    """Backend ``none``: a benchmarking baseline that runs the whole pipeline without any SVD.
-
-    Low-rank variants receive copies of the image, high-rank zeros, spectra and factors ones: the same
-    arrays flow through quantization, encoding and writing, so only the SVD's cost is missing. Its
-    output is NOT rank-k data (the manifest's ``svd.backend`` says ``none``).
-    """
-
-    def __init__(self, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-
-    def describe(self) -> dict:
-        return {"backend": "none", "device": str(self.device), "dtype": "none",
-                "note": "SVD disabled (benchmark baseline): variants are copies, not rank-k"}
-
-    def materialize(self, x, low=(), high=(), factors=None, spectra=False) -> RankOutputs:
-        n, c, h, w = x.shape
-        ones = torch.ones(n, c, min(h, w), device=x.device)
-        f = None if factors is None else (torch.ones(n, c, h, factors), torch.ones(n, c, factors),
-                                          torch.ones(n, c, w, factors))
-        return RankOutputs({k: x.clone() for k in low}, {k: torch.zeros_like(x) for k in high},
-                           ones if spectra else None, f)
-
-
-def variant_payloads(engine: RankEngine, variants: list[Variant], images: np.ndarray) -> dict[str, dict]:
-    """Run one decomposition over ``images`` (uint8 NHWC) and build every variant's arrays."""
-    x = torch.from_numpy(images).to(engine.device).permute(0, 3, 1, 2).float() / 255
-    out = engine.materialize(
-        x,
-        low=[v.rank for v in variants if v.mode == "low"],
-        high=[v.rank for v in variants if v.mode == "high"],
-        factors=next((v.rank for v in variants if v.mode == "factors"), None),
-        spectra=True,
-    )
-    batch = _Batch(images, x, out)
-    return {v.name: PAYLOAD_BUILDERS[v.mode](v, batch) for v in variants}
-
-
-def _concat_payloads(parts: list[dict[str, dict]]) -> dict[str, dict]:
-    if len(parts) == 1:
-        return parts[0]
-    return {name: {k: np.concatenate([p[name][k] for p in parts]) for k in parts[0][name]} for name in parts[0]}
-
-
-@dataclass
-class _Chunk:
-    """What the SVD stage made of one decoded chunk: kept positions, their payloads, the skipped files."""
-
-    positions: np.ndarray
-    labels: np.ndarray
-    ids: list[str]
-    payloads: dict[str, dict] | None
-    errors: list[dict]
 
 
 @dataclass
@@ -314,14 +180,13 @@ class Materializer:
 
     # -- setup ------------------------------------------------------------------------------------
     def _make_engine(self, backend: str):
-        if backend == "none":
-            return NullEngine(self.spec.device)
-        engine = RankEngine(backend, self.spec.device)
-        h, w = self.image_size
-        engine.decompose(torch.zeros(1, 3, h, w, device=engine.device) + 0.5)  # resolves "auto" for this size
+        engine = make_engine(backend, self.spec.device)
+        if backend != "none":
+            h, w = self.image_size
+            engine.decompose(torch.zeros(1, 3, h, w, device=engine.device) + 0.5)  # resolves "auto" for this size
         return engine
 
-    def _engine_and_config(self) -> tuple[RankEngine, dict, str]:
+    def _engine_and_config(self):
         """Resolve the SVD backend, then check the folder holds nothing made with another config."""
         recorded = read_json(self.layout.config_path) if self.layout.config_path.exists() else None
         backend = self.spec.backend
@@ -375,7 +240,8 @@ class Materializer:
         """
         start = time.perf_counter()
         _make_dir(self.layout.split_dir)
-        with RunLock(self.layout.split_dir, self.rank, self.world) as lock, _cpu_share(self.spec.workers):
+        with RunLock(self.layout.split_dir, self.rank, self.world) as lock, _cpu_share(self.spec.workers), \
+                self._pool() as pool:  # opened first: the workers start up while this process sets up
             with lock.gate():  # one rank at a time resolves the backend and writes the config
                 engine, cfg, digest = self._engine_and_config()
                 self._prepare_dirs(engine, cfg, digest)
@@ -383,7 +249,7 @@ class Materializer:
             self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
             desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
             bar = Progress(sum(self._shard_len(i) for i in todo), desc, enabled=self.show_progress)
-            self._write_all(engine, todo, digest, bar)
+            self._write_all(pool, engine, todo, digest, bar)
             bar.close()
             self.stats.wall = time.perf_counter() - start
             with lock.gate():
@@ -442,54 +308,65 @@ class Materializer:
     def _load_job(self, positions: np.ndarray):
         return self.source.load_job(self.order[positions], positions)
 
-    def _decompose(self, engine, positions: np.ndarray, loaded: Loaded) -> _Chunk:
-        if loaded.errors and self.on_error == "raise":
-            e = loaded.errors[0]
-            raise SourceError(f"{e['source']}: {e['reason']} (--on-error raise, or --strict, stops at the first bad "
-                              "input; with --on-error skip, the default, bad inputs are skipped and listed in the "
-                              "manifest's errors)")
-        t0 = time.perf_counter()
-        payloads = variant_payloads(engine, self.variants, loaded.images) if len(loaded.images) else None
-        self.stats.svd += time.perf_counter() - t0
-        return _Chunk(positions[loaded.keep], loaded.labels, loaded.ids, payloads, loaded.errors)
-
-    def _shard_job(self, index: int, chunks: list[_Chunk], digest: str) -> ShardJob:
-        positions = np.concatenate([c.positions for c in chunks])
-        labels = np.concatenate([c.labels for c in chunks]).astype(np.int64)
-        parts = [c.payloads for c in chunks if c.payloads is not None]
-        payloads = _concat_payloads(parts) if parts else _empty_payloads(self.variants, self.image_size)
+    def _context(self, digest: str) -> ShardContext:
         names = getattr(self.source, "class_names", None) or self.source.classes
-        meta = {"key": [f"{p:08d}" for p in positions], "index": positions.tolist(), "label": labels.tolist(),
-                "source": [i for c in chunks for i in c.ids], "class_name": [names[y] for y in labels],
-                "height": self.image_size[0], "width": self.image_size[1],
-                "errors": [e for c in chunks for e in c.errors]}
-        return ShardJob(index, self.layout.shard_name(index), self.variants,
-                        {v.name: str(self.layout.variant_dir(v)) for v in self.variants},
-                        payloads, meta, self.spec.png_level, digest, len(self.source.classes))
+        return ShardContext(tuple(self.variants), {v.name: str(self.layout.variant_dir(v)) for v in self.variants},
+                            tuple(names), tuple(self.image_size), self.spec.png_level, digest, self.on_error)
 
     @contextlib.contextmanager
     def _pool(self):
         if self.spec.workers == 0:
             yield None
             return
-        with WorkerPool(self.spec.workers) as pool:
+        # on CPU a worker runs the whole numeric chain (torch: seconds to import), else it decodes and writes
+        work = "shardtask" if torch.device(self.spec.device).type == "cpu" else "writer"
+        with WorkerPool(self.spec.workers, preload=(f"rankshard.preprocess.{work}",)) as pool:
             yield pool
 
-    def _write_all(self, engine, todo: list[int], digest: str, bar: Progress) -> None:
-        with self._pool() as pool:
-            writes: collections.deque = collections.deque()
-            decoded = self._decoded(self._plan(todo), pool)
-            for index, chunks in itertools.groupby(decoded, key=lambda c: c[0]):
-                job = self._shard_job(index, [self._decompose(engine, p, ld) for _, p, ld in chunks], digest)
-                if pool is None:
-                    self._collect(write_shard_job(job), bar)
-                    continue
-                what = f"encoding and writing shard {job.shard_name} ({', '.join(v.name for v in self.variants)})"
-                writes.append(pool.submit(write_shard_job, job, what))
-                while len(writes) > self.spec.workers:  # bounded: memory stays flat
-                    self._collect(self._wait(writes.popleft()), bar)
-            while writes:
+    def _write_all(self, pool, engine, todo: list[int], digest: str, bar: Progress) -> None:
+        ctx = self._context(digest)
+        if pool is not None and engine.device.type == "cpu":
+            self._shards_in_workers(pool, engine, todo, ctx, bar)
+        else:
+            self._shards_here(pool, engine, todo, ctx, bar)
+
+    def _shards_in_workers(self, pool, engine, todo: list[int], ctx: ShardContext, bar: Progress) -> None:
+        """CPU: each worker makes whole shards; this process only hands them out (2 per worker in flight)."""
+        backend = engine.describe()["backend"]
+        pending: collections.deque = collections.deque()
+        for index in todo:
+            task = ShardTask(index, self.layout.shard_name(index),
+                             [(p, self._load_job(p)) for _, p in self._plan([index])], backend, ctx)
+            pending.append(pool.submit(make_shard, task, f"making shard {task.shard_name} (decode, SVD, "
+                                                          f"encode, write: {', '.join(v.name for v in self.variants)})"))
+            while len(pending) >= 2 * self.spec.workers:
+                self._done_in_worker(self._wait(pending.popleft()), bar)
+        while pending:
+            self._done_in_worker(self._wait(pending.popleft()), bar)
+
+    def _done_in_worker(self, done: ShardDone, bar: Progress) -> None:
+        self.stats.decode += done.decode
+        self.stats.svd += done.numeric
+        self._collect((done.index, done.encode_write, done.records), bar)
+
+    def _shards_here(self, pool, engine, todo: list[int], ctx: ShardContext, bar: Progress) -> None:
+        """GPU (or no workers): chunks are decomposed here; workers, if any, decode and encode + write."""
+        writes: collections.deque = collections.deque()
+        decoded = self._decoded(self._plan(todo), pool)
+        for index, chunks in itertools.groupby(decoded, key=lambda c: c[0]):
+            t0 = time.perf_counter()
+            parts = [decompose(engine, ctx, p, ld) for _, p, ld in chunks]
+            self.stats.svd += time.perf_counter() - t0
+            job = shard_job(ctx, index, self.layout.shard_name(index), parts)
+            if pool is None:
+                self._collect(write_shard_job(job), bar)
+                continue
+            what = f"encoding and writing shard {job.shard_name} ({', '.join(v.name for v in self.variants)})"
+            writes.append(pool.submit(write_shard_job, job, what))
+            while len(writes) > self.spec.workers:  # bounded: memory stays flat
                 self._collect(self._wait(writes.popleft()), bar)
+        while writes:
+            self._collect(self._wait(writes.popleft()), bar)
 
     def _wait(self, result):
         t0 = time.perf_counter()
@@ -505,17 +382,6 @@ class Materializer:
         self.stats.images += n
         self.stats.skipped_files += len(records[0].get("errors", []))
         bar.update(n + len(records[0].get("errors", [])))
-
-
-def _empty_payloads(variants: list[Variant], size: tuple[int, int]) -> dict[str, dict]:
-    """Payloads of a shard whose every input was skipped: zero-length arrays of the right shapes."""
-    h, w = size
-    base = {"energy": np.zeros((0, 3)), "clip_fraction": np.zeros(0), "leak": np.zeros(0)}
-    arrays = {"png": {"image": np.zeros((0, h, w, 3), np.uint8)}, "raw": {"image": np.zeros((0, h, w, 3), np.uint8)},
-              "npy": {"image": np.zeros((0, h, w, 3), np.float16)},
-              "factors": {"u": np.zeros((0, 3, h, 1)), "s": np.zeros((0, 3, 1)), "v": np.zeros((0, 3, w, 1))},
-              "spectra": {"s": np.zeros((0, 3, min(h, w)))}}
-    return {v.name: {**base, **arrays[v.encoding]} for v in variants}
 
 
 def _make_dir(folder: Path) -> None:

@@ -32,7 +32,7 @@ class ShardSpec:
     backend: str = "auto"         # resolved to a concrete SVD backend before any shard is written
     device: str = "cpu"
     batch_size: int = 1000        # images per SVD call
-    workers: int = 2              # encode/write processes; 0 runs everything in this process
+    workers: int = 2              # worker processes (preprocess.pipeline says what each does); 0: all in this process
     lowpass: tuple[int, ...] = ()   # k x k lowest 2-D DFT frequencies kept per channel (lowpass-k)
     highpass: tuple[int, ...] = ()  # ... and removed (highpass-k = x - lowpass-k)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import importlib
 import multiprocessing as mp
 import signal
 import sys
@@ -56,10 +57,12 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _serve(conn) -> None:
+def _serve(conn, preload: tuple[str, ...] = ()) -> None:
     """Worker loop: receive (fn, arg), send back ("ok", result) or ("error", exception, traceback text)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _die_with_parent()
+    for module in preload:  # while the main process still sets up, not when the first task arrives
+        importlib.import_module(module)
     while True:
         try:
             fn, arg = conn.recv()
@@ -91,12 +94,13 @@ class Task:
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, preload: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True, name="rankshard-worker")
+        self.process = ctx.Process(target=_serve, args=(child, preload), daemon=True, name="rankshard-worker")
         self.process.start()
         child.close()
         self.task: Task | None = None
+        self.used = False
 
 
 class _RemoteTraceback(Exception):
@@ -111,10 +115,12 @@ class WorkerPool:
     dead worker, an error, Ctrl-C, SIGTERM) terminates them first, so nothing outlives the job.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, preload: tuple[str, ...] = ()):
+        """``preload``: modules each worker imports as soon as it starts (torch takes seconds: a pool opened
+        early overlaps that with the main process's own setup)."""
         # spawn, not fork: forking a process that has run torch/OpenMP threads can deadlock the child
         ctx = mp.get_context("spawn")
-        self.workers = [_Worker(ctx) for _ in range(n)]
+        self.workers = [_Worker(ctx, preload) for _ in range(n)]
         self.queue: collections.deque[Task] = collections.deque()
         self._old_sigterm = None
 
@@ -130,7 +136,7 @@ class WorkerPool:
             if not self.queue:
                 return
             if w.task is None:
-                w.task = self.queue.popleft()
+                w.task, w.used = self.queue.popleft(), True
                 try:
                     w.conn.send((w.task.fn, w.task.arg))
                 except (BrokenPipeError, ConnectionResetError, EOFError):
@@ -188,7 +194,8 @@ class WorkerPool:
         for w in self.workers:
             with contextlib.suppress(OSError):
                 w.conn.close()
-            if not wait_for_idle and w.process.is_alive():
+            # a worker that never had a task may still be importing its preload: nothing to wait for
+            if (not wait_for_idle or not w.used) and w.process.is_alive():
                 w.process.terminate()
         for w in self.workers:
             w.process.join(timeout=5)

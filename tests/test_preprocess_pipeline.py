@@ -116,6 +116,19 @@ def test_rerun_is_byte_identical_and_verify_passes(built, tmp_path):
     assert report.ok, [c.problems for c in report.checks]
 
 
+def test_on_cpu_the_workers_make_whole_shards(built, tmp_path, monkeypatch):
+    """With workers on CPU, SVD and encoding both run in the workers, so every core does numeric work: this
+    process never decomposes a chunk, and the bytes equal those of the run that did everything in-process."""
+    import rankshard.preprocess.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the main process decomposed a chunk")
+    monkeypatch.setattr(pipeline, "decompose", refuse)
+    result = materialize_split(_source(), _spec(workers=2), tmp_path, show_progress=False)
+    assert _tar_bytes(tmp_path) == _tar_bytes(built[0])
+    assert result["stats"]["svd"] > 0 and result["stats"]["shards_written"] == 4  # timed in the workers
+
+
 def test_verify_detects_corruption(built, tmp_path):
     import shutil
 
