@@ -4,11 +4,13 @@ itself with the SVD disabled (the I/O floor), all measured in the same run.
 Straightforward pipeline (the baseline a user would write first): one process; per image, per channel
 ``np.linalg.svd``; each rank reconstructed and rounded; PIL PNG at the same zlib level as ours (PIL's
 default 6 would charge the baseline for a different trade-off); one ``webdataset.ShardWriter`` per
-variant. rankshard: ``materialize_split`` with its defaults (on CPU each worker runs whole chunks:
-decode, batched SVD, quantization, vectorized PNG, tar blocks). Scaling efficiency: the same job with 1
-worker and with ``--workers``, img/s(W) / (W x img/s(1)). Rounds are interleaved; median and best kept.
+variant. rankshard: ``materialize_split`` with its defaults (on CPU each worker makes whole shards:
+batched SVD, quantization, vectorized PNG, tar). Scaling efficiency: the same job with 1 worker and with
+``--workers``, img/s(W) / (W x img/s(1)). Rounds are interleaved; median and best kept. Goals (issue #13):
+>= 2.5x the straightforward pipeline and >= 0.9 of rankshard's own SVD-free floor, at 4k and 60k images;
+scaling >= 0.85.
 
-    python benchmarks/bench_preprocess.py [--images 10000] [--workers N] [--rounds 3]
+    python benchmarks/bench_preprocess.py [--images 10000] [--workers N] [--rounds 3] [--only NAME,...]
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
 from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
 from rankshard.preprocess.spec import ShardSpec  # noqa: E402
 from rankshard.preprocess.sources.synth import CIFAR10_CLASSES, labelled_images  # noqa: E402
@@ -92,35 +95,18 @@ def rankshard(images, labels, out: Path, workers: int, svd: bool = True) -> dict
     return materialize_split(source, spec, out, show_progress=False)["stats"]
 
 
-def timed(fn, *args, **kwargs) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return time.perf_counter() - start, result
-
-
-def _contenders(workers: int) -> tuple:
-    return (("straightforward", straightforward, {}),
-            ("straightforward_no_svd", straightforward, {"svd": False}),
-            ("rankshard", rankshard, {"workers": workers}),
-            ("rankshard_no_svd", rankshard, {"workers": workers, "svd": False}),
-            ("rankshard_1_worker", rankshard, {"workers": 1}))
-
-
-def _rounds(images, labels, tmp: Path, workers: int, rounds: int) -> dict:
-    times: dict[str, list[float]] = {}
-    stages: dict[str, dict] = {}
-    for r in range(rounds):  # interleaved, so a burst of load hits every contender alike
-        for name, fn, kw in _contenders(workers):
+def _contenders(images, labels, tmp: Path, workers: int) -> dict:
+    def run(name, fn, **kw):
+        def go():
             shutil.rmtree(tmp / name, ignore_errors=True)
-            seconds, stats = timed(fn, images, labels, tmp / name, **kw)
-            print(f"round {r} {name:24s} {seconds:8.2f} s  {len(images) / seconds:8.0f} img/s  "
-                  f"load {os.getloadavg()[0]:.1f}", flush=True)
-            times.setdefault(name, []).append(seconds)
-            if isinstance(stats, dict):
-                stages[name] = {k: stats[k] for k in ("read", "svd", "encode_write", "peak_rss_mb")}
-    return {name: {"median_seconds": round(float(np.median(t)), 2), "best_seconds": round(min(t), 2),
-                   "rounds": [round(x, 2) for x in t], "images_per_s": round(len(images) / float(np.median(t)), 1),
-                   **({"stage_seconds": stages[name]} if name in stages else {})} for name, t in times.items()}
+            stats = fn(images, labels, tmp / name, **kw)
+            return {"stage_seconds": {k: stats[k] for k in ("read", "svd", "encode_write", "peak_rss_mb")}} if stats else None
+        return go
+    return {"straightforward": run("straightforward", straightforward),
+            "straightforward_no_svd": run("straightforward_no_svd", straightforward, svd=False),
+            "rankshard": run("rankshard", rankshard, workers=workers),
+            "rankshard_no_svd": run("rankshard_no_svd", rankshard, workers=workers, svd=False),
+            "rankshard_1_worker": run("rankshard_1_worker", rankshard, workers=1)}
 
 
 def main() -> None:
@@ -128,24 +114,31 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median and best are kept")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "preprocess-cpu.json")
+    parser.add_argument("--only", default=None, help="comma-separated contenders (default: all five)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/preprocess-cpu-<images>.json")
     args = parser.parse_args()
     images, labels = labelled_images(-(-args.images // 10))
     images, labels = images[: args.images], labels[: args.images]
     tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     load_start = os.getloadavg()
+    contenders = _contenders(images, labels, tmp, args.workers)
+    if args.only:
+        contenders = {name: contenders[name] for name in args.only.split(",")}
     try:
-        runs = _rounds(images, labels, tmp, args.workers, args.rounds)
+        runs = interleaved(contenders, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for rec in runs.values():
+        rec["images_per_s"] = round(len(images) / rec["median_seconds"], 1)
     med = {name: r["median_seconds"] for name, r in runs.items()}
-    ratios = {
-        "rankshard_vs_straightforward": med["straightforward"] / med["rankshard"],
-        "rankshard_share_of_its_io_floor": med["rankshard_no_svd"] / med["rankshard"],
-        "straightforward_share_of_its_io_floor": med["straightforward_no_svd"] / med["straightforward"],
-        f"scaling_efficiency_1_to_{args.workers}_workers": med["rankshard_1_worker"] / (args.workers * med["rankshard"]),
+    wanted = {
+        "rankshard_vs_straightforward": ("straightforward", "rankshard", 1),
+        "rankshard_share_of_its_io_floor": ("rankshard_no_svd", "rankshard", 1),
+        "straightforward_share_of_its_io_floor": ("straightforward_no_svd", "straightforward", 1),
+        f"scaling_efficiency_1_to_{args.workers}_workers": ("rankshard_1_worker", "rankshard", args.workers),
     }
-    provenance = {"device": "cpu", "cpus": os.cpu_count(), "cpu_model": _cpu_model(), "torch": torch.__version__,
+    ratios = {k: med[a] / (w * med[b]) for k, (a, b, w) in wanted.items() if a in med and b in med}
+    provenance = {"device": "cpu", "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__,
                   "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
                   "images": len(images), "image_size": [32, 32], "ranks": list(RANKS),
                   "variants": "full + rank-005/010/020 + spectra", "png_level": PNG_LEVEL, "workers": args.workers,
@@ -154,13 +147,7 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k:40s} {v:6.2f}x")
     print("provenance:", json.dumps(provenance))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": runs, "ratios": ratios, "provenance": provenance}, indent=2) + "\n")
-
-
-def _cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+    write_result({"runs": runs, "ratios": ratios, "provenance": provenance}, f"preprocess-cpu-{len(images)}", args.out)
 
 
 if __name__ == "__main__":

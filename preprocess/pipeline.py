@@ -331,18 +331,29 @@ class Materializer:
             self._shards_here(pool, engine, todo, ctx, bar)
 
     def _shards_in_workers(self, pool, engine, todo: list[int], ctx: ShardContext, bar: Progress) -> None:
-        """CPU: each worker makes whole shards; this process only hands them out (2 per worker in flight)."""
+        """CPU: each worker makes whole shards. A shard goes to a worker only once it has started and is
+        idle; until the first worker has started (spawn + torch import: seconds), this process makes
+        shards itself, so a small job does not wait for its workers."""
         backend = engine.describe()["backend"]
-        pending: collections.deque = collections.deque()
-        for index in todo:
-            task = ShardTask(index, self.layout.shard_name(index),
-                             [(p, self._load_job(p)) for _, p in self._plan([index])], backend, ctx)
-            pending.append(pool.submit(make_shard, task, f"making shard {task.shard_name} (decode, SVD, "
-                                                          f"encode, write: {', '.join(v.name for v in self.variants)})"))
-            while len(pending) >= 2 * self.spec.workers:
-                self._done_in_worker(self._wait(pending.popleft()), bar)
-        while pending:
-            self._done_in_worker(self._wait(pending.popleft()), bar)
+        tasks = collections.deque(ShardTask(i, self.layout.shard_name(i),
+                                            [(p, self._load_job(p)) for _, p in self._plan([i])], backend, ctx)
+                                  for i in todo)
+        pending: list = []
+        while tasks or pending:
+            pool.poll()
+            for done in [t for t in pending if t.done]:
+                pending.remove(done)
+                self._done_in_worker(self._wait(done), bar)
+            if tasks and pool.idle_ready():
+                task = tasks.popleft()
+                pending.append(pool.submit(make_shard, task, f"making shard {task.shard_name} (decode, SVD, encode, "
+                                                              f"write: {', '.join(v.name for v in self.variants)})"))
+            elif tasks and not pool.any_ready():
+                self._done_in_worker(make_shard(tasks.popleft()), bar)
+            elif pending:
+                t0 = time.perf_counter()
+                pool.wait_any()
+                self.stats.write_wait += time.perf_counter() - t0
 
     def _done_in_worker(self, done: ShardDone, bar: Progress) -> None:
         self.stats.decode += done.decode

@@ -63,6 +63,7 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
     _die_with_parent()
     for module in preload:  # while the main process still sets up, not when the first task arrives
         importlib.import_module(module)
+    conn.send(("ready",))  # started: from now on a task is taken at once (see WorkerPool.poll)
     while True:
         try:
             fn, arg = conn.recv()
@@ -101,6 +102,7 @@ class _Worker:
         child.close()
         self.task: Task | None = None
         self.used = False
+        self.ready = False  # it said it has started (imported its preload) and reads its pipe
 
 
 class _RemoteTraceback(Exception):
@@ -132,7 +134,7 @@ class WorkerPool:
         return task
 
     def _dispatch(self) -> None:
-        for w in self.workers:
+        for w in sorted(self.workers, key=lambda w: not w.ready):  # started workers first: a send never waits
             if not self.queue:
                 return
             if w.task is None:
@@ -162,6 +164,9 @@ class WorkerPool:
             reply = w.conn.recv()
         except Exception:  # EOF, or a message cut short by the death
             self._died(w)
+        if reply[0] == "ready":
+            w.ready = True
+            return
         task, w.task = w.task, None
         task.done = True
         if reply[0] == "ok":
@@ -170,9 +175,30 @@ class WorkerPool:
             task.error = reply[1]
             task.error.__cause__ = _RemoteTraceback(reply[2])
 
+    # -- scheduling by hand: for a caller that also works while the workers start -------------------------
+    def poll(self) -> None:
+        """Take note, without waiting, of idle workers that have started (or died while starting)."""
+        for w in self.workers:
+            if w.task is None and not w.ready:
+                if w.conn.poll():
+                    self._receive(w)
+                elif not w.process.is_alive():
+                    self._died(w)
+
+    def idle_ready(self) -> bool:
+        """Some started worker has no task: a task submitted now runs at once."""
+        return any(w.ready and w.task is None for w in self.workers)
+
+    def any_ready(self) -> bool:
+        return any(w.ready for w in self.workers)
+
+    def wait_any(self) -> None:
+        """Block until some busy worker answers (or dies: WorkerDied)."""
+        self._step()
+
     def _died(self, w: _Worker) -> None:
         w.process.join(timeout=2)  # the sentinel fired, so the exit code is there (or arrives at once)
-        what = w.task.what if w.task is not None else "idle"
+        what = w.task.what if w.task is not None else ("idle" if w.ready else "starting up")
         raise WorkerDied(f"worker process {w.process.pid} {describe_exit(w.process.exitcode)} while {what}. "
                          f"The job is stopped rather than left waiting for a result that will never come. {_RESUME}")
 

@@ -129,6 +129,28 @@ def test_on_cpu_the_workers_make_whole_shards(built, tmp_path, monkeypatch):
     assert result["stats"]["svd"] > 0 and result["stats"]["shards_written"] == 4  # timed in the workers
 
 
+def test_a_job_never_waits_for_workers_that_are_still_starting(built, tmp_path, monkeypatch):
+    """Workers take seconds to start (spawn + torch): until one has, this process makes the shards itself.
+    Here they never start within the job, so it makes them all, hands none out, and writes the same bytes."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "rankshard_test_slow_start.py").write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.syspath_prepend(str(mods))  # spawn gives the workers this process's sys.path
+    import rankshard.preprocess.pipeline as pipeline
+    pools = []
+
+    def slow_pool(n, preload=()):
+        pools.append(pipeline_pool(n, preload=("rankshard_test_slow_start",)))
+        return pools[-1]
+    pipeline_pool = pipeline.WorkerPool
+    monkeypatch.setattr(pipeline, "WorkerPool", slow_pool)
+    result = materialize_split(_source(), _spec(workers=2), tmp_path / "out", show_progress=False)
+    assert result["stats"]["shards_written"] == 4
+    assert _tar_bytes(tmp_path / "out") == _tar_bytes(built[0])
+    assert not any(w.used or w.ready for w in pools[0].workers)
+    assert not any(w.process.is_alive() for w in pools[0].workers)  # stopped on the way out, not awaited
+
+
 def test_verify_detects_corruption(built, tmp_path):
     import shutil
 
