@@ -59,6 +59,7 @@ def run(root: Path, out: Path, backend: str, workers: int, device: str) -> dict:
     stats = result["stats"]
     return {"backend": result["manifests"]["full"]["svd"]["backend"], "images": stats["images"],
             "time_split": {k: stats[k] for k in ("read", "decode", "svd", "encode_write", "write_wait")},
+            "worker_rss_mb": stats["peak_rss_mb"]["worker"],  # this run's largest worker, its own peak
             "bytes": sum(s["bytes"] for m in result["manifests"].values() for s in m["shards"])}
 
 
@@ -92,7 +93,7 @@ def main() -> None:
                   "images": images, "rounds": args.rounds, "geometry": "shorter side 224, center crop 224",
                   "ranks": list(RANKS), "variants": "full + rank-030/040/050/100 + spectra, png level 1",
                   "load_average_start": load_start, "load_average_end": list(os.getloadavg()),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_rss_mb": peak_rss_mb()}
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_rss_mb": peak_rss_mb(max(rec["worker_rss_mb"] or 0 for rec in runs.values()))}
     for name, rec in runs.items():
         print(f"{name:14s} median {rec['median_seconds']:7.2f} s  best {rec['best_seconds']:7.2f} s  "
               f"{rec['images_per_s']:8.1f} img/s  {rec['time_split']}")

@@ -113,19 +113,26 @@ class RunStats:
     wall: float = 0.0
     rank: int = 0
     world: int = 1
+    worker_rss: float | None = None  # MB: the largest worker's own peak, as the workers report it
 
     def as_dict(self) -> dict:
-        out = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        out = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items() if k != "worker_rss"}
         out["images_per_s"] = round(self.images / self.wall, 1) if self.wall else None
-        out["peak_rss_mb"] = peak_rss_mb()
+        out["peak_rss_mb"] = peak_rss_mb(self.worker_rss)
         return out
 
 
-def peak_rss_mb() -> dict:
-    """Peak resident memory of this process and of its largest finished child (worker), in MB."""
+def peak_rss_mb(worker: float | None = None) -> dict:
+    """Peak resident memory of this process and of the largest worker (None: no worker ran), in MB.
+
+    The worker figure comes from the workers themselves (``WorkerPool.peak_rss_mb``), not from
+    ``RUSAGE_CHILDREN``: a spawned child's ``ru_maxrss`` starts from its *parent's* peak (vfork + exec), so
+    that figure was this process's peak at the time the workers started, and grew with the dataset held here
+    rather than with anything a worker did (see ``workers.own_peak_rss_mb``).
+    """
     kb = 1024  # Linux reports ru_maxrss in kilobytes
     return {"main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb, 1),
-            "worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kb, 1)}
+            "worker": None if worker is None else round(worker, 1)}
 
 
 def sample_order(n: int, spec: ShardSpec) -> np.ndarray:
@@ -250,6 +257,7 @@ class Materializer:
             desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
             bar = Progress(sum(self._shard_len(i) for i in todo), desc, enabled=self.show_progress)
             self._write_all(pool, engine, todo, digest, bar)
+            self.stats.worker_rss = pool.peak_rss_mb if pool is not None else None
             bar.close()
             self.stats.wall = time.perf_counter() - start
             with lock.gate():

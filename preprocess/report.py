@@ -37,4 +37,5 @@ def print_summary(result: dict) -> None:
           f"({stats.get('write_wait', 0):.1f} s waited)")
     rss = stats.get("peak_rss_mb") or {}
     if rss:
-        print(f"  peak RSS: main {rss['main']:,.0f} MB, largest worker {rss['worker']:,.0f} MB")
+        worker = "no workers" if rss.get("worker") is None else f"largest worker {rss['worker']:,.0f} MB"
+        print(f"  peak RSS: main {rss['main']:,.0f} MB, {worker}")
