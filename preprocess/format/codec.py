@@ -25,6 +25,7 @@ def decode_image(members: dict[str, bytes]) -> np.ndarray:
         image = decode_npy(members["npy"])
         return image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)  # raw / npy
     if "u.npy" in members:
-        u, s, v = (decode_npy(members[k]).astype(np.float32) for k in ("u.npy", "s.npy", "v.npy"))
-        return np.einsum("chk,ck,cwk->hwc", u, s, v)
+        from rankshard.preprocess.rank.factors import reconstruct_numpy  # torch, only for factors variants
+
+        return reconstruct_numpy(*(decode_npy(members[k]) for k in ("u.npy", "s.npy", "v.npy"))).transpose(1, 2, 0)
     raise KeyError(f"sample has no image member (found {sorted(members)})")
