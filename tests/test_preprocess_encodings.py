@@ -99,7 +99,8 @@ def test_decode_npy_refuses_objects_and_truncation():
     with pytest.raises(ValueError, match="allow_pickle=False"):
         decode_npy(buf.getvalue())
     data = _np_save(np.zeros((4, 4), np.float32))
-    with pytest.raises(ValueError):
-        decode_npy(data[:-1])
+    for cut in (data[:-1], data[:20]):  # inside the data, inside the header
+        with pytest.raises(ValueError):
+            decode_npy(cut)
     with pytest.raises(ValueError):
         decode_npy(b"not an npy member")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
 
 
 _NPY_V1 = b"\x93NUMPY\x01\x00"
-_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype, int]] = {}  # header bytes -> shape, fortran, dtype, offset
+_HEADERS: dict[bytes, tuple] = {}  # header bytes -> (shape, fortran order, dtype, item count, data offset)
 _HEADERS_MAX = 256  # distinct (dtype, shape) headers remembered; a shard of one variant has a handful
 
 
@@ -30,11 +31,11 @@ def decode_npy(data: bytes) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             if dtype.hasobject:
                 raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-            known = (shape, fortran, dtype, end)
+            known = (shape, fortran, dtype, math.prod(shape), end)
             if len(_HEADERS) < _HEADERS_MAX:
                 _HEADERS[header] = known
-        shape, fortran, dtype, offset = known
-        flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset)
+        shape, fortran, dtype, count, offset = known
+        flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
         return (flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)).copy()
     return np.load(io.BytesIO(data), allow_pickle=False)
 
