@@ -309,7 +309,7 @@ def _factors_k(info: VariantInfo, cfg: LoaderConfig) -> int | None:
     return info.rank if cfg.factors_k is None else cfg.factors_k
 
 
-def reconstruct_where(info: VariantInfo, cfg: LoaderConfig) -> str | None:
+def _reconstruct_where(info: VariantInfo, cfg: LoaderConfig) -> str | None:
     """Where a factors batch becomes images: ``"workers"``, ``"main"`` (after the transfer, on ``cfg.device``)
     or ``"none"`` (the training loop does it); None for variants that store images."""
     if info.encoding != "factors":
@@ -331,7 +331,7 @@ def reconstruct_where(info: VariantInfo, cfg: LoaderConfig) -> str | None:
 
 
 def _build(info: VariantInfo, cfg: LoaderConfig, plan, transform: BatchTransform, start_step: int) -> Loader:
-    k, where = _factors_k(info, cfg), reconstruct_where(info, cfg)
+    k, where = _factors_k(info, cfg), _reconstruct_where(info, cfg)
     in_worker = not cfg.on_device and where in (None, "workers")
     stream = ShardStream(info, plan, cfg, transform if in_worker else None, start_step, k,
                          factors_out=where in ("main", "none"))
