@@ -11,6 +11,8 @@ from rankshard.loaders.augment import AUGMENTS
 from rankshard.loaders.errors import LoaderError
 
 RANK_MODES = ("low", "high")
+# where a factors-K batch is reconstructed (see LoaderConfig.reconstruct_on)
+RECONSTRUCT_ON = ("auto", "workers", "device", "none")
 
 
 def _parse_rank(rank) -> tuple[str, int] | None:
@@ -44,6 +46,9 @@ class LoaderConfig:
     on_error: str = "raise"             # "raise": stop naming shard+key; "skip": drop the sample, count it
     rank: tuple[str, int] | str | int | None = None  # on-the-fly rank, e.g. ("low", 5) or ("high", 2)
     factors_k: int | None = None        # factors-K variants: reconstruct at this k <= K (default K)
+    reconstruct_on: str = "auto"        # factors-K: "workers" (CPU), "device" (after the transfer, on `device`),
+                                        # "none" (Batch.factors, x None: call reconstruct() yourself), "auto":
+                                        # "device" when `device` is a GPU, else "workers"
     pin_memory: bool | None = None      # None: pin when CUDA is available
     drop_last: bool = True              # training: floor (True) or ceil (False, wrapping) steps per epoch
     device: str | None = None           # move batches there ("auto": this rank's GPU, else the CPU); on-the-fly
@@ -64,6 +69,8 @@ class LoaderConfig:
             raise LoaderError(f"cache_bytes={self.cache_bytes}: must be >= 1 (a limit in bytes)")
         if self.factors_k is not None and self.factors_k < 0:
             raise LoaderError(f"factors_k={self.factors_k}: must be >= 0")
+        if self.reconstruct_on not in RECONSTRUCT_ON:
+            raise LoaderError(f"reconstruct_on={self.reconstruct_on!r}: choose one of {', '.join(RECONSTRUCT_ON)}")
         object.__setattr__(self, "rank", _parse_rank(self.rank))
         if self.device is not None:  # "auto" / "cuda" -> this rank's own GPU, resolved once (preprocess.devices)
             object.__setattr__(self, "device", str(resolve_device(self.device)))

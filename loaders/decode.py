@@ -2,7 +2,8 @@
 
 PNG stays uint8 until the batch is on its way to the model (4x less to copy between processes than
 float32); npy and factors are float. ``factors`` reconstructs ``x_k = sum_{j<=k} s_j u_j v_j^T`` from
-the stored top-K factors, at any k <= K.
+the stored top-K factors, at any k <= K, with ``preprocess.rank.factors.reconstruct`` (the formula's one
+home; the loaders call it per batch, in the workers or on the device, see ``pipeline.collate``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from rankshard.preprocess.format.codec import decode_npy, decode_png
+from rankshard.preprocess.rank.factors import reconstruct_numpy
 
 
 def _png(members: dict[str, bytes], k: int | None) -> np.ndarray:
@@ -29,14 +31,19 @@ def _raw(members: dict[str, bytes], k: int | None) -> np.ndarray:
     return image  # stays uint8, like png: divided by 255 once the batch is on its way to the model
 
 
-def _factors(members: dict[str, bytes], k: int | None) -> np.ndarray:
-    u, s, v = (decode_npy(members[m]).astype(np.float32) for m in ("u.npy", "s.npy", "v.npy"))
+def decode_factors(members: dict[str, bytes], k: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored float16 ``u [C,H,k]``, ``s [C,k]``, ``v [C,W,k]``: the first ``k`` (default all K) components."""
+    u, s, v = (decode_npy(members[m]) for m in ("u.npy", "s.npy", "v.npy"))
     k = s.shape[-1] if k is None else k
-    if k > s.shape[-1]:
+    if not 0 <= k <= s.shape[-1]:
         raise ValueError(f"rank {k} asked of factors that keep only {s.shape[-1]} components")
-    # [C,H,k] * [C,1,k] @ [C,k,W] -> [C,H,W]; matmul beats einsum's generic path here
-    x = np.matmul(u[..., :k] * s[:, None, :k], v[..., :k].transpose(0, 2, 1))
-    return x.transpose(1, 2, 0)
+    if u.shape[-1] != s.shape[-1] or v.shape[-1] != s.shape[-1]:
+        raise ValueError(f"factors do not fit together: u {u.shape}, s {s.shape}, v {v.shape}")
+    return u[..., :k], s[..., :k], v[..., :k]
+
+
+def _factors(members: dict[str, bytes], k: int | None) -> np.ndarray:
+    return reconstruct_numpy(*decode_factors(members, k)).transpose(1, 2, 0)  # CHW -> HWC
 
 
 DECODERS: dict[str, Callable[[dict[str, bytes], int | None], np.ndarray]] = {
@@ -61,7 +68,11 @@ def _label(members: dict[str, bytes]) -> int:
     return label
 
 
-def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None) -> tuple[np.ndarray, int]:
-    """The image (HWC; uint8 for png, float32 otherwise) and the checked integer label of one sample."""
+def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None,
+                  unreconstructed: bool = False) -> tuple[np.ndarray | tuple[np.ndarray, ...], int]:
+    """The image (HWC; uint8 for png/raw, float32 otherwise) and the checked integer label of one sample;
+    with ``unreconstructed``, a factors sample's stored ``(u, s, v)`` instead (see ``decode_factors``)."""
     label = _label(members)
+    if unreconstructed and encoding == "factors":
+        return decode_factors(members, k), label
     return DECODERS[encoding](members, k), label

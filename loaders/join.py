@@ -53,7 +53,7 @@ def join_variants(*infos: VariantInfo, batch_size: int = 64, rank: int | None = 
             xs, keys, y = [], None, None
             for n, info in enumerate(infos):
                 raw = read_positions(readers[n], info.urls, plan.stream, positions)
-                k = (factors_k or info.rank) if info.encoding == "factors" else None
+                k = (info.rank if factors_k is None else factors_k) if info.encoding == "factors" else None
                 x, labels, got, _ = collate([raw[int(p)] for p in positions], info.encoding, k, "raise",
                                             tuple(info.image_size))
                 if keys is not None and got != keys:

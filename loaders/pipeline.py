@@ -5,6 +5,11 @@ Stages, each a small function: ``read_positions`` (seek to the planned samples, 
 ``ShardStream`` runs them inside each DataLoader worker; ``Loader`` gathers batches in the main process,
 moves them to the device (running rank and augmentation there when it is a GPU), counts skipped samples
 and reports them when the epoch ends.
+
+``factors-K`` variants are stacked as stored (float16 ``u, s, v``) and reconstructed at ``factors_k`` for a
+whole batch at once with ``preprocess.rank.factors.reconstruct``: in the workers, or after the transfer on
+the device (``LoaderConfig.reconstruct_on``; the default does it on the GPU when ``device`` is one), or not at
+all (``"none"``: batches carry ``factors`` for the training loop to reconstruct, at any k <= K).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from rankshard.preprocess.devices import Placement
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.rank.engine import RankEngine
+from rankshard.preprocess.rank.factors import Factors, reconstruct
 
 from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
 from rankshard.loaders.config import LoaderConfig
@@ -35,24 +41,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """x: float32 [B, C, H, W] (in [0, 1] except high-rank data); y: int64 [B]; keys: sample keys."""
+    """x: float32 [B, C, H, W] (in [0, 1] except high-rank data); y: int64 [B]; keys: sample keys.
 
-    x: torch.Tensor
+    ``factors``: a factors-K batch not yet reconstructed (float16 ``u [B,C,H,k]``, ``s [B,C,k]``,
+    ``v [B,C,W,k]``); ``x`` is None until ``reconstruct(*batch.factors)`` fills it. The loader does that
+    itself unless ``LoaderConfig(reconstruct_on="none")`` asked for the factors.
+    """
+
+    x: torch.Tensor | None
     y: torch.Tensor
     keys: list[str]
     step: int = -1
     seed: int = 0                     # augmentation seed (the transform may run after the transfer)
     errors: tuple[str, ...] = ()      # samples skipped in this batch under on_error="skip", with reasons
+    factors: Factors | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def _map(self, fn) -> "Batch":
+        return replace(self, x=None if self.x is None else fn(self.x), y=fn(self.y),
+                       factors=None if self.factors is None else Factors(*map(fn, self.factors)))
+
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return replace(self, x=self.x.pin_memory(), y=self.y.pin_memory())
+        return self._map(lambda t: t.pin_memory())
 
     def to(self, device, non_blocking: bool = True) -> "Batch":
-        return replace(self, x=self.x.to(device, non_blocking=non_blocking),
-                       y=self.y.to(device, non_blocking=non_blocking))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
 
 _ENGINES: dict[tuple[str, str], RankEngine] = {}
@@ -125,14 +140,19 @@ def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Str
     return out
 
 
-def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str,
-            stored: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[str], tuple[str, ...]]:
-    """Decode and stack samples; a bad one raises naming shard and key, or is skipped and reported."""
+def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str, stored: tuple[int, int],
+            factors_out: bool = False) -> tuple[torch.Tensor | Factors, torch.Tensor, list[str], tuple[str, ...]]:
+    """Decode and stack samples; a bad one raises naming shard and key, or is skipped and reported.
+
+    Factors are stacked as stored and reconstructed at ``k`` for the whole batch in one call; with
+    ``factors_out`` the stacked ``Factors`` (float16, first ``k`` components) come back instead of images.
+    """
+    factors = encoding == "factors"
     images, labels, keys, errors = [], [], [], []
     for url, key, members, reason in samples:
         if reason is None:
             try:
-                image, label = decode_sample(members, encoding, k)
+                image, label = decode_sample(members, encoding, k, unreconstructed=factors)
             except LabelMismatch as exc:
                 reason = str(exc)
             except Exception as exc:  # any decode failure (PIL, numpy, int) is a bad sample
@@ -145,22 +165,33 @@ def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str,
         images.append(image)
         labels.append(label)
         keys.append(key)
+    y = torch.tensor(labels, dtype=torch.int64)
+    if factors:
+        stacked = _stack_factors(images, k, stored)
+        return (stacked if factors_out else reconstruct(*stacked)), y, keys, tuple(errors)
     if images:
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     else:
         x = torch.zeros(0, 3, *stored, dtype=torch.uint8 if encoding in ("png", "raw") else torch.float32)
-    return x, torch.tensor(labels, dtype=torch.int64), keys, tuple(errors)
+    return x, y, keys, tuple(errors)
+
+
+def _stack_factors(samples: list[tuple[np.ndarray, ...]], k: int | None, stored: tuple[int, int]) -> Factors:
+    if samples:
+        return Factors(*(torch.from_numpy(np.stack(part)) for part in zip(*samples)))
+    (h, w), k = stored, k or 0  # every sample of the batch skipped
+    return Factors(*(torch.zeros(0, 3, *shape, dtype=torch.float16) for shape in ((h, k), (k,), (w, k))))
 
 
 class ShardStream(IterableDataset):
     """The batches of one rank's epoch; each DataLoader worker produces its share of them, in order."""
 
     def __init__(self, info: VariantInfo, plan, cfg: LoaderConfig, transform: BatchTransform | None,
-                 start_step: int = 0, factors_k: int | None = None):
+                 start_step: int = 0, factors_k: int | None = None, factors_out: bool = False):
         self.urls, self.encoding, self.stored = list(info.urls), info.encoding, tuple(info.image_size)
         self.plan, self.cfg, self.transform = plan, cfg, transform
         self.bad_shards = dict(info.bad_shards)
-        self.start_step, self.factors_k = start_step, factors_k
+        self.start_step, self.factors_k, self.factors_out = start_step, factors_k, factors_out
         self.checks = dict(info.shard_checks)  # remote url -> (sha256, bytes), verified as it is fetched
         self._cache: ShardCache | None = None
 
@@ -192,8 +223,11 @@ class ShardStream(IterableDataset):
                 r.close()
 
     def _batch(self, j: int, samples: list[tuple]) -> Batch:
-        x, y, keys, errors = collate(samples, self.encoding, self.factors_k, self.cfg.on_error, self.stored)
+        x, y, keys, errors = collate(samples, self.encoding, self.factors_k, self.cfg.on_error, self.stored,
+                                     self.factors_out)
         seed = self.plan.seed_of(j)
+        if isinstance(x, Factors):  # reconstructed after the transfer, or by the training loop
+            return Batch(None, y, keys, j, seed, errors, x)
         if self.transform is not None:
             x = self.transform(x, seed)
         return Batch(x, y, keys, j, seed, errors)
@@ -216,8 +250,10 @@ class Loader:
     """An epoch of batches. ``len()`` is the steps per epoch (equal on every rank); after an epoch,
     ``skipped`` counts samples skipped under on_error='skip' and ``skip_reasons`` says which and why."""
 
-    def __init__(self, stream: ShardStream, cfg: LoaderConfig, main_transform: BatchTransform | None):
+    def __init__(self, stream: ShardStream, cfg: LoaderConfig, main_transform: BatchTransform | None,
+                 reconstruct_here: bool = False):
         self.stream, self.cfg, self.main_transform = stream, cfg, main_transform
+        self.reconstruct_here = reconstruct_here  # factors arrive stacked: reconstruct after the transfer
         self.plan, self.start_step = stream.plan, stream.start_step
         self.skipped, self.skip_reasons = 0, []
 
@@ -235,6 +271,8 @@ class Loader:
                 self.skip_reasons.extend(batch.errors)
             if self.cfg.device is not None:
                 batch = batch.to(self.cfg.device)
+            if self.reconstruct_here and batch.factors is not None:
+                batch = replace(batch, x=reconstruct(*batch.factors), factors=None)  # where the factors are
             if self.main_transform is not None:
                 batch = replace(batch, x=self.main_transform(batch.x, batch.seed))
             yield batch
@@ -259,6 +297,7 @@ def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int
 
 
 def _factors_k(info: VariantInfo, cfg: LoaderConfig) -> int | None:
+    """The rank to reconstruct factors at (K, the stored count, by default); None for other variants."""
     if info.encoding != "factors":
         if cfg.factors_k is not None:
             raise LoaderError(f"{info.folder}: factors_k={cfg.factors_k} applies to factors-K variants only "
@@ -267,13 +306,36 @@ def _factors_k(info: VariantInfo, cfg: LoaderConfig) -> int | None:
     if cfg.factors_k is not None and cfg.factors_k > info.rank:
         raise LoaderError(f"{info.folder}: factors_k={cfg.factors_k} exceeds the K={info.rank} factors stored; "
                           f"materialize with --factors {cfg.factors_k} or lower factors_k")
-    return cfg.factors_k
+    return info.rank if cfg.factors_k is None else cfg.factors_k
+
+
+def _reconstruct_where(info: VariantInfo, cfg: LoaderConfig) -> str | None:
+    """Where a factors batch becomes images: ``"workers"``, ``"main"`` (after the transfer, on ``cfg.device``)
+    or ``"none"`` (the training loop does it); None for variants that store images."""
+    if info.encoding != "factors":
+        if cfg.reconstruct_on != "auto":
+            raise LoaderError(f"{info.folder}: reconstruct_on={cfg.reconstruct_on!r} applies to factors-K variants "
+                              f"only (this one is {info.encoding}); leave it at 'auto'")
+        return None
+    if cfg.reconstruct_on == "none":
+        given = [f"{name}={value!r}" for name, value, default in (("augment", cfg.augment, "none"),
+                 ("rank", cfg.rank, None), ("crop_size", cfg.crop_size, None)) if value != default]
+        if given:
+            raise LoaderError(f"{info.folder}: reconstruct_on='none' hands out the factors as stored, so "
+                              f"{', '.join(given)} cannot apply; reconstruct in the loader (reconstruct_on='auto') "
+                              "or drop them")
+        return "none"
+    if cfg.reconstruct_on == "device" or (cfg.reconstruct_on == "auto" and cfg.on_device):
+        return "main"
+    return "workers"
 
 
 def _build(info: VariantInfo, cfg: LoaderConfig, plan, transform: BatchTransform, start_step: int) -> Loader:
-    in_worker = not cfg.on_device
-    stream = ShardStream(info, plan, cfg, transform if in_worker else None, start_step, _factors_k(info, cfg))
-    return Loader(stream, cfg, None if in_worker else transform)
+    k, where = _factors_k(info, cfg), _reconstruct_where(info, cfg)
+    in_worker = not cfg.on_device and where in (None, "workers")
+    stream = ShardStream(info, plan, cfg, transform if in_worker else None, start_step, k,
+                         factors_out=where in ("main", "none"))
+    return Loader(stream, cfg, None if in_worker or where == "none" else transform, reconstruct_here=where == "main")
 
 
 def train_loader(info: VariantInfo, cfg: LoaderConfig, epoch: int = 0, rank: int | None = None,

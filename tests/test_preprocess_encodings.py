@@ -1,5 +1,8 @@
-"""The raw encoding (PNG's pixels, uncompressed) and the float32 backend's accuracy on photos."""
+"""The raw encoding (PNG's pixels, uncompressed), the npy member decoder, and the float32 backend's accuracy on
+photos."""
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -62,3 +65,42 @@ def test_cpu_auto_is_deterministic_and_float64_at_224():
     cal = calibrate(224, 224, "cpu")
     assert cal.chosen == "gram64"  # accuracy first: float32 misses the calibration margin at 224x224
     assert cal.errors["torch32"] > ACCURACY_BAR / 10
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.linspace(-2, 2, 30, dtype=np.float16).reshape(5, 6),
+    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)), np.arange(6, dtype=">i4"),
+    np.zeros((0, 3, 4), np.float16), np.float64(3.5).reshape(()),
+])
+def test_decode_npy_reads_what_np_save_writes(array):
+    from rankshard.preprocess.format.codec import decode_npy
+    from rankshard.preprocess.format.variants import npy_bytes
+
+    for data in (npy_bytes(array), _np_save(array)):
+        want = np.load(io.BytesIO(data), allow_pickle=False)
+        for _ in range(2):  # the second read takes the remembered header
+            got = decode_npy(data)
+            assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(got.reshape(array.shape), array)
+
+
+def _np_save(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)  # as np.save writes it (fortran order kept)
+    return buf.getvalue()
+
+
+def test_decode_npy_refuses_objects_and_truncation():
+    from rankshard.preprocess.format.codec import decode_npy
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        decode_npy(buf.getvalue())
+    data = _np_save(np.zeros((4, 4), np.float32))
+    for cut in (data[:-1], data[:20]):  # inside the data, inside the header
+        with pytest.raises(ValueError):
+            decode_npy(cut)
+    with pytest.raises(ValueError):
+        decode_npy(b"not an npy member")

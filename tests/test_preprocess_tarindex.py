@@ -150,3 +150,19 @@ def test_sparse_members_are_refused(tmp_path):
         tar.addfile(info)
     with open(path, "rb") as f, pytest.raises(TarDamage, match="sparse"):
         list(iter_tar(f))
+
+
+def test_header_checksums_summed_as_signed_chars_are_accepted():
+    """Some old tars sum the header as signed chars: both sums are accepted, anything else is refused."""
+    block = bytearray(tarfile.TarInfo("\u00e9t\u00e9.png").tobuf(tarfile.USTAR_FORMAT, "utf-8"))  # bytes >= 128
+    fields = bytes(block[:148]) + bytes(block[156:512])
+    unsigned = sum(fields) + 8 * 32
+    signed = unsigned - 256 * sum(b >= 128 for b in fields)
+    assert signed != unsigned
+    for checksum, ok in ((unsigned, True), (signed, True), (unsigned + 1, False)):
+        block[148:156] = b"%06o\0 " % checksum
+        if ok:
+            assert _parse_header(bytes(block[:512])).name == "\u00e9t\u00e9.png"
+        else:
+            with pytest.raises(ValueError, match="checksum"):
+                _parse_header(bytes(block[:512]))
