@@ -18,8 +18,8 @@ from rankshard.preprocess.rank.engine import RankEngine, RankOutputs, energy_ret
 from rankshard.preprocess.rank.lowpass import energy_kept, highpass, lowpass
 
 
-def _to_hwc(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+def _to_hwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def _stored_png(xk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ def _quantized(xk: torch.Tensor, encoding: str) -> dict:
     """Stored form of a reconstruction plus what storing it lost (SPEC: clip_fraction and leak)."""
     image, stored, clipped = STORAGE[encoding](xk)
     leak = stored.sub_(xk).flatten(1).norm(dim=1) / xk.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return {"image": _to_hwc(image), "clip_fraction": clipped.cpu().numpy(), "leak": leak.cpu().numpy()}
+    return {"image": _to_hwc(image), "clip_fraction": clipped, "leak": leak}
 
 
 @dataclass
@@ -53,8 +53,8 @@ class _Batch:
     x: torch.Tensor
     out: object
 
-    def energy(self, k: int) -> np.ndarray:
-        return energy_retained(self.out.spectra, [k])[..., 0].cpu().numpy()
+    def energy(self, k: int) -> torch.Tensor:
+        return energy_retained(self.out.spectra, [k])[..., 0]
 
     def lossless(self, **arrays) -> dict:
         n = len(self.images)
@@ -77,23 +77,23 @@ def _high(v: Variant, b: _Batch) -> dict:
 
 
 def _factors(v: Variant, b: _Batch) -> dict:
-    u, s, vv = (t.half().cpu().numpy() for t in b.out.factors)
+    u, s, vv = (t.half() for t in b.out.factors)
     return {**b.lossless(u=u, s=s, v=vv), "energy": b.energy(v.rank)}
 
 
 def _spectra(v: Variant, b: _Batch) -> dict:
-    return b.lossless(s=b.out.spectra.float().cpu().numpy())
+    return b.lossless(s=b.out.spectra.float())
 
 
 def _lowpass(v: Variant, b: _Batch) -> dict:
     # frequency truncation needs no SVD: a fixed real filter per axis (preprocess.rank.lowpass)
     xk = lowpass(b.x, v.rank)
-    return {**_quantized(xk, v.encoding), "energy": energy_kept(b.x, xk).cpu().numpy()}
+    return {**_quantized(xk, v.encoding), "energy": energy_kept(b.x, xk)}
 
 
 def _highpass(v: Variant, b: _Batch) -> dict:
     xk = highpass(b.x, v.rank)
-    return {**_quantized(xk, "npy"), "energy": energy_kept(b.x, xk).cpu().numpy()}
+    return {**_quantized(xk, "npy"), "energy": energy_kept(b.x, xk)}
 
 
 PAYLOAD_BUILDERS = {"full": _full, "low": _low, "high": _high, "factors": _factors, "spectra": _spectra,
@@ -118,8 +118,8 @@ class NullEngine:
     def materialize(self, x, low=(), high=(), factors=None, spectra=False) -> RankOutputs:
         n, c, h, w = x.shape
         ones = torch.ones(n, c, min(h, w), device=x.device)
-        f = None if factors is None else (torch.ones(n, c, h, factors), torch.ones(n, c, factors),
-                                          torch.ones(n, c, w, factors))
+        f = None if factors is None else tuple(torch.ones(*shape, device=x.device) for shape in
+                                               ((n, c, h, factors), (n, c, factors), (n, c, w, factors)))
         return RankOutputs({k: x.clone() for k in low}, {k: torch.zeros_like(x) for k in high},
                            ones if spectra else None, f)
 
@@ -135,7 +135,23 @@ def variant_payloads(engine: RankEngine, variants: list[Variant], images: np.nda
         spectra=True,
     )
     batch = _Batch(images, x, out)
-    return {v.name: PAYLOAD_BUILDERS[v.mode](v, batch) for v in variants}
+    return to_host({v.name: PAYLOAD_BUILDERS[v.mode](v, batch) for v in variants})
+
+
+def to_host(payloads: dict[str, dict]) -> dict[str, dict]:
+    """Every tensor of a batch's payloads as a numpy array, in one transfer.
+
+    On a GPU each copy is issued non-blocking (torch stages device-to-host copies through pinned memory),
+    then one synchronization waits for them all, instead of a blocking round trip per array (several per
+    variant). On CPU the arrays are views of the tensors, nothing is copied.
+    """
+    host = {name: {key: t.to("cpu", non_blocking=True) if torch.is_tensor(t) else t for key, t in arrays.items()}
+            for name, arrays in payloads.items()}
+    if torch.cuda.is_available() and any(t.is_cuda for arrays in payloads.values() for t in arrays.values()
+                                         if torch.is_tensor(t)):
+        torch.cuda.synchronize()
+    return {name: {key: t.numpy() if torch.is_tensor(t) else t for key, t in arrays.items()}
+            for name, arrays in host.items()}
 
 
 def concat_payloads(parts: list[dict[str, dict]]) -> dict[str, dict]:

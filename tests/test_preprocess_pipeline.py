@@ -303,3 +303,21 @@ def test_preprocess_command_modules_do_not_import_the_cli_back():
     for name in ("options", "cli_cifar", "cli_images", "cli_tools", "demo"):
         source = (REPO / "preprocess" / f"{name}.py").read_text()
         assert "rankshard.preprocess.cli import" not in source and "from rankshard.preprocess import cli" not in source
+
+
+@pytest.mark.gpu
+def test_gpu_numeric_chain_returns_host_arrays_like_the_cpu_one():
+    """On CUDA every variant's arrays come back (in one transfer) as numpy arrays of the CPU path's dtypes
+    and shapes, equal up to float rounding (cuSOLVER and LAPACK round differently)."""
+    from rankshard.preprocess.payloads import make_engine, variant_payloads
+
+    images, _ = labelled_images(4)
+    variants = _spec(lowpass=(4,)).variants()
+    cpu = variant_payloads(make_engine("auto", "cpu"), variants, images)
+    gpu = variant_payloads(make_engine("auto", "cuda"), variants, images)
+    for name, arrays in cpu.items():
+        for key, ref in arrays.items():
+            got = gpu[name][key]
+            assert isinstance(got, np.ndarray) and got.dtype == ref.dtype and got.shape == ref.shape, (name, key)
+            tol = 1 if ref.dtype == np.uint8 else 2e-3
+            assert np.abs(got.astype(np.float64) - ref.astype(np.float64)).max() <= tol, (name, key)
