@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rankshard.evaluate.weights.operator import (ConvGeometry, ConvOperator, LanczosConfig, conv_top_singular,
-                                                 resolve_padding, top_singular)
+                                                 disjoint_top_singular, resolve_padding, top_singular)
 from rankshard.evaluate.weights.rmt import RMTConfig, fit_powerlaw, ks_critical
 from rankshard.evaluate.weights.sensitivity import operator_sigma_grad, unfolded_sigma_grads
 from rankshard.evaluate.weights.spectra import (WeightsConfig, analyse_model, conv_operator_svdvals, layer_row,
@@ -83,6 +83,25 @@ def test_zero_operator_finds_repeated_and_clustered_values(case):
     torch.testing.assert_close(top.s, ref, rtol=1e-6, atol=0)
     if case != "big grid":  # the reference itself repeats: the test checks what it means to check
         assert float((ref[:-1] - ref[1:]).min()) <= 1e-9 * float(ref[0])
+
+
+@pytest.mark.parametrize("o,c,k,hw,stride,padding,dilation,groups", [
+    (6, 4, 1, (7, 9), 1, 0, 1, 1),  # 1x1: one block at every pixel, sigma_1 of W repeated 63 times
+    (6, 4, 2, (7, 8), 2, 1, 1, 2),  # 2x2 stride 2 with a zero border: truncated edge and corner blocks; groups
+    (4, 3, 2, (9, 9), 3, 1, 2, 1),  # dilated 2x2 (extent 3) at stride 3, padded
+])
+def test_disjoint_patches_are_exact_with_their_multiplicities(o, c, k, hw, stride, padding, dilation, groups):
+    conv = _module(o, c, k, stride, padding, False, dilation, groups, seed=21)
+    dense = dense_module_matrix(conv, hw)
+    op = ConvOperator(conv.weight, ConvGeometry.from_module(conv, hw))
+    assert op.disjoint_patches
+    top = disjoint_top_singular(op, 12)
+    ref = torch.linalg.svdvals(dense)[:12]
+    torch.testing.assert_close(top.s, ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(top.v @ dense.T, top.s[:, None] * top.u, rtol=0, atol=1e-10)
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(top.v @ top.v.T, eye, rtol=0, atol=1e-12)
+    torch.testing.assert_close(top.u @ top.u.T, eye, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("o,c,k,hw,stride,padding,bias,dilation,groups", ZERO_CASES)

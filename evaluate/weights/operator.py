@@ -100,18 +100,20 @@ class ConvOperator:
         self._builtin = geom.padding_mode == "zeros" and t == b and left == r
 
     @property
-    def structural_multiplicity(self) -> int:
-        """How often every singular value is known to repeat, from the geometry alone.
-
-        Stride >= the dilated kernel's extent (a 1x1 convolution, say): one matrix applied to disjoint
-        patches, so every value repeats once per output pixel. Dilation d at stride 1: the ``dh*dw``
-        interleaved sub-grids never mix, and share a value whenever they have the same size and borders.
-        """
-        g = self.geom
+    def disjoint_patches(self) -> bool:
+        """Stride >= the dilated kernel's extent (a 1x1 convolution, say): no input pixel feeds two outputs,
+        so the operator applies one matrix per output pixel (see ``disjoint_top_singular``)."""
         kernel_hw = self.weight.shape[2:]
-        if all(s >= d * (k - 1) + 1 for s, d, k in zip(g.stride, g.dilation, kernel_hw)):
+        return all(s >= d * (k - 1) + 1 for s, d, k in zip(self.geom.stride, self.geom.dilation, kernel_hw))
+
+    @property
+    def structural_multiplicity(self) -> int:
+        """How often every singular value is known to repeat, from the geometry alone: once per output pixel
+        for disjoint patches; for dilation d at stride 1, the ``dh*dw`` interleaved sub-grids never mix, and
+        share a value whenever they have the same size and borders."""
+        if self.disjoint_patches:
             return self.out_shape[1] * self.out_shape[2]
-        return g.dilation[0] * g.dilation[1]
+        return self.geom.dilation[0] * self.geom.dilation[1]
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         t, b, left, r = self.geom.padding
@@ -291,11 +293,70 @@ def top_eigen_gram(gram, n: int, k: int, cfg: LanczosConfig, dtype: torch.dtype,
     return theta[:k], kept[:k], resid_rel, False, products
 
 
+def _tap_masks(n_out: int, n_in: int, stride: int, pad: int, dilation: int, k: int) -> dict[tuple, list[int]]:
+    """Output positions along one axis grouped by which of the k taps fall inside the input."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n_out):
+        mask = tuple(0 <= i * stride - pad + a * dilation < n_in for a in range(k))
+        groups.setdefault(mask, []).append(i)
+    return groups
+
+
+def disjoint_top_singular(op: ConvOperator, k: int) -> TopSingular | None:
+    """Exact top-k triplets of a zero-padded convolution whose patches never overlap.
+
+    When stride >= the dilated kernel's extent (every 1x1 convolution, say), no input pixel feeds two
+    outputs: the operator is block diagonal, one block per output pixel and group, the kernel restricted to
+    that pixel's in-bounds taps. Its singular values are those of the few distinct blocks (interior, edges,
+    corners), each repeated once per pixel that has it. None when fewer than k nonzero triplets exist this
+    way (the rest are zeros; Lanczos handles that case).
+    """
+    w, g = op.weight, op.geom
+    o, cg, kh, kw = w.shape
+    og = o // g.groups
+    t, _, left, _ = g.padding
+    rows = _tap_masks(op.out_shape[1], op.in_shape[1], g.stride[0], t, g.dilation[0], kh)
+    cols = _tap_masks(op.out_shape[2], op.in_shape[2], g.stride[1], left, g.dilation[1], kw)
+    candidates = []  # (sigma, order, u block, v block, group, row mask, col mask, pixels)
+    for rm, ri in rows.items():
+        for cm, ci in cols.items():
+            if not (any(rm) and any(cm)):
+                continue
+            for grp in range(g.groups):
+                block = w[grp * og:(grp + 1) * og][:, :, list(rm)][:, :, :, list(cm)]
+                u, sv, vh = torch.linalg.svd(block.reshape(og, -1), full_matrices=False)
+                pixels = [(i, j) for i in ri for j in ci]
+                candidates += [(float(sv[n]), len(candidates) + n, u[:, n], vh[n].reshape(cg, sum(rm), sum(cm)),
+                                grp, rm, cm, pixels) for n in range(len(sv))]
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    s, us, vs = [], [], []
+    for sigma, _, ub, vb, grp, rm, cm, pixels in candidates:
+        if sigma <= 0:
+            break
+        for i, j in pixels[:k - len(s)]:
+            u = w.new_zeros(op.out_shape)
+            u[grp * og:(grp + 1) * og, i, j] = ub
+            v = w.new_zeros(op.in_shape)
+            r_in = [i * g.stride[0] - t + a * g.dilation[0] for a in range(kh) if rm[a]]
+            c_in = [j * g.stride[1] - left + b * g.dilation[1] for b in range(kw) if cm[b]]
+            v[grp * cg:(grp + 1) * cg, r_in[0]:r_in[-1] + 1:g.dilation[0], c_in[0]:c_in[-1] + 1:g.dilation[1]] = vb
+            s.append(sigma)
+            us.append(u.reshape(-1))
+            vs.append(v.reshape(-1))
+        if len(s) == k:
+            return TopSingular(w.new_tensor(s), torch.stack(us), torch.stack(vs), 0.0, True, 0)
+    return None
+
+
 def top_singular(op: ConvOperator, k: int = 10, cfg: LanczosConfig = LanczosConfig()) -> TopSingular:
     """Top-``k`` singular values and vectors of ``op``, by Lanczos on the Gram operator of the smaller side."""
     k = min(k, op.n_in, op.n_out)
     if k < 1:
         raise ValueError(f"top_singular: k must be >= 1 (got {k})")
+    if op.geom.padding_mode == "zeros" and op.disjoint_patches:
+        exact = disjoint_top_singular(op, k)
+        if exact is not None:
+            return exact
     dtype, device = op.weight.dtype, op.weight.device
     block = block_size(k, cfg, op.structural_multiplicity)
     with torch.no_grad():
