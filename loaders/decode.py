@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from rankshard.preprocess.format.codec import decode_npy, decode_png
-from rankshard.preprocess.rank.factors import reconstruct_numpy
+from rankshard.preprocess.rank.factors import check_factors, reconstruct_numpy
 
 
 def _png(members: dict[str, bytes], k: int | None) -> np.ndarray:
@@ -34,11 +34,7 @@ def _raw(members: dict[str, bytes], k: int | None) -> np.ndarray:
 def decode_factors(members: dict[str, bytes], k: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stored float16 ``u [C,H,k]``, ``s [C,k]``, ``v [C,W,k]``: the first ``k`` (default all K) components."""
     u, s, v = (decode_npy(members[m]) for m in ("u.npy", "s.npy", "v.npy"))
-    k = s.shape[-1] if k is None else k
-    if not 0 <= k <= s.shape[-1]:
-        raise ValueError(f"rank {k} asked of factors that keep only {s.shape[-1]} components")
-    if u.shape[-1] != s.shape[-1] or v.shape[-1] != s.shape[-1]:
-        raise ValueError(f"factors do not fit together: u {u.shape}, s {s.shape}, v {v.shape}")
+    k = check_factors(u, s, v, k)  # per sample, so a bad one is skipped (on_error) with its key, not a batch
     return u[..., :k], s[..., :k], v[..., :k]
 
 

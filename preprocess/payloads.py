@@ -147,9 +147,10 @@ def to_host(payloads: dict[str, dict]) -> dict[str, dict]:
     """
     host = {name: {key: t.to("cpu", non_blocking=True) if torch.is_tensor(t) else t for key, t in arrays.items()}
             for name, arrays in payloads.items()}
-    if torch.cuda.is_available() and any(t.is_cuda for arrays in payloads.values() for t in arrays.values()
-                                         if torch.is_tensor(t)):
-        torch.cuda.synchronize()
+    # each device the copies came from (synchronize() alone waits for the *current* device only: cuda:0
+    # unless someone called set_device, while a torchrun rank or --device cuda:1 computes elsewhere)
+    for device in {t.device for arrays in payloads.values() for t in arrays.values() if torch.is_tensor(t) and t.is_cuda}:
+        torch.cuda.synchronize(device)
     return {name: {key: t.numpy() if torch.is_tensor(t) else t for key, t in arrays.items()}
             for name, arrays in host.items()}
 

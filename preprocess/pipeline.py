@@ -339,13 +339,15 @@ class Materializer:
             self._shards_here(pool, engine, todo, ctx, bar)
 
     def _shards_in_workers(self, pool, engine, todo: list[int], ctx: ShardContext, bar: Progress) -> None:
-        """CPU: each worker makes whole shards. A shard goes to a worker only once it has started and is
-        idle; until the first worker has started (spawn + torch import: seconds), this process makes
-        shards itself, so a small job does not wait for its workers."""
+        """CPU: each worker makes whole shards, handed out only to a worker that has started and is idle.
+
+        Until the first worker has started (spawn + torch import: seconds), this process makes small shards
+        itself, so a small job does not wait for its workers; a large shard (tens of seconds at 224x224) it
+        leaves to them, since started workers would sit idle until it finished.
+        """
         backend = engine.describe()["backend"]
-        tasks = collections.deque(ShardTask(i, self.layout.shard_name(i),
-                                            [(p, self._load_job(p)) for _, p in self._plan([i])], backend, ctx)
-                                  for i in todo)
+        here = self.spec.shard_size * self.image_size[0] * self.image_size[1] <= _MAIN_SHARD_PIXELS
+        tasks = collections.deque(todo)  # a ShardTask is built when handed out: its load jobs hold the images
         pending: list = []
         while tasks or pending:
             pool.poll()
@@ -353,15 +355,25 @@ class Materializer:
                 pending.remove(done)
                 self._done_in_worker(self._wait(done), bar)
             if tasks and pool.idle_ready():
-                task = tasks.popleft()
-                pending.append(pool.submit(make_shard, task, f"making shard {task.shard_name} (decode, SVD, encode, "
-                                                              f"write: {', '.join(v.name for v in self.variants)})"))
-            elif tasks and not pool.any_ready():
-                self._done_in_worker(make_shard(tasks.popleft()), bar)
-            elif pending:
+                task = self._shard_task(tasks.popleft(), backend, ctx)
+                pending.append(pool.submit(make_shard, task, self._making_what(task)))
+            elif tasks and here and not pool.any_ready():
+                self._done_in_worker(make_shard(self._shard_task(tasks.popleft(), backend, ctx)), bar)
+            elif tasks or pending:  # wait for an answer, a started worker, or a death
                 t0 = time.perf_counter()
                 pool.wait_any()
                 self.stats.write_wait += time.perf_counter() - t0
+
+    def _shard_task(self, index: int, backend: str, ctx: ShardContext) -> ShardTask:
+        return ShardTask(index, self.layout.shard_name(index), [(p, self._load_job(p)) for _, p in self._plan([index])],
+                         backend, ctx)
+
+    def _making_what(self, task: ShardTask) -> str:
+        first, last = task.chunks[0][0][0], task.chunks[-1][0][-1]
+        listing = getattr(self.source, "listing", None)
+        source = f", first: {listing.ids[self.order[first]]}" if listing is not None else ""
+        return (f"making shard {task.shard_name} (output positions {first}-{last}{source}; decode, SVD, encode, "
+                f"write: {', '.join(v.name for v in self.variants)})")
 
     def _done_in_worker(self, done: ShardDone, bar: Progress) -> None:
         self.stats.decode += done.decode
@@ -401,6 +413,11 @@ class Materializer:
         self.stats.images += n
         self.stats.skipped_files += len(records[0].get("errors", []))
         bar.update(n + len(records[0].get("errors", [])))
+
+
+# A shard this small (a CIFAR shard of 1000 is 1M pixels: about a second) is done by the main process while
+# no worker has started yet: sooner than a worker takes to start, so the job never waits for them.
+_MAIN_SHARD_PIXELS = 4 * 1024 * 1024
 
 
 def _make_dir(folder: Path) -> None:

@@ -183,7 +183,9 @@ class WorkerPool:
 
     def _step(self) -> None:
         """Wait until some worker answers or dies; record answers, raise WorkerDied on a death."""
-        busy = {w.conn: w for w in self.workers if w.task is not None}
+        # busy workers' answers, and the "ready" of workers still starting (so a caller scheduling by hand
+        # sees a worker the moment it starts, not when some busy one finishes)
+        busy = {w.conn: w for w in self.workers if w.task is not None or not w.ready}
         if not busy:
             raise RuntimeError("WorkerPool: waiting on a task that no worker holds")
         ready = set(wait([*busy, *(w.process.sentinel for w in self.workers)]))
@@ -235,7 +237,7 @@ class WorkerPool:
         return any(w.ready for w in self.workers)
 
     def wait_any(self) -> None:
-        """Block until some busy worker answers (or dies: WorkerDied)."""
+        """Block until some busy worker answers, a starting worker is ready, or one dies (WorkerDied)."""
         self._step()
 
     def _died(self, w: _Worker) -> None:

@@ -67,12 +67,15 @@ def _symmetric(w: torch.Tensor) -> torch.Tensor:
     return sum(turns + [t.flip(3) for t in turns]) / 8
 
 
-@pytest.mark.parametrize("case", ["symmetric kernel", "1x1 with padding", "dilation 3", "big grid"])
+@pytest.mark.parametrize("case", ["symmetric kernel", "1x1 with padding", "dilation 3", "big grid", "1x3", "3x1"])
 def test_zero_operator_finds_repeated_and_clustered_values(case):
-    """Exact multiplicities (kernel symmetries, disjoint patches, dilation's independent sub-grids) and the
-    tight clusters of a large grid, where a one-vector Krylov method would report each value once."""
+    """Exact multiplicities (kernel symmetries, disjoint patches, dilation's independent sub-grids, a 1-D
+    kernel's independent lines) and the tight clusters of a large grid, where a one-vector Krylov method
+    would report each value once."""
     o, c, k, hw, pad, dil = {"symmetric kernel": (4, 4, 3, (8, 8), 1, 1), "1x1 with padding": (5, 3, 1, (6, 7), 1, 1),
-                             "dilation 3": (3, 3, 3, (9, 9), 3, 3), "big grid": (3, 2, 3, (20, 20), 1, 1)}[case]
+                             "dilation 3": (3, 3, 3, (9, 9), 3, 3), "big grid": (3, 2, 3, (20, 20), 1, 1),
+                             "1x3": (3, 3, (1, 3), (12, 12), (0, 1), 1),
+                             "3x1": (3, 3, (3, 1), (12, 12), (1, 0), 1)}[case]
     conv = _module(o, c, k, 1, pad, False, dil, 1, seed=13)
     if case == "symmetric kernel":
         conv.weight.data = _symmetric(conv.weight.data)

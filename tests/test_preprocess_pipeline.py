@@ -120,12 +120,27 @@ def test_on_cpu_the_workers_make_whole_shards(built, tmp_path, monkeypatch):
     """With workers on CPU, SVD and encoding both run in the workers, so every core does numeric work: this
     process never decomposes a chunk, and the bytes equal those of the run that did everything in-process."""
     import rankshard.preprocess.pipeline as pipeline
+    import rankshard.preprocess.shardtask as shardtask
+
+    handed = []
+
+    class StartedPool(pipeline.WorkerPool):  # started before the job: the main process must hand out every shard
+        def __init__(self, n, preload=()):
+            super().__init__(n, preload)
+            while not all(w.ready for w in self.workers):
+                self.poll()
+                time.sleep(0.01)
+
+        def submit(self, fn, arg, what):
+            handed.append(what)
+            return super().submit(fn, arg, what)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the main process decomposed a chunk")
-    monkeypatch.setattr(pipeline, "decompose", refuse)
+    monkeypatch.setattr(pipeline, "WorkerPool", StartedPool)
+    monkeypatch.setattr(shardtask, "decompose", refuse)  # this process only: spawn workers import their own
     result = materialize_split(_source(), _spec(workers=2), tmp_path, show_progress=False)
-    assert _tar_bytes(tmp_path) == _tar_bytes(built[0])
+    assert len(handed) == 4 and _tar_bytes(tmp_path) == _tar_bytes(built[0])
     assert result["stats"]["svd"] > 0 and result["stats"]["shards_written"] == 4  # timed in the workers
 
 

@@ -108,12 +108,14 @@ class ConvOperator:
 
     @property
     def structural_multiplicity(self) -> int:
-        """How often every singular value is known to repeat, from the geometry alone: once per output pixel
-        for disjoint patches; for dilation d at stride 1, the ``dh*dw`` interleaved sub-grids never mix, and
-        share a value whenever they have the same size and borders."""
-        if self.disjoint_patches:
-            return self.out_shape[1] * self.out_shape[2]
-        return self.geom.dilation[0] * self.geom.dilation[1]
+        """How often singular values may repeat, known from the geometry alone (a Krylov block that wide
+        finds every copy). Per axis: an axis whose stride covers the dilated kernel splits into independent
+        output lines (a 1x7 kernel applies one 1-D operator to every row: up to one copy per row), dilation d
+        at stride 1 into d interleaved sub-grids; the axes' counts multiply."""
+        g, m = self.geom, 1
+        for s, d, k, n_out in zip(g.stride, g.dilation, self.weight.shape[2:], self.out_shape[1:]):
+            m *= n_out if s >= d * (k - 1) + 1 else (d if s == 1 else 1)
+        return m
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         t, b, left, r = self.geom.padding
@@ -272,7 +274,7 @@ def top_eigen_gram(gram, n: int, k: int, cfg: LanczosConfig, dtype: torch.dtype,
     cycle (each cycle's space contains the previous Ritz vectors), so a stalled value is a converged one.
     """
     keep, b = k + cfg.guard, block
-    size = max(cfg.basis, keep + 2 * b)  # room for the kept vectors and at least two blocks
+    size = max(cfg.basis, keep + 4 * b)  # room for the kept vectors and at least four blocks
     if n <= size:  # the whole space fits in one basis: the Gram matrix itself, exactly
         theta, x = torch.linalg.eigh(gram(torch.eye(n, dtype=dtype, device=device)))
         return theta.flip(0)[:k], x.flip(1)[:, :k].T.contiguous(), 0.0, True, n

@@ -24,7 +24,8 @@ class Factors(NamedTuple):
     v: torch.Tensor
 
 
-def _check(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, k: int | None) -> int:
+def check_factors(u, s, v, k: int | None) -> int:
+    """The rank to use (default K), after checking that the shapes fit together (torch or numpy)."""
     K = s.shape[-1]
     if u.ndim != s.ndim + 1 or v.ndim != s.ndim + 1 or u.shape[-1] != K or v.shape[-1] != K \
             or u.shape[:-2] != s.shape[:-1] or v.shape[:-2] != s.shape[:-1]:
@@ -47,9 +48,11 @@ def reconstruct(u, s, v, k: int | None = None, device: str | torch.device | None
     multiplied there, so a GPU does the work for a batch of factors handed over by the loader.
     """
     u, s, v = (torch.as_tensor(t) for t in (u, s, v))
-    k = _check(u, s, v, k)
+    k = check_factors(u, s, v, k)
     device = u.device if device is None else torch.device(device)
-    u, s, v = (t[..., :k].to(device, non_blocking=True).to(dtype) for t in (u, s, v))
+    # non-blocking only towards a GPU (queued before the matmul on its stream); a copy to the host must have
+    # landed before the CPU multiplies
+    u, s, v = (t[..., :k].to(device, non_blocking=device.type == "cuda").to(dtype) for t in (u, s, v))
     # [..., H, k] * [..., 1, k] @ [..., k, W]: one batched matmul (k = 0 gives zeros)
     return torch.matmul(u * s.unsqueeze(-2), v.transpose(-1, -2))
 
