@@ -2,10 +2,11 @@
 and scaling from 1 worker to W.
 
 Writes an ILSVRC-like train tree of synthetic natural JPEGs (sizes around ImageNet's ~400x350), then runs
-the real ``imagenet`` pipeline in this process, ranks {30,40,50,100} + full + spectra: with W workers, the
-identical job with ``--backend none`` (every stage but the SVD: the floor), and with 1 worker. Rounds are
-interleaved; median and best kept. Goals (issue #13): with SVD >= 0.85 of the floor; scaling efficiency
-img/s(W) / (W x img/s(1)) >= 0.85.
+the real ``imagenet`` pipeline in this process, ranks {30,40,50,100} + full + spectra: with the default
+workers (cores - 1, plus the main process on CPU), the identical job with ``--backend none`` (every stage but
+the SVD: the floor), and in one process (``--workers 0``). Rounds are interleaved; median and best kept.
+Goals (issue #13): with SVD >= 0.85 of the floor; scaling efficiency img/s(P) / (P x img/s(1)) >= 0.85 for
+P = cores processes.
 
     python benchmarks/bench_imagenet_pipeline.py [--quick] [--images N] [--workers W] [--rounds 3]
 """
@@ -27,6 +28,7 @@ import torch  # noqa: E402
 
 from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
 from rankshard.preprocess.imagejob import Placement, imagenet_source, run_image_job  # noqa: E402
+from rankshard.preprocess.devices import process_cores  # noqa: E402
 from rankshard.preprocess.options import default_workers  # noqa: E402
 from rankshard.preprocess.sources.images import Geometry  # noqa: E402
 from rankshard.preprocess.pipeline import peak_rss_mb  # noqa: E402
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 images instead of 1000")
     parser.add_argument("--images", type=int, default=None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--workers", type=int, default=default_workers(device))
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     images = args.images or (200 if args.quick else 1000)
@@ -76,7 +78,7 @@ def main() -> None:
     load_start = os.getloadavg()
     try:
         write_tree(tmp / "src", images)
-        contenders = {"svd": ("auto", args.workers), "no_svd": ("none", args.workers), "svd_1_worker": ("auto", 1)}
+        contenders = {"svd": ("auto", args.workers), "no_svd": ("none", args.workers), "svd_one_process": ("auto", 0)}
         runs = interleaved({name: (lambda b=b, w=w, n=name: run(tmp / "src", tmp / f"out-{n}", b, w, device))
                             for name, (b, w) in contenders.items()}, args.rounds)
     finally:
@@ -84,9 +86,10 @@ def main() -> None:
     for rec in runs.values():
         rec["images_per_s"] = round(images / rec["median_seconds"], 2)
     med = {name: rec["median_seconds"] for name, rec in runs.items()}
+    cores = process_cores() if device == "cpu" else args.workers
     ratios = {"svd_vs_no_svd": round(med["no_svd"] / med["svd"], 3),
               "svd_vs_no_svd_best": round(min(runs["no_svd"]["rounds"]) / min(runs["svd"]["rounds"]), 3),
-              f"scaling_efficiency_1_to_{args.workers}": round(med["svd_1_worker"] / (args.workers * med["svd"]), 3)}
+              f"scaling_efficiency_1_to_{cores}_processes": round(med["svd_one_process"] / (cores * med["svd"]), 3)}
     provenance = {"device": device, "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                   "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "workers": args.workers,
                   "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),

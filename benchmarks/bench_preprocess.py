@@ -4,9 +4,9 @@ itself with the SVD disabled (the I/O floor), all measured in the same run.
 Straightforward pipeline (the baseline a user would write first): one process; per image, per channel
 ``np.linalg.svd``; each rank reconstructed and rounded; PIL PNG at the same zlib level as ours (PIL's
 default 6 would charge the baseline for a different trade-off); one ``webdataset.ShardWriter`` per
-variant. rankshard: ``materialize_split`` with its defaults (on CPU each worker makes whole shards:
-batched SVD, quantization, vectorized PNG, tar). Scaling efficiency: the same job with 1 worker and with
-``--workers``, img/s(W) / (W x img/s(1)). Rounds are interleaved; median and best kept. Goals (issue #13):
+variant. rankshard: ``materialize_split`` with its defaults (on CPU cores - 1 workers and the main process
+each make whole shards: batched SVD, quantization, vectorized PNG, tar). Scaling efficiency: the same job
+in one process (``--workers 0``) and with the default P = cores processes, img/s(P) / (P x img/s(1)). Rounds are interleaved; median and best kept. Goals (issue #13):
 >= 2.5x the straightforward pipeline and >= 0.9 of rankshard's own SVD-free floor, at 4k and 60k images;
 scaling >= 0.85.
 
@@ -32,6 +32,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
+from rankshard.preprocess.devices import process_cores  # noqa: E402
+from rankshard.preprocess.options import default_workers  # noqa: E402
 from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
 from rankshard.preprocess.spec import ShardSpec  # noqa: E402
 from rankshard.preprocess.sources.synth import CIFAR10_CLASSES, labelled_images  # noqa: E402
@@ -106,13 +108,13 @@ def _contenders(images, labels, tmp: Path, workers: int) -> dict:
             "straightforward_no_svd": run("straightforward_no_svd", straightforward, svd=False),
             "rankshard": run("rankshard", rankshard, workers=workers),
             "rankshard_no_svd": run("rankshard_no_svd", rankshard, workers=workers, svd=False),
-            "rankshard_1_worker": run("rankshard_1_worker", rankshard, workers=1)}
+            "rankshard_one_process": run("rankshard_one_process", rankshard, workers=0)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--workers", type=int, default=default_workers(), help="default: cores - 1 (+ the main process)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median and best are kept")
     parser.add_argument("--only", default=None, help="comma-separated contenders (default: all five)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/preprocess-cpu-<images>.json")
@@ -135,7 +137,7 @@ def main() -> None:
         "rankshard_vs_straightforward": ("straightforward", "rankshard", 1),
         "rankshard_share_of_its_io_floor": ("rankshard_no_svd", "rankshard", 1),
         "straightforward_share_of_its_io_floor": ("straightforward_no_svd", "straightforward", 1),
-        f"scaling_efficiency_1_to_{args.workers}_workers": ("rankshard_1_worker", "rankshard", args.workers),
+        f"scaling_efficiency_1_to_{process_cores()}_processes": ("rankshard_one_process", "rankshard", process_cores()),
     }
     ratios = {k: med[a] / (w * med[b]) for k, (a, b, w) in wanted.items() if a in med and b in med}
     provenance = {"device": "cpu", "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__,

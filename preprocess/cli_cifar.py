@@ -37,7 +37,7 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
                 "checksum_verified": data.checksum_verified}
         src = ArraySource(data.images, data.labels, data.source_ids, data.classes, info)
         spec = ShardSpec(dataset="cifar10", split=split, shuffle=(split == "train"), device=resolved,
-                         workers=default_workers(resolved) if workers is None else workers,
+                         workers=default_workers() if workers is None else workers,
                          **sized(options, shard_size=1000, batch_size=1000))
         print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet,
                                         rank=placement.rank, world=placement.world))

@@ -29,7 +29,7 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
     source = make_source(geometry, cache_dir(out, dataset, split))
     device = str(placement.device(device))
     spec = ShardSpec(dataset=dataset, split=split, shuffle=(split == "train") if shuffle is None else shuffle,
-                     device=device, workers=default_workers(device) if workers is None else workers,
+                     device=device, workers=default_workers() if workers is None else workers,
                      **sized(opts, **IMAGE_SIZES))
     print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet))
 

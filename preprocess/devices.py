@@ -85,3 +85,8 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def process_cores() -> int:
+    """The cores this process may use: the machine's, shared among torchrun's ranks on this node."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

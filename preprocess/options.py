@@ -5,7 +5,6 @@ them; nothing imports ``cli`` back, so there is no import cycle between the comm
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -32,17 +31,18 @@ def _out_location(ctx, param, value: str) -> Path | str:
     return value if is_url(value) else Path(value)
 
 
-def default_workers(device: str = "cpu") -> int:
+def default_workers() -> int:
     """Worker processes when --workers is not given.
 
-    On CPU every core runs a worker that makes whole shards (decode, SVD, encode, write), and the main
-    process only hands them out. With a GPU, the main process runs the numeric chain on it and keeps a core.
+    cores - 1 either way. On CPU each worker makes whole shards (decode, SVD, encode, write) and the main
+    process makes them too, as the last core's worker; with a GPU, the main process runs the numeric chain
+    on it.
     Each CPU worker holds a batch's arrays: about 6.5 MB per 224x224 image with ranks 30,40,50,100 + full +
     spectra (1.6 GB at the image default --batch-size 250): lower --workers or --batch-size to fit memory.
     """
-    # under torchrun, the node's cores are shared by its LOCAL_WORLD_SIZE ranks
-    cores = max(1, (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return cores if str(device) == "cpu" else max(1, cores - 1)
+    from rankshard.preprocess.devices import process_cores
+
+    return max(1, process_cores() - 1)
 
 
 def sized(options: dict, **defaults) -> dict:
@@ -93,7 +93,7 @@ def shard_options(fn):
                           "cuda:1."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: one per core on CPU, cores - 1 with a GPU; 0: none, all in this process)."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: cores - 1; the main process makes shards too on CPU; 0: all in this process)."),
         click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
         quiet_option,
     ])

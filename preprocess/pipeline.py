@@ -24,9 +24,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import multiprocessing as mp
 import os
 import resource
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +38,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from rankshard.preprocess.devices import Placement, torch_threads
+from rankshard.preprocess.devices import Placement, process_cores, torch_threads
 from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, check_on_error
 from rankshard.preprocess.payloads import make_engine
 from rankshard.preprocess.shardtask import ShardContext, ShardDone, ShardTask, decompose, make_shard, shard_job
@@ -46,7 +49,7 @@ from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
 from rankshard.preprocess.writer import write_shard_job
-from rankshard.preprocess.workers import WorkerPool
+from rankshard.preprocess.workers import Interrupted, WorkerPool
 
 
 class Source(Protocol):
@@ -339,30 +342,38 @@ class Materializer:
             self._shards_here(pool, engine, todo, ctx, bar)
 
     def _shards_in_workers(self, pool, engine, todo: list[int], ctx: ShardContext, bar: Progress) -> None:
-        """CPU: each worker makes whole shards, handed out only to a worker that has started and is idle.
+        """CPU: workers make whole shards, handed out only to a worker that has started and is idle; this
+        process makes shards too, in a thread, while it keeps handing them out.
 
-        Until the first worker has started (spawn + torch import: seconds), this process makes small shards
-        itself, so a small job does not wait for its workers; a large shard (tens of seconds at 224x224) it
-        leaves to them, since started workers would sit idle until it finished.
+        It does so whenever the pool leaves a core free (the default: cores - 1 workers, this process the
+        last core's worker), and otherwise only while no worker has started yet (spawn + torch import:
+        seconds) and for small shards, so a small job never waits for its workers.
         """
         backend = engine.describe()["backend"]
-        here = self.spec.shard_size * self.image_size[0] * self.image_size[1] <= _MAIN_SHARD_PIXELS
+        small = self.spec.shard_size * self.image_size[0] * self.image_size[1] <= _MAIN_SHARD_PIXELS
+        spare_core = len(pool.workers) < process_cores()
         tasks = collections.deque(todo)  # a ShardTask is built when handed out: its load jobs hold the images
         pending: list = []
-        while tasks or pending:
-            pool.poll()
-            for done in [t for t in pending if t.done]:
-                pending.remove(done)
-                self._done_in_worker(self._wait(done), bar)
-            if tasks and pool.idle_ready():
-                task = self._shard_task(tasks.popleft(), backend, ctx)
-                pending.append(pool.submit(make_shard, task, self._making_what(task)))
-            elif tasks and here and not pool.any_ready():
-                self._done_in_worker(make_shard(self._shard_task(tasks.popleft(), backend, ctx)), bar)
-            elif tasks or pending:  # wait for an answer, a started worker, or a death
-                t0 = time.perf_counter()
-                pool.wait_any()
-                self.stats.write_wait += time.perf_counter() - t0
+        here = _ShardThread()
+        try:
+            while tasks or pending or here.busy:
+                pool.poll()
+                for done in [t for t in pending if t.done]:
+                    pending.remove(done)
+                    self._done_in_worker(self._wait(done), bar)
+                if here.finished():
+                    self._done_in_worker(here.take(), bar)
+                if tasks and pool.idle_ready():
+                    task = self._shard_task(tasks.popleft(), backend, ctx)
+                    pending.append(pool.submit(make_shard, task, self._making_what(task)))
+                elif tasks and not here.busy and (spare_core or (small and not pool.any_ready())):
+                    here.start(self._shard_task(tasks.popleft(), backend, ctx))
+                elif tasks or pending or here.busy:  # an answer, a started worker, a death, or our own shard
+                    t0 = time.perf_counter()
+                    pool.wait_any(extra=(here.wake,) if here.busy else ())
+                    self.stats.write_wait += time.perf_counter() - t0
+        finally:
+            here.close()
 
     def _shard_task(self, index: int, backend: str, ctx: ShardContext) -> ShardTask:
         return ShardTask(index, self.layout.shard_name(index), [(p, self._load_job(p)) for _, p in self._plan([index])],
@@ -413,6 +424,50 @@ class Materializer:
         self.stats.images += n
         self.stats.skipped_files += len(records[0].get("errors", []))
         bar.update(n + len(records[0].get("errors", [])))
+
+
+class _ShardThread:
+    """One shard at a time made by this process, in a thread (numpy, torch and zlib release the GIL), so
+    the scheduling loop keeps handing shards to workers meanwhile; ``wake`` becomes readable when it ends."""
+
+    def __init__(self):
+        self.wake, self._tx = mp.Pipe(duplex=False)
+        self.thread: threading.Thread | None = None
+        self.outcome: tuple = ()
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None
+
+    def start(self, task: ShardTask) -> None:
+        def run():
+            try:
+                self.outcome = (make_shard(task), None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by take() in the scheduling thread
+                self.outcome = (None, exc)
+            finally:
+                self._tx.send_bytes(b"")
+        self.thread = threading.Thread(target=run, name="rankshard-shard", daemon=True)
+        self.thread.start()
+
+    def finished(self) -> bool:
+        return self.busy and self.wake.poll()
+
+    def take(self) -> ShardDone:
+        self.wake.recv_bytes()
+        self.thread.join()
+        (done, error), self.thread, self.outcome = self.outcome, None, ()
+        if error is not None:
+            raise error
+        return done
+
+    def close(self) -> None:
+        """On the way out: an error elsewhere waits for the shard in hand (it finishes or is never renamed
+        into place); Ctrl-C and SIGTERM do not, the thread is a daemon and dies with the process."""
+        if self.busy and not isinstance(sys.exc_info()[1], (KeyboardInterrupt, Interrupted)):
+            self.thread.join()
+        self.wake.close()
+        self._tx.close()
 
 
 # A shard this small (a CIFAR shard of 1000 is 1M pixels: about a second) is done by the main process while

@@ -181,14 +181,15 @@ class WorkerPool:
                     self._died(w)
                 w.task.arg = None  # the worker has its copy; don't keep a shard's arrays alive twice
 
-    def _step(self) -> None:
-        """Wait until some worker answers or dies; record answers, raise WorkerDied on a death."""
+    def _step(self, extra: tuple = ()) -> None:
+        """Wait until some worker answers or dies, or one of ``extra`` (connections of the caller's own) is
+        readable; record answers, raise WorkerDied on a death."""
         # busy workers' answers, and the "ready" of workers still starting (so a caller scheduling by hand
         # sees a worker the moment it starts, not when some busy one finishes)
         busy = {w.conn: w for w in self.workers if w.task is not None or not w.ready}
-        if not busy:
+        if not busy and not extra:
             raise RuntimeError("WorkerPool: waiting on a task that no worker holds")
-        ready = set(wait([*busy, *(w.process.sentinel for w in self.workers)]))
+        ready = set(wait([*busy, *(w.process.sentinel for w in self.workers), *extra]))
         for conn, w in busy.items():
             if conn in ready or w.process.sentinel in ready:
                 self._receive(w)  # its answer, or end-of-file if it died -> WorkerDied
@@ -236,9 +237,10 @@ class WorkerPool:
     def any_ready(self) -> bool:
         return any(w.ready for w in self.workers)
 
-    def wait_any(self) -> None:
-        """Block until some busy worker answers, a starting worker is ready, or one dies (WorkerDied)."""
-        self._step()
+    def wait_any(self, extra: tuple = ()) -> None:
+        """Block until some busy worker answers, a starting worker is ready, one dies (WorkerDied), or one of
+        ``extra`` is readable (a caller's own work finishing)."""
+        self._step(extra)
 
     def _died(self, w: _Worker) -> None:
         w.process.join(timeout=2)  # the sentinel fired, so the exit code is there (or arrives at once)
