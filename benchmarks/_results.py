@@ -1,7 +1,9 @@
 """Where every benchmark writes its JSON (imported by the scripts beside it)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,6 +29,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@contextlib.contextmanager
+def one_core():
+    """Run the block pinned to one core (Linux affinity): the one-process baseline of a scaling figure, with
+    every library that sizes its thread pool by the allowed cores (rankshard's torch share included) on 1."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def interleaved(contenders: dict, rounds: int, report=print) -> dict:

@@ -4,7 +4,7 @@ and scaling from 1 worker to W.
 Writes an ILSVRC-like train tree of synthetic natural JPEGs (sizes around ImageNet's ~400x350), then runs
 the real ``imagenet`` pipeline in this process, ranks {30,40,50,100} + full + spectra: with the default
 workers (cores - 1, plus the main process on CPU), the identical job with ``--backend none`` (every stage but
-the SVD: the floor), and in one process (``--workers 0``). Rounds are interleaved; median and best kept.
+the SVD: the floor), and in one process pinned to one core (``--workers 0``). Rounds are interleaved; median and best kept.
 Goals (issue #13): with SVD >= 0.85 of the floor; scaling efficiency img/s(P) / (P x img/s(1)) >= 0.85 for
 P = cores processes.
 
@@ -13,6 +13,7 @@ P = cores processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
+from benchmarks._results import cpu_model, interleaved, one_core, write_result  # noqa: E402
 from rankshard.preprocess.imagejob import Placement, imagenet_source, run_image_job  # noqa: E402
 from rankshard.preprocess.devices import process_cores  # noqa: E402
 from rankshard.preprocess.options import default_workers  # noqa: E402
@@ -79,8 +80,11 @@ def main() -> None:
     try:
         write_tree(tmp / "src", images)
         contenders = {"svd": ("auto", args.workers), "no_svd": ("none", args.workers), "svd_one_process": ("auto", 0)}
-        runs = interleaved({name: (lambda b=b, w=w, n=name: run(tmp / "src", tmp / f"out-{n}", b, w, device))
-                            for name, (b, w) in contenders.items()}, args.rounds)
+        def go(name, backend, workers):
+            with one_core() if workers == 0 and device == "cpu" else contextlib.nullcontext():
+                return run(tmp / "src", tmp / f"out-{name}", backend, workers, device)
+        runs = interleaved({name: (lambda n=name, b=b, w=w: go(n, b, w)) for name, (b, w) in contenders.items()},
+                           args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for rec in runs.values():

@@ -6,7 +6,8 @@ Straightforward pipeline (the baseline a user would write first): one process; p
 default 6 would charge the baseline for a different trade-off); one ``webdataset.ShardWriter`` per
 variant. rankshard: ``materialize_split`` with its defaults (on CPU cores - 1 workers and the main process
 each make whole shards: batched SVD, quantization, vectorized PNG, tar). Scaling efficiency: the same job
-in one process (``--workers 0``) and with the default P = cores processes, img/s(P) / (P x img/s(1)). Rounds are interleaved; median and best kept. Goals (issue #13):
+in one process pinned to one core (``--workers 0``) and with the default P = cores processes,
+img/s(P) / (P x img/s(1)). Rounds are interleaved; median and best kept. Goals (issue #13):
 >= 2.5x the straightforward pipeline and >= 0.9 of rankshard's own SVD-free floor, at 4k and 60k images;
 scaling >= 0.85.
 
@@ -15,6 +16,7 @@ scaling >= 0.85.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -31,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks._results import cpu_model, interleaved, write_result  # noqa: E402
+from benchmarks._results import cpu_model, interleaved, one_core, write_result  # noqa: E402
 from rankshard.preprocess.devices import process_cores  # noqa: E402
 from rankshard.preprocess.options import default_workers  # noqa: E402
 from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
@@ -98,17 +100,18 @@ def rankshard(images, labels, out: Path, workers: int, svd: bool = True) -> dict
 
 
 def _contenders(images, labels, tmp: Path, workers: int) -> dict:
-    def run(name, fn, **kw):
+    def run(name, fn, pinned=False, **kw):
         def go():
             shutil.rmtree(tmp / name, ignore_errors=True)
-            stats = fn(images, labels, tmp / name, **kw)
+            with one_core() if pinned else contextlib.nullcontext():
+                stats = fn(images, labels, tmp / name, **kw)
             return {"stage_seconds": {k: stats[k] for k in ("read", "svd", "encode_write", "peak_rss_mb")}} if stats else None
         return go
     return {"straightforward": run("straightforward", straightforward),
             "straightforward_no_svd": run("straightforward_no_svd", straightforward, svd=False),
             "rankshard": run("rankshard", rankshard, workers=workers),
             "rankshard_no_svd": run("rankshard_no_svd", rankshard, workers=workers, svd=False),
-            "rankshard_one_process": run("rankshard_one_process", rankshard, workers=0)}
+            "rankshard_one_process": run("rankshard_one_process", rankshard, workers=0, pinned=True)}
 
 
 def main() -> None:

@@ -88,5 +88,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def process_cores() -> int:
-    """The cores this process may use: the machine's, shared among torchrun's ranks on this node."""
-    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    """The cores this process may use: those its CPU affinity allows (a container's or ``taskset``'s share,
+    not the machine's count), shared among torchrun's ranks on this node."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, allowed // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))

@@ -25,7 +25,6 @@ import collections
 import contextlib
 import itertools
 import multiprocessing as mp
-import os
 import resource
 import shutil
 import sys
@@ -152,7 +151,7 @@ def _cpu_share(workers: int):
     Oversubscribed, torch's thread pool made the small per-batch tensor ops 2-3x slower (measured on 2
     cores: quantization 1.2 s -> 0.5 s per 3000 CIFAR images with one thread instead of two).
     """
-    with torch_threads((os.cpu_count() or 1) - workers):
+    with torch_threads(process_cores() - workers):
         yield
 
 
