@@ -445,7 +445,8 @@ class _ShardThread:
             except BaseException as exc:  # noqa: BLE001 - re-raised by take() in the scheduling thread
                 self.outcome = (None, exc)
             finally:
-                self._tx.send_bytes(b"")
+                with contextlib.suppress(OSError):  # closed: the job was interrupted and did not wait
+                    self._tx.send_bytes(b"")
         self.thread = threading.Thread(target=run, name="rankshard-shard", daemon=True)
         self.thread.start()
 
