@@ -5,7 +5,9 @@
 Both sides compute the exact circular operator spectrum of every Conv2d at the resolution it sees
 (stride > 1 through the polyphase kernel). Baseline, what a numpy user writes: ``np.fft.fft2`` of the
 zero-padded kernel, then ONE stacked ``np.linalg.svd(compute_uv=False)`` over all ``H x W`` frequencies
-(no conjugate symmetry). An earlier version looped in Python over the frequencies: a strawman. Also timed: the full analysis (unfolded + operator spectra, RMT statistics,
+(no conjugate symmetry), in the same precision as ours (complex64 for --dtype float32). An earlier version
+looped in Python over the frequencies: a strawman. ``--rounds`` (3) repeats both; median and best kept.
+Also timed: the full analysis (unfolded + operator spectra, RMT statistics,
 permuted baselines) as a user runs it. ``--quick`` times the baseline on every 4th conv only and scales
 nothing: the ratio is over the same layer subset. Writes benchmarks/results/weights-cpu.json.
 
@@ -23,6 +25,7 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._results import cpu_model  # noqa: E402
 from rankshard.evaluate.weights.spectra import (WeightsConfig, analyse_model, conv_operator_svdvals, discover_layers,  # noqa: E402
                               dilate_kernel, drop_zero_channels, operator_grid, polyphase_kernel)
 
@@ -42,7 +46,8 @@ def build_model() -> tuple[torch.nn.Module, str]:
     return project_build("resnet50", "imagenet", 1000), "rankshard.train.models.build_model('resnet50', 'imagenet', 1000)"
 
 
-def stacked_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups) -> np.ndarray:
+def stacked_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, dilation, groups,
+                             cdtype=np.complex128) -> np.ndarray:
     """Baseline: full fft2, then one stacked np.linalg.svd over every frequency (per group).
 
     It shares the kernel preparation (dilation, polyphase, dropping all-zero channels) with the batched
@@ -54,13 +59,17 @@ def stacked_operator_svdvals(weight: np.ndarray, hw: tuple[int, int], stride, di
     kernel, zeros = drop_zero_channels(kernel, (m1, m2))
     out = [np.zeros(zeros)]
     for g in range(groups):
-        spec = np.fft.fft2(kernel[g].numpy(), s=(m1, m2))  # [o, c, m1, m2]
+        spec = np.fft.fft2(kernel[g].numpy(), s=(m1, m2)).astype(cdtype, copy=False)  # [o, c, m1, m2]
         out.append(np.linalg.svd(spec.transpose(2, 3, 0, 1), compute_uv=False).ravel())  # [m1, m2, o, c] stack
     return np.sort(np.concatenate(out))[::-1]
 
 
+NUMPY_COMPLEX = {torch.complex64: np.complex64, torch.complex128: np.complex128}
+
+
 def time_spectra(layers, dtype: torch.dtype) -> tuple[float, float, float]:
-    """(batched seconds, loop seconds, max relative difference of the two spectra) over conv layers."""
+    """(batched seconds, stacked-numpy seconds, max relative difference of the two spectra) over conv layers,
+    both sides in the same precision (``dtype``: complex64 or complex128)."""
     t_fast = t_loop = 0.0
     worst = 0.0
     for info in layers:
@@ -68,7 +77,7 @@ def time_spectra(layers, dtype: torch.dtype) -> tuple[float, float, float]:
         fast = conv_operator_svdvals(info.weight, info.input_hw, info.stride, info.dilation, info.groups, dtype)
         t1 = time.perf_counter()
         ref = stacked_operator_svdvals(info.weight.double().numpy(), info.input_hw, info.stride,
-                                    info.dilation, info.groups)
+                                       info.dilation, info.groups, NUMPY_COMPLEX[dtype])
         t2 = time.perf_counter()
         t_fast, t_loop = t_fast + t1 - t0, t_loop + t2 - t1
         print(f"  {info.name:24s} {tuple(info.weight.shape)} at {info.input_hw} stride {info.stride}: "
@@ -82,6 +91,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="time both sides on every 4th conv only")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of both sides; median and best kept")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "weights-cpu.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -90,7 +100,9 @@ def main() -> None:
     convs = [layer for layer in discover_layers(model, cfg) if layer.kind == "conv"]
     subset = convs[::4] if args.quick else convs
     cdtype = {"float32": torch.complex64, "float64": torch.complex128}[args.dtype]
-    t_fast, t_loop, worst = time_spectra(subset, cdtype)
+    rounds = [time_spectra(subset, cdtype) for _ in range(args.rounds)]  # each round times both, layer by layer
+    fast, loop = [r[0] for r in rounds], [r[1] for r in rounds]
+    t_fast, t_loop, worst = statistics.median(fast), statistics.median(loop), max(r[2] for r in rounds)
     t0 = time.perf_counter()
     results = analyse_model(model, cfg)
     t_full = time.perf_counter() - t0
@@ -101,13 +113,16 @@ def main() -> None:
                                          * min(c.weight.shape[0] // c.groups, c.weight.shape[1] * np.prod(c.stride))
                                          for c in subset)),
         "batched_operator_s": round(t_fast, 3), "stacked_numpy_operator_s": round(t_loop, 3),
-        "ratio_stacked_numpy_over_batched": round(t_loop / t_fast, 2), "max_rel_diff": worst,
+        "rounds": args.rounds, "batched_rounds_s": [round(x, 3) for x in fast],
+        "stacked_numpy_rounds_s": [round(x, 3) for x in loop],
+        "ratio_stacked_numpy_over_batched": round(t_loop / t_fast, 2),
+        "ratio_best": round(min(loop) / min(fast), 2), "max_rel_diff": worst,
         "load_average": os.getloadavg(),
         "full_analysis_s": round(t_full, 3), "full_analysis_layers": len(results),
         "full_analysis_includes": "unfolded+operator spectra, RMT stats, permuted baselines",
         "threads_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                         "OPENBLAS_NUM_THREADS")},
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": "cpu", "cpu": cpu_model(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
     }
     print(json.dumps(record, indent=1))
