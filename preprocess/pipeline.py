@@ -310,10 +310,14 @@ class Materializer:
             yield shard, positions, loaded
 
     def _decode_what(self, shard: int, positions: np.ndarray) -> str:
-        listing = getattr(self.source, "listing", None)
-        first = listing.ids[self.order[positions[0]]] if listing is not None else None
+        first = self._source_id(positions[0])
         return (f"decoding the images at output positions {positions[0]}-{positions[-1]} of shard "
                 f"{self.layout.shard_name(shard)}" + (f" (first: {first})" if first else ""))
+
+    def _source_id(self, position: int) -> str | None:
+        """The file behind an output position, for messages (file sources only)."""
+        listing = getattr(self.source, "listing", None)
+        return listing.ids[self.order[position]] if listing is not None else None
 
     def _load_job(self, positions: np.ndarray):
         return self.source.load_job(self.order[positions], positions)
@@ -380,8 +384,7 @@ class Materializer:
 
     def _making_what(self, task: ShardTask) -> str:
         first, last = task.chunks[0][0][0], task.chunks[-1][0][-1]
-        listing = getattr(self.source, "listing", None)
-        source = f", first: {listing.ids[self.order[first]]}" if listing is not None else ""
+        source = f", first: {self._source_id(first)}" if self._source_id(first) else ""
         return (f"making shard {task.shard_name} (output positions {first}-{last}{source}; decode, SVD, encode, "
                 f"write: {', '.join(v.name for v in self.variants)})")
 
