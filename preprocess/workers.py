@@ -57,6 +57,17 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def own_peak_rss_mb() -> float | None:
     """This process's own peak resident memory in MB (Linux ``VmHWM``), None where /proc is missing.
 
@@ -65,14 +76,14 @@ def own_peak_rss_mb() -> float | None:
     after a vfork the old one is the *parent's*, so a 28 MB worker of a main process that had peaked at
     526 MB reports 526 MB (and so does ``RUSAGE_CHILDREN`` in the parent). ``VmHWM`` starts afresh at exec.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _status_mb("VmHWM")
+
+
+def own_rss_mb() -> float | None:
+    """This process's resident memory now, MB (Linux ``VmRSS``). Taken between tasks, after the heap is
+    trimmed, it is what a worker *holds* from one task to the next: the figure a leak makes grow. (The peak
+    is a maximum over every task, so it can creep up with the number of tasks without anything being kept.)"""
+    return _status_mb("VmRSS")
 
 
 def _trim_heap() -> None:
@@ -87,8 +98,9 @@ def _trim_heap() -> None:
 
 
 def _serve(conn, preload: tuple[str, ...] = ()) -> None:
-    """Worker loop: receive (fn, arg), send back ("ok", result, None, peak RSS) or ("error", exception,
-    traceback text, peak RSS); the peak is the worker's own (``own_peak_rss_mb``)."""
+    """Worker loop: receive (fn, arg), send back ("ok", result, None, memory) or ("error", exception,
+    traceback text, memory); memory is (own peak RSS, RSS held after the task), see ``own_peak_rss_mb`` and
+    ``own_rss_mb``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _die_with_parent()
     for module in preload:  # while the main process still sets up, not when the first task arrives
@@ -103,15 +115,17 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
             reply = ("ok", fn(arg), None)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process
             reply = ("error", exc, traceback.format_exc())
-        try:
-            conn.send((*reply, own_peak_rss_mb()))
-        except Exception as exc:  # an unpicklable exception or result: send its text instead
-            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc(),
-                       own_peak_rss_mb()))
-        # Drop this task's argument and result before waiting for the next: held through the next recv(),
-        # a shard job's arrays (~13 MB for 1000 CIFAR images x 5 variants) would sit beside the next one's.
-        del fn, arg, reply
+        # Drop this task's argument before answering: held through the next recv(), a shard job's arrays
+        # (~13 MB for 1000 CIFAR images x 5 variants) would sit beside the next one's. The result (a shard's
+        # summary) is small.
+        del fn, arg
         _trim_heap()
+        memory = (own_peak_rss_mb(), own_rss_mb())
+        try:
+            conn.send((*reply, memory))
+        except Exception as exc:  # an unpicklable exception or result: send its text instead
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc(), memory))
+        del reply
 
 
 class Task:
@@ -139,6 +153,7 @@ class _Worker:
         self.used = False
         self.ready = False  # it said it has started (imported its preload) and reads its pipe
         self.peak_rss_mb: float | None = None  # its own peak, as it last reported it
+        self.held_mb: list[float] = []  # its resident memory after each task (trimmed): flat unless it leaks
 
 
 class _RemoteTraceback(Exception):
@@ -208,7 +223,9 @@ class WorkerPool:
             return
         task, w.task = w.task, None
         task.done = True
-        kind, value, text, w.peak_rss_mb = reply
+        kind, value, text, (w.peak_rss_mb, held) = reply
+        if held is not None:
+            w.held_mb.append(held)
         if kind == "ok":
             task.value = value
         else:
