@@ -31,6 +31,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def eigh_seconds(images) -> float:
+    """What an exact per-channel decomposition of ``images`` (uint8 NHWC) costs at the least on one CPU thread,
+    seconds: the float64 eigendecomposition of each channel's Gram matrix (LAPACK through torch; the fastest
+    exact route measured here: ``np.linalg.eigh`` ties, every SVD driver is slower). Best of 3.
+
+    It bounds how close a pipeline that decomposes on the CPU can come to its SVD-free floor: with P processes
+    sharing this work perfectly, floor / (floor + eigh_seconds / P) at most.
+    """
+    import time
+
+    import torch
+
+    from rankshard.preprocess.devices import torch_threads
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).flatten(0, 1)
+    if x.shape[-2] < x.shape[-1]:
+        x = x.mT
+    with torch_threads(1):
+        gram = x.mT @ x
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.linalg.eigh(gram)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def floor_bound(floor_seconds: float, eigh: float, processes: int) -> float:
+    """The largest share of its SVD-free floor an exact CPU pipeline can reach (see ``eigh_seconds``)."""
+    return floor_seconds / (floor_seconds + eigh / processes)
+
+
 @contextlib.contextmanager
 def one_core():
     """Run the block pinned to one core (Linux affinity): the one-process baseline of a scaling figure, with

@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks._results import cpu_model, interleaved, one_core, write_result  # noqa: E402
+from benchmarks._results import cpu_model, eigh_seconds, floor_bound, interleaved, one_core, write_result  # noqa: E402
 from rankshard.preprocess.devices import process_cores  # noqa: E402
 from rankshard.preprocess.options import default_workers  # noqa: E402
 from rankshard.preprocess.pipeline import ArraySource, materialize_split  # noqa: E402
@@ -143,6 +143,10 @@ def main() -> None:
         f"scaling_efficiency_1_to_{process_cores()}_processes": ("rankshard_one_process", "rankshard", process_cores()),
     }
     ratios = {k: med[a] / (w * med[b]) for k, (a, b, w) in wanted.items() if a in med and b in med}
+    if "rankshard_no_svd" in med:  # no exact CPU pipeline can beat this share of the floor (benchmarks/_results.py)
+        eigh = eigh_seconds(images)
+        ratios["rankshard_floor_share_upper_bound"] = floor_bound(med["rankshard_no_svd"], eigh, process_cores())
+        ratios["eigh_seconds_one_thread"] = eigh
     provenance = {"device": "cpu", "cpus": os.cpu_count(), "cpu_model": cpu_model(), "torch": torch.__version__,
                   "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
                   "images": len(images), "image_size": [32, 32], "ranks": list(RANKS),

@@ -1,16 +1,22 @@
 """Where a process runs: its place in a ``torchrun`` job and its torch device. One rule for every package,
-every CLI and every rank: preprocess, the loaders, the rank engine, training and evaluation all ask here."""
+every CLI and every rank: preprocess, the loaders, the rank engine, training and evaluation all ask here.
+
+torch is imported where it is used, not here: the CLIs import this module, and a spawned worker re-imports
+the CLI's script before its task, so a module-level ``import torch`` made every decode/write worker load
+torch (~1.4 s of CPU and ~180 MB each) for work that never touches it.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
-from typing import Iterator, Mapping
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 from rankshard.preprocess.errors import RankshardError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -33,9 +39,10 @@ class Placement:
         """From an initialized process group if there is one (it is the truth once joined), else from
         torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else a single process."""
         env = os.environ if env is None else env
+        dist = sys.modules.get("torch.distributed")  # not imported yet: no process group can have been joined
         try:
             local_rank = int(env.get("LOCAL_RANK", 0))
-            if dist.is_available() and dist.is_initialized():
+            if dist is not None and dist.is_available() and dist.is_initialized():
                 return cls(dist.get_rank(), dist.get_world_size(), local_rank)
             return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank)
         except ValueError as exc:
@@ -51,6 +58,8 @@ def resolve_device(choice: str | torch.device | None = "auto", local_rank: int |
     GPU ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; ``cuda`` -> ``cuda:LOCAL_RANK``; ``cuda:i``
     and ``cpu`` as given. ``local_rank`` defaults to the environment's (``Placement.from_env``). Asking for
     CUDA without one, or for a GPU index that is not there, is a RankshardError."""
+    import torch
+
     if local_rank is None:
         local_rank = Placement.from_env().local_rank
     if choice is None or str(choice) == "auto":
@@ -79,6 +88,8 @@ def torch_threads(n: int) -> Iterator[None]:
     and lose a lot to its spinning threads (measured here: batched eigh 6x, complex svdvals up to 20x,
     quantization 2-3x slower); callers that own the cores say how many torch may use.
     """
+    import torch
+
     saved = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:

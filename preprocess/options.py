@@ -11,10 +11,10 @@ import click
 
 from rankshard.preprocess.errors import ON_ERROR
 from rankshard.preprocess.format.transport import is_url
-from rankshard.preprocess.rank.engine import BACKENDS
+from rankshard.preprocess.rank import BACKEND_NAMES
 
 # "none" runs everything but the SVD (a benchmark baseline); the rest are the rank engine's backends
-BACKEND_CHOICES = ("auto", "none", *BACKENDS)
+BACKEND_CHOICES = ("auto", "none", *BACKEND_NAMES)
 
 
 def _int_list(ctx, param, value: str | None) -> tuple[int, ...]:

@@ -293,3 +293,12 @@ def test_channels_last_input_from_hwc_arrays():
     assert np.abs(out.low[5].double().numpy() - ref).max() < 1e-4
     high = x.double().numpy() - reference_low_rank(x.double().numpy(), 3)
     assert np.abs(out.high[3].double().numpy() - high).max() < 1e-4
+
+
+def test_the_cli_lists_exactly_the_engines_backends():
+    from rankshard.preprocess.options import BACKEND_CHOICES
+    from rankshard.preprocess.rank import BACKEND_NAMES
+    from rankshard.preprocess.rank.engine import BACKENDS
+
+    assert BACKEND_NAMES == tuple(BACKENDS), "preprocess/rank/__init__.py must name every backend, in order"
+    assert BACKEND_CHOICES == ("auto", "none", *BACKENDS)

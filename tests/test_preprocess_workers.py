@@ -51,3 +51,34 @@ def test_exit_descriptions():
     assert describe_exit(-9).startswith("was killed by SIGKILL (what the Linux OOM killer sends")
     assert describe_exit(-11).startswith("was killed by SIGSEGV")
     assert describe_exit(3) == "exited with status 3"
+
+
+# What a console script does (`from rankshard.preprocess.cli import main`), then a decode/write pool as the
+# GPU path opens it. A spawned worker re-imports this script as its main module before its first task, so a
+# CLI import that pulls in torch puts torch (~1.4 s of CPU, ~180 MB) into every worker.
+_CLI_SCRIPT = '''
+import sys
+from rankshard.preprocess.cli import main  # noqa: F401 - what .venv/bin/rankshard-preprocess runs first
+from rankshard.preprocess.workers import WorkerPool
+
+
+def heavy(_):
+    return sorted(m for m in ("torch", "torchvision", "cupy") if m in sys.modules)
+
+
+if __name__ == "__main__":
+    print("main:", heavy(None))
+    with WorkerPool(1, preload=("rankshard.preprocess.writer",)) as pool:
+        print("worker:", pool.submit(heavy, None, "which heavy modules are imported").get())
+'''
+
+
+def test_a_decode_and_write_worker_under_the_cli_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "rankshard-preprocess-like.py"
+    script.write_text(_CLI_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["main: []", "worker: []"], out.stdout
