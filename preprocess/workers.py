@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import importlib
 import multiprocessing as mp
+import os
 import signal
 import sys
 import traceback
@@ -97,6 +98,19 @@ def _trim_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _exit_now() -> None:
+    """End a worker whose pipe has closed without Python's interpreter teardown.
+
+    Every task's output is already written, fsynced and renamed, and its answer sent, so nothing is left to
+    do; tearing down a process that imported torch took ~0.6 s here, which the main process waited out at
+    the end of every job (a sixth of a 4k-image CIFAR run).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
 def _serve(conn, preload: tuple[str, ...] = ()) -> None:
     """Worker loop: receive (fn, arg), send back ("ok", result, None, memory) or ("error", exception,
     traceback text, memory); memory is (own peak RSS, RSS held after the task), see ``own_peak_rss_mb`` and
@@ -110,7 +124,7 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
         try:
             fn, arg = conn.recv()
         except (EOFError, OSError):  # the main process closed the pipe or is gone
-            return
+            _exit_now()
         try:
             reply = ("ok", fn(arg), None)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process
