@@ -2,18 +2,22 @@
 
 One definition per option, so the same thing has the same name, default and help everywhere: ``--data ROOT``
 (+ ``--dataset``, ``--split``), ``--out`` (required wherever something is written), ``--device``,
-``--workers``, ``--quiet``, ``--trust-checkpoint`` and the ``[NAME=]CKPT`` arguments.
+``--workers``, ``--quiet``, ``--trust-checkpoint`` and the ``[NAME=]CKPT`` arguments; ``rankshard-study``
+takes its ``--quiet`` from here too.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch.distributed as dist
 
-from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
-from rankshard.evaluate.data import EvalData, shard_data
-from rankshard.evaluate.distributed import DistContext, init_from_env
+if TYPE_CHECKING:
+    # torch comes with these: the setup functions import them when called, so that a CLI taking only options
+    # from here (rankshard-study) answers --help without loading torch (3 s and 230 MB on the dev box)
+    from rankshard.evaluate.checkpoints import LoadedCheckpoint
+    from rankshard.evaluate.data import EvalData
+    from rankshard.evaluate.distributed import DistContext
 
 SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
 
@@ -42,7 +46,14 @@ device_option = click.option("--device", default="auto", show_default=True,
 trust_option = click.option("--trust-checkpoint", is_flag=True,
                             help="Allow full unpickling of checkpoints that weights_only loading refuses "
                                  "(it runs code from the file: trusted files only).")
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bar (results and errors still print).")
+
+
+def quiet_flag(help_text: str = "No progress bar (results and errors still print)."):
+    """--quiet: progress output off, results and errors kept; ``help_text`` says what a command keeps."""
+    return click.option("--quiet", is_flag=True, help=help_text)
+
+
+quiet_option = quiet_flag()
 
 
 def workers_option(help_text: str = "Loader worker processes per process."):
@@ -89,17 +100,24 @@ def data_options(variant: bool = True):
 
 def setup(checkpoints, device: str, trust_checkpoint: bool) -> tuple[DistContext, list[LoadedCheckpoint]]:
     """Join torchrun's process group (if any) and load the checkpoints onto this process's device."""
+    from rankshard.evaluate.checkpoints import load_checkpoints
+    from rankshard.evaluate.distributed import init_from_env
+
     ctx = init_from_env(device)
     return ctx, load_checkpoints(checkpoints, ctx.device, trust=trust_checkpoint)
 
 
 def open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards=True) -> EvalData:
+    from rankshard.evaluate.data import shard_data
+
     return shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers, limit=limit,
                       verify_shards=verify_shards)
 
 
 def finish(ctx: DistContext, message: str) -> None:
     """Print the summary on rank 0 and leave the process group cleanly."""
+    import torch.distributed as dist
+
     if ctx.is_main:
         click.echo(message)
     if ctx.distributed and dist.is_initialized():

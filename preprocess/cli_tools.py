@@ -29,7 +29,10 @@ def verify_command(root, samples, quiet):
 @click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.option("--count", type=int, default=6, show_default=True, help="Images per variant in the grid.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Grid PNG path (default: ROOT/preview.png; the energy plot goes beside it).")
+              help="Grid PNG path (default: preview.png in each split's folder). With several splits "
+                   "below ROOT each gets its own file, FILE's stem + -<dataset>-<split> (p.png -> "
+                   "p-cifar10-train.png, p-cifar10-test.png); the energy plot goes beside each grid "
+                   "(<grid stem>-energy.png).")
 @quiet_option
 @friendly_errors
 def preview_command(root, count, out, quiet):

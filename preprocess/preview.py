@@ -97,10 +97,22 @@ def energy_plot(split_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def _grid_path(split_dir: Path, out: Path | None, several: bool) -> Path:
+    """Where a split's grid goes: ``out`` itself when it is the only split; with several splits ``out``'s stem
+    + ``-<dataset>-<split>`` + its suffix (one file each: a shared name would keep only the last split);
+    without ``out``, ``preview.png`` in the split's folder."""
+    if out is None:
+        return split_dir / "preview.png"
+    if not several:
+        return out
+    return out.with_name(f"{out.stem}-{split_dir.parent.name}-{split_dir.name}{out.suffix}")
+
+
 def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
                    show_progress: bool = False) -> list[Path]:
-    """Grid and energy plot per split below ``root``; returns the files written. ``show_progress``: a bar
-    with rate and ETA on stderr, counting variants read."""
+    """Grid and energy plot per split below ``root``; returns the files written. Where each grid goes is
+    ``_grid_path``'s rule; the energy plot goes beside it as ``<grid stem>-energy.png``. ``show_progress``: a
+    bar with rate and ETA on stderr, counting variants read."""
     root = Path(root)
     splits = _split_dirs(root) or ([root.parent] if (root / "manifest.json").exists() else [])
     if not splits:
@@ -109,7 +121,7 @@ def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
     total = sum(len(_grid_folders(s)) + (s / "spectra" / "manifest.json").exists() for s in splits)
     progress = Progress(total, "preview", unit="variant", enabled=show_progress)
     for split_dir in splits:
-        base = out if (out and len(splits) == 1) else split_dir / "preview.png"
+        base = _grid_path(split_dir, out, several=len(splits) > 1)
         written.append(variant_grid(split_dir, count, base, progress))
         energy = energy_plot(split_dir, base.with_name(base.stem + "-energy.png"))
         if energy:

@@ -1,11 +1,14 @@
 """rankshard-study: the tiny example end to end on demo data, reruns that do nothing, and a changed evaluation
-setting that reruns only that evaluation (and the report that shows it)."""
+setting that reruns only that evaluation (and the report that shows it); ``run --quiet`` drops the progress
+lines and keeps errors and the summary."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from rankshard.evaluate.study.cli import example_files, main
@@ -77,6 +80,37 @@ def test_rerun_does_nothing(tiny_study):
     assert (study.out / "report" / "report.html").stat().st_mtime_ns == before
 
 
+def _cli_run(study_file, out, *extra):
+    return CliRunner().invoke(main, ["run", str(study_file), "--out", str(out), "--device", "cpu", "--workers", "0",
+                                     *extra])
+
+
+def test_quiet_drops_the_progress_lines_and_nothing_else(tiny_study, tmp_path):
+    study, _, _ = tiny_study
+    loud_out, quiet_out = tmp_path / "loud", tmp_path / "quiet"
+    for copy in (loud_out, quiet_out):  # two copies of one state: both runs have the same work to do
+        shutil.copytree(study.out, copy)
+    loud, quiet = _cli_run(TINY, loud_out), _cli_run(TINY, quiet_out, "--quiet")
+    assert loud.exit_code == quiet.exit_code == 0, loud.output + quiet.output
+    assert "[1/22] materialize: up to date" in loud.stderr and "[22/22] report" in loud.stderr
+    assert quiet.stderr == ""
+    assert "22 up to date; report: " in quiet.stdout
+    assert quiet.stdout.replace(str(quiet_out), "OUT") == loud.stdout.replace(str(loud_out), "OUT")
+    assert (quiet_out / "study.json").read_text() == (loud_out / "study.json").read_text()
+
+
+def test_quiet_keeps_errors(tiny_study, tmp_path):
+    study, _, _ = tiny_study
+    edited = tmp_path / "tiny.toml"
+    edited.write_text(TINY.read_text().replace('variants = ["full", "rank-004"]', 'variants = ["full", "rank-003"]'))
+    # materialize is up to date; planning the trainings then fails before anything is written
+    loud, quiet = _cli_run(edited, study.out), _cli_run(edited, study.out, "--quiet")
+    assert loud.exit_code == quiet.exit_code == 2
+    assert quiet.stderr.startswith("error: cifar10/train/rank-003 was not materialized")
+    assert "[1/" not in quiet.stderr and loud.stderr.startswith("[1/22] materialize: up to date")
+    assert loud.stderr.endswith(quiet.stderr) and loud.stdout == quiet.stdout == ""
+
+
 def test_changed_evaluation_setting_reruns_only_that_evaluation(tiny_study, tmp_path):
     study, _, _ = tiny_study
     text = TINY.read_text()
@@ -88,6 +122,13 @@ def test_changed_evaluation_setting_reruns_only_that_evaluation(tiny_study, tmp_
                                          + ["report"])
     pgd = json.loads((study.out / "eval" / "pgd" / "full-seed0" / "pgd.json").read_text())
     assert pgd["attack"]["steps"] == 4
+
+
+def test_cli_imports_without_torch():
+    # --quiet comes from evaluate.options, shared with the torch commands: it must not load torch at import
+    code = "import sys; from rankshard.evaluate.study.cli import main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_cli_lists_examples():

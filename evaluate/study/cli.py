@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from rankshard.evaluate.errors import friendly_errors
+from rankshard.evaluate.options import quiet_flag
 from rankshard.evaluate.study.config import load_study
 from rankshard.evaluate.study.plan import run_study
 from rankshard.evaluate.study.runner import Study
@@ -33,17 +34,25 @@ def main():
 @click.option("--jobs", type=int, default=1, show_default=True,
               help="Run this many independent stages (trainings, evaluations) at once, one process each.")
 @click.option("--devices", default="", help="Comma-separated devices handed to parallel stages in turn (cuda:0,cuda:1).")
+@quiet_flag("No per-stage progress lines (errors and the final summary line still print).")
 @friendly_errors
-def run_command(study_file, out, device, workers, jobs, devices):
+def run_command(study_file, out, device, workers, jobs, devices, quiet):
     """Run STUDY_FILE into --out; a rerun does only what changed (stage digests in OUT/.stages/)."""
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     study = Study(load_study(study_file), out, device, workers, jobs, tuple(d for d in devices.split(",") if d))
+    if quiet:
+        # the study's log carries only the progress lines: errors raise to friendly_errors, the summary is below
+        study.log = _no_progress
     outcome = run_study(study)
     click.echo(f"{len(outcome.ran)} stage(s) run, {len(outcome.skipped)} up to date"
                + (f"; report: {outcome.report}" if outcome.report else ""))
+
+
+def _no_progress(line: str) -> None:
+    """--quiet: the progress lines go nowhere (the stages themselves already run with their own --quiet)."""
 
 
 @main.command("examples")

@@ -1,0 +1,64 @@
+"""``rankshard-preprocess preview --out FILE``: one split writes exactly FILE; several splits write one file
+each (FILE's stem + -<dataset>-<split>), none overwriting another, and every file written is printed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rankshard.preprocess.cli import main
+from rankshard.preprocess.pipeline import ArraySource, materialize_split
+from rankshard.preprocess.sources.synth import labelled_images
+from rankshard.preprocess.spec import ShardSpec
+
+
+def _materialize(out: Path, split: str, seed: int) -> None:
+    images, labels = labelled_images(1, seed=seed)  # 10 images: enough for a 2-row grid
+    info = {"kind": "test", "path": "memory", "fingerprint": f"synth-{split}", "checksum_verified": False}
+    source = ArraySource(images, labels, [f"mem:{i}" for i in range(len(labels))], tuple("abcdefghij"), info)
+    spec = ShardSpec(dataset="cifar10", split=split, ranks=(2,), shard_size=10, workers=0)
+    materialize_split(source, spec, out, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """cifar10/train and cifar10/test (different images), each with full, rank-002 and spectra."""
+    out = tmp_path_factory.mktemp("shards")
+    _materialize(out, "train", seed=0)
+    _materialize(out, "test", seed=1)
+    return out
+
+
+def _preview(root: Path, out: Path) -> list[Path]:
+    result = CliRunner().invoke(main, ["preview", str(root), "--out", str(out), "--count", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return [Path(line.removeprefix("wrote ")) for line in result.stdout.splitlines()]
+
+
+def _assert_pngs(paths: list[Path]) -> None:
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG", path
+            image.verify()
+
+
+def test_several_splits_get_one_file_each(shards, tmp_path):
+    out = tmp_path / "previews" / "p.png"
+    out.parent.mkdir()
+    wrote = _preview(shards, out)
+    expected = {out.with_name(f"p-cifar10-{split}{tail}.png") for split in ("train", "test") for tail in ("", "-energy")}
+    assert set(wrote) == expected and len(wrote) == 4
+    # nothing else was written: not FILE itself, not the default preview.png in the split folders
+    assert set(out.parent.iterdir()) == expected and not list(shards.rglob("preview*.png"))
+    _assert_pngs(wrote)
+    # each split's grid shows its own images (and title): neither file is a copy of the other
+    assert (out.with_name("p-cifar10-train.png").read_bytes() != out.with_name("p-cifar10-test.png").read_bytes())
+
+
+def test_one_split_writes_exactly_file(shards, tmp_path):
+    out = tmp_path / "grid.png"
+    wrote = _preview(shards / "cifar10" / "test", out)
+    assert wrote == [out, tmp_path / "grid-energy.png"]
+    _assert_pngs(wrote)
