@@ -2,8 +2,8 @@
 
 One definition per option, so the same thing has the same name, default and help everywhere: ``--data ROOT``
 (+ ``--dataset``, ``--split``), ``--out`` (required wherever something is written), ``--device``,
-``--workers``, ``--quiet``, ``--trust-checkpoint`` and the ``[NAME=]CKPT`` arguments; ``rankshard-study``
-takes its ``--quiet`` from here too.
+``--workers``, ``--quiet`` (``preprocess.options``' one definition), ``--trust-checkpoint`` and the
+``[NAME=]CKPT`` arguments.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from rankshard.preprocess.options import quiet_option  # noqa: F401 - the evaluate commands take it from here
+
 if TYPE_CHECKING:
-    # torch comes with these: the setup functions import them when called, so that a CLI taking only options
-    # from here (rankshard-study) answers --help without loading torch (3 s and 230 MB on the dev box)
+    # torch comes with these: the setup functions import them when called, so that importing the options
+    # alone does not load torch (3 s and 230 MB on the dev box)
     from rankshard.evaluate.checkpoints import LoadedCheckpoint
     from rankshard.evaluate.data import EvalData
     from rankshard.evaluate.distributed import DistContext
@@ -46,14 +48,6 @@ device_option = click.option("--device", default="auto", show_default=True,
 trust_option = click.option("--trust-checkpoint", is_flag=True,
                             help="Allow full unpickling of checkpoints that weights_only loading refuses "
                                  "(it runs code from the file: trusted files only).")
-
-
-def quiet_flag(help_text: str = "No progress bar (results and errors still print)."):
-    """--quiet: progress output off, results and errors kept; ``help_text`` says what a command keeps."""
-    return click.option("--quiet", is_flag=True, help=help_text)
-
-
-quiet_option = quiet_flag()
 
 
 def workers_option(help_text: str = "Loader worker processes per process."):

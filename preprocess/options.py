@@ -56,8 +56,13 @@ def _apply(fn, options: list):
     return fn
 
 
-# --quiet: every command that shows progress (bar with rate and ETA on stderr) can silence it
-quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+def quiet_flag(help_text: str = "No progress bar (results and errors still print)."):
+    """--quiet, the one definition for every rankshard command that shows progress (a bar with rate and ETA,
+    or progress lines, on stderr): it silences that and nothing else; ``help_text`` says what a command keeps."""
+    return click.option("--quiet", is_flag=True, help=help_text)
+
+
+quiet_option = quiet_flag()
 
 
 def shard_options(fn):

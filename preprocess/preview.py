@@ -122,6 +122,7 @@ def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
     progress = Progress(total, "preview", unit="variant", enabled=show_progress)
     for split_dir in splits:
         base = _grid_path(split_dir, out, several=len(splits) > 1)
+        base.parent.mkdir(parents=True, exist_ok=True)  # --out into a folder not made yet
         written.append(variant_grid(split_dir, count, base, progress))
         energy = energy_plot(split_dir, base.with_name(base.stem + "-energy.png"))
         if energy:

@@ -58,7 +58,7 @@ def test_several_splits_get_one_file_each(shards, tmp_path):
 
 
 def test_one_split_writes_exactly_file(shards, tmp_path):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "figures" / "new" / "grid.png"  # a folder not made yet is created
     wrote = _preview(shards / "cifar10" / "test", out)
-    assert wrote == [out, tmp_path / "grid-energy.png"]
+    assert wrote == [out, out.with_name("grid-energy.png")]
     _assert_pngs(wrote)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from rankshard.preprocess.errors import friendly_errors
+from rankshard.preprocess.options import quiet_flag
 from rankshard.train.config import PRESETS, ConfigError, TrainConfig, apply_overrides, dataclass_fields, from_preset
 
 DEFAULT_PRESET = "cifar10-paper"
@@ -74,7 +75,7 @@ def _list_presets(ctx: click.Context, param: click.Parameter, value: bool) -> No
 @click.option("--print-config", is_flag=True, help="Print the resolved config as JSON and exit.")
 @click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
               help="Stop after this many epochs in this invocation (time-limited jobs); --resume continues.")
-@click.option("--quiet", is_flag=True, help="No per-step progress lines (epoch summaries and errors still print).")
+@quiet_flag("No per-step progress lines (epoch summaries and errors still print).")
 @click.option("--list-presets", is_flag=True, expose_value=False, is_eager=True, callback=_list_presets,
               help="Show the presets and exit.")
 @config_options

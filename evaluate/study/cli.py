@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rankshard.evaluate.errors import friendly_errors
-from rankshard.evaluate.options import quiet_flag
+from rankshard.preprocess.options import quiet_flag
 from rankshard.evaluate.study.config import load_study
 from rankshard.evaluate.study.plan import run_study
 from rankshard.evaluate.study.runner import Study
