@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh tests engine eval     # one call (well under 10 minutes)
 #   bash benchmarks/gpu_suite.sh weights train pipeline loader # another
-#   bash benchmarks/gpu_suite.sh encodings             # factors-K reconstructed on the GPU by the loader
+#   bash benchmarks/gpu_suite.sh encodings decode      # factors-K reconstructed on the GPU by the loader;
+#                                                      # nvJPEG decode vs the CPU decoder
 #
 # JSON results land in benchmarks/results/ (named after the device), logs and nvidia-smi's description of the
 # hardware in benchmarks/results/gpu-logs/; when $OUT is set (the device tool), all of it is also packed into
@@ -43,7 +44,8 @@ for stage in "$@"; do
     pipeline) run bench-imagenet python3 benchmarks/bench_imagenet_pipeline.py --workers "$(( $(nproc) - 1 ))" ;;
     loader)   run bench-loader python3 benchmarks/bench_loader.py --workers "$(nproc)" --out "$results/loader-gpu-host.json" ;;
     encodings) run bench-encodings python3 benchmarks/bench_encodings.py --device cuda ;;
-    *)        echo "unknown stage $stage (tests engine eval weights train pipeline loader encodings)"; exit 2 ;;
+    decode)   run bench-decode python3 benchmarks/bench_decode.py --device cuda --images 2000 ;;
+    *)        echo "unknown stage $stage (tests engine eval weights train pipeline loader encodings decode)"; exit 2 ;;
   esac
 done
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-suite.tgz" "$results"
