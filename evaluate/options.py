@@ -8,18 +8,14 @@ One definition per option, so the same thing has the same name, default and help
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
+import torch.distributed as dist
 
-from rankshard.preprocess.options import quiet_option  # noqa: F401 - the evaluate commands take it from here
-
-if TYPE_CHECKING:
-    # torch comes with these: the setup functions import them when called, so that importing the options
-    # alone does not load torch (3 s and 230 MB on the dev box)
-    from rankshard.evaluate.checkpoints import LoadedCheckpoint
-    from rankshard.evaluate.data import EvalData
-    from rankshard.evaluate.distributed import DistContext
+from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
+from rankshard.evaluate.data import EvalData, shard_data
+from rankshard.evaluate.distributed import DistContext, init_from_env
+from rankshard.preprocess.options import quiet_option
 
 SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
 
@@ -94,24 +90,17 @@ def data_options(variant: bool = True):
 
 def setup(checkpoints, device: str, trust_checkpoint: bool) -> tuple[DistContext, list[LoadedCheckpoint]]:
     """Join torchrun's process group (if any) and load the checkpoints onto this process's device."""
-    from rankshard.evaluate.checkpoints import load_checkpoints
-    from rankshard.evaluate.distributed import init_from_env
-
     ctx = init_from_env(device)
     return ctx, load_checkpoints(checkpoints, ctx.device, trust=trust_checkpoint)
 
 
 def open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards=True) -> EvalData:
-    from rankshard.evaluate.data import shard_data
-
     return shard_data(root, dataset, split, variant, batch_size=batch_size, workers=workers, limit=limit,
                       verify_shards=verify_shards)
 
 
 def finish(ctx: DistContext, message: str) -> None:
     """Print the summary on rank 0 and leave the process group cleanly."""
-    import torch.distributed as dist
-
     if ctx.is_main:
         click.echo(message)
     if ctx.distributed and dist.is_initialized():

@@ -31,7 +31,8 @@ def verify_command(root, samples, quiet):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Grid PNG path (default: preview.png in each split's folder). With several splits "
                    "below ROOT each gets its own file, FILE's stem + -<dataset>-<split> (p.png -> "
-                   "p-cifar10-train.png, p-cifar10-test.png); the energy plot goes beside each grid "
+                   "p-cifar10-train.png, p-cifar10-test.png), with any folders between ROOT and the "
+                   "dataset in front (p-a-cifar10-train.png); the energy plot goes beside each grid "
                    "(<grid stem>-energy.png).")
 @quiet_option
 @friendly_errors

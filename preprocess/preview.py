@@ -97,15 +97,18 @@ def energy_plot(split_dir: Path, out: Path) -> Path | None:
     return out
 
 
-def _grid_path(split_dir: Path, out: Path | None, several: bool) -> Path:
+def _grid_path(root: Path, split_dir: Path, out: Path | None, several: bool) -> Path:
     """Where a split's grid goes: ``out`` itself when it is the only split; with several splits ``out``'s stem
-    + ``-<dataset>-<split>`` + its suffix (one file each: a shared name would keep only the last split);
-    without ``out``, ``preview.png`` in the split's folder."""
+    + ``-<dataset>-<split>`` + its suffix (one file each: a shared name would keep only the last split), with
+    any folders between ROOT and the dataset in front, so two runs under one ROOT (a/cifar10/train,
+    b/cifar10/train) stay apart; without ``out``, ``preview.png`` in the split's folder."""
     if out is None:
         return split_dir / "preview.png"
     if not several:
         return out
-    return out.with_name(f"{out.stem}-{split_dir.parent.name}-{split_dir.name}{out.suffix}")
+    parts = split_dir.relative_to(root).parts
+    parts = parts if len(parts) >= 2 else (split_dir.parent.name, *parts)  # ROOT is the dataset's folder
+    return out.with_name("-".join((out.stem, *parts)) + out.suffix)
 
 
 def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
@@ -121,7 +124,7 @@ def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
     total = sum(len(_grid_folders(s)) + (s / "spectra" / "manifest.json").exists() for s in splits)
     progress = Progress(total, "preview", unit="variant", enabled=show_progress)
     for split_dir in splits:
-        base = _grid_path(split_dir, out, several=len(splits) > 1)
+        base = _grid_path(root, split_dir, out, several=len(splits) > 1)
         base.parent.mkdir(parents=True, exist_ok=True)  # --out into a folder not made yet
         written.append(variant_grid(split_dir, count, base, progress))
         energy = energy_plot(split_dir, base.with_name(base.stem + "-energy.png"))

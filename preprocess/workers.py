@@ -101,13 +101,15 @@ def _trim_heap() -> None:
 def _exit_now() -> None:
     """End a worker whose pipe has closed without Python's interpreter teardown.
 
-    Every task's output is already written, fsynced and renamed, and its answer sent, so nothing is left to
-    do; tearing down a process that imported torch took ~0.6 s here, which the main process waited out at
-    the end of every job (a sixth of a 4k-image CIFAR run).
+    Every task's output is already written and renamed, and its answer sent, so nothing is left to do.
+    Tearing down a process that imported torch took ~0.6 s here, which the main process waited out at the
+    end of every job (a sixth of a 4k-image CIFAR run).
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)  # C stdio too: what a native library printf-ed into a pipe or file
     os._exit(0)
 
 
@@ -130,8 +132,8 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the main process
             reply = ("error", exc, traceback.format_exc())
         # Drop this task's argument before answering: held through the next recv(), a shard job's arrays
-        # (~13 MB for 1000 CIFAR images x 5 variants) would sit beside the next one's. The result (a shard's
-        # summary) is small.
+        # (~13 MB for 1000 CIFAR images x 5 variants) would sit beside the next one's. What is held then is
+        # this worker's own state plus the answer (a shard's summary; a decoded chunk on the GPU path).
         del fn, arg
         _trim_heap()
         memory = (own_peak_rss_mb(), own_rss_mb())
@@ -140,6 +142,7 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
         except Exception as exc:  # an unpicklable exception or result: send its text instead
             conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc(), memory))
         del reply
+        _trim_heap()  # and the answer's pages, before waiting for the next task
 
 
 class Task:
@@ -167,7 +170,8 @@ class _Worker:
         self.used = False
         self.ready = False  # it said it has started (imported its preload) and reads its pipe
         self.peak_rss_mb: float | None = None  # its own peak, as it last reported it
-        self.held_mb: list[float] = []  # its resident memory after each task (trimmed): flat unless it leaks
+        # its resident memory after each of its last tasks (heap trimmed): flat unless it keeps something
+        self.held_mb: collections.deque[float] = collections.deque(maxlen=256)
 
 
 class _RemoteTraceback(Exception):

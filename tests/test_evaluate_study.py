@@ -125,7 +125,7 @@ def test_changed_evaluation_setting_reruns_only_that_evaluation(tiny_study, tmp_
 
 
 def test_cli_imports_without_torch():
-    # --quiet comes from evaluate.options, shared with the torch commands: it must not load torch at import
+    # the study runs torch commands in-process, but only when a stage runs: its CLI must not load torch at import
     code = "import sys; from rankshard.evaluate.study.cli import main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -5,6 +5,8 @@ workers themselves did not: it was ``RUSAGE_CHILDREN``'s ``ru_maxrss``, which fo
 the *parent's* peak (vfork + exec), so it followed the main process, which holds the source images.
 Flatness is tested on what a worker holds between shards, not on its peak (see below).
 """
+import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -16,7 +18,9 @@ from rankshard.preprocess.sources.synth import CIFAR10_CLASSES, labelled_images
 from rankshard.preprocess.spec import ShardSpec
 from rankshard.preprocess.workers import WorkerPool
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from Linux /proc")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or platform.libc_ver()[0] != "glibc",
+    reason="reads VmHWM/VmRSS from Linux /proc, and flat held memory relies on glibc's malloc_trim between tasks")
 
 # What a worker *holds* between shards (its RSS after each shard, heap trimmed) must not grow with the number
 # of shards: anything kept per shard shows up as a steady climb (keeping one variant's images of every shard,
@@ -25,7 +29,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 # The peak (VmHWM) is the wrong figure for this: it is a maximum over all shards, so with identical shards it
 # still crept up with their number by allocator luck (340 -> 346 MB here, 390 -> 415 MB on another machine).
 SETTLE = 5  # shards before the held figure is compared: imports, caches and the first allocations settle
-BOUND_MB = 15  # growth allowed from shard SETTLE to the last, 15 shards later: less than 5 MB a shard kept
+BOUND_MB = 15  # growth allowed from around shard SETTLE to the last shards: keeping 1 MB a shard would exceed it
 
 
 def test_the_pool_reports_each_workers_own_peak_not_the_parents():
@@ -73,9 +77,10 @@ def test_worker_memory_is_flat_in_dataset_size(tmp_path, monkeypatch):
     stats = materialize_split(_source(n), spec, tmp_path, show_progress=False)["stats"]
     assert stats["images"] == n
     (worker,) = _StartedPool.last.workers
-    held = worker.held_mb
+    held = list(worker.held_mb)
     assert len(held) == n // 1000, "the worker must have made every shard and reported after each"
-    after_5k, after_20k = held[SETTLE - 1], held[-1]
+    # medians of three shards each side: one shard's allocator state does not decide the comparison
+    after_5k, after_20k = statistics.median(held[SETTLE - 2:SETTLE + 1]), statistics.median(held[-3:])
     assert after_20k <= after_5k + BOUND_MB, (
         f"worker held {after_5k:.1f} MB after 5k images and {after_20k:.1f} MB after 20k: it keeps something "
         f"from every shard (held after each shard, MB: {[round(h) for h in held]})")

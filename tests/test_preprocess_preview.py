@@ -62,3 +62,15 @@ def test_one_split_writes_exactly_file(shards, tmp_path):
     wrote = _preview(shards / "cifar10" / "test", out)
     assert wrote == [out, out.with_name("grid-energy.png")]
     _assert_pngs(wrote)
+
+
+def test_two_runs_under_one_root_stay_apart(tmp_path):
+    root = tmp_path / "runs"
+    _materialize(root / "a", "train", seed=0)
+    _materialize(root / "b", "train", seed=1)
+    out = tmp_path / "p.png"
+    wrote = _preview(root, out)
+    grids = [out.with_name(f"p-{run}-cifar10-train.png") for run in ("a", "b")]
+    assert set(wrote) == {*grids, *(g.with_name(g.stem + "-energy.png") for g in grids)}
+    _assert_pngs(wrote)
+    assert grids[0].read_bytes() != grids[1].read_bytes()
