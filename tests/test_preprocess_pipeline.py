@@ -336,3 +336,30 @@ def test_gpu_numeric_chain_returns_host_arrays_like_the_cpu_one():
             assert isinstance(got, np.ndarray) and got.dtype == ref.dtype and got.shape == ref.shape, (name, key)
             tol = 1 if ref.dtype == np.uint8 else 2e-3
             assert np.abs(got.astype(np.float64) - ref.astype(np.float64)).max() <= tol, (name, key)
+
+
+def test_clip_fraction_and_leak_match_a_float64_literal_count():
+    """Per image and variant: the share of pixels the stored uint8 clips (x_k < 0 or > 1) and the relative
+    error storing adds, ||round(255 clip(x_k)) / 255 - x_k|| / ||x_k||, against numpy float64 over the same
+    reconstructions (float32 from the engine: this checks the counting and the norms, not the SVD)."""
+    import torch
+
+    from rankshard.preprocess.payloads import make_engine, variant_payloads
+
+    images, _ = labelled_images(3, size=(24, 20))  # rank 2 and 4 of natural images overshoot [0, 1]
+    engine = make_engine("gram64", "cpu")
+    variants = _spec(ranks=(2, 4)).variants()
+    payloads = variant_payloads(engine, variants, images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    low = engine.materialize(x, low=[2, 4]).low
+    clipped_any = False
+    for k in (2, 4):
+        xk = low[k].numpy().astype(np.float64).reshape(len(images), -1)
+        clip = ((xk < 0) | (xk > 1)).mean(axis=1)
+        stored = np.round(255 * np.clip(xk, 0, 1)) / 255
+        leak = np.linalg.norm(stored - xk, axis=1) / np.linalg.norm(xk, axis=1)
+        got = payloads[f"rank-{k:03d}"]
+        np.testing.assert_array_equal(got["clip_fraction"], clip.astype(np.float32))
+        np.testing.assert_allclose(got["leak"], leak, rtol=1e-5)
+        clipped_any |= bool((clip > 0).any())
+    assert clipped_any, "the test images must make some reconstruction leave [0, 1]"
