@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from rankshard.evaluate.errors import friendly_errors
-from rankshard.preprocess.options import quiet_flag
 from rankshard.evaluate.study.config import load_study
 from rankshard.evaluate.study.plan import run_study
 from rankshard.evaluate.study.runner import Study
+from rankshard.preprocess.options import quiet_flag
 
 
 def example_files() -> dict[str, Path]:
