@@ -15,7 +15,7 @@ import torch.distributed as dist
 from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
 from rankshard.evaluate.data import EvalData, shard_data
 from rankshard.evaluate.distributed import DistContext, init_from_env
-from rankshard.preprocess.options import quiet_option
+from rankshard.preprocess.options import config_option, quiet_option
 
 SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
 
@@ -65,9 +65,9 @@ def data_root_options(required: bool = True, alternative: str = ""):
 
 
 def checkpoint_options(fn):
-    """CKPT... ([NAME=]PATH), --out, --device, --trust-checkpoint, --allow-size-mismatch, --quiet."""
+    """--config, CKPT... ([NAME=]PATH), --out, --device, --trust-checkpoint, --allow-size-mismatch, --quiet."""
     return _stack([
-        checkpoints_argument(), out_option("CSV/JSON/PNG results"), device_option, trust_option,
+        config_option, checkpoints_argument(), out_option("CSV/JSON/PNG results"), device_option, trust_option,
         click.option("--allow-size-mismatch", is_flag=True,
                      help="Evaluate even if the checkpoint's input_size differs from the data's image size."),
         quiet_option,

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from rankshard.preprocess.errors import friendly_errors
-from rankshard.preprocess.options import quiet_option
+from rankshard.preprocess.options import config_option, quiet_option
 
 
 @click.command("verify")
+@config_option
 @click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.option("--samples", type=int, default=16, show_default=True,
               help="Images per variant whose ranks are recomputed with the float64 reference.")
@@ -26,6 +27,7 @@ def verify_command(root, samples, quiet):
 
 
 @click.command("preview")
+@config_option
 @click.argument("root", type=click.Path(exists=True, path_type=Path))
 @click.option("--count", type=int, default=6, show_default=True, help="Images per variant in the grid.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -45,6 +47,7 @@ def preview_command(root, count, out, quiet):
 
 
 @click.command("demo")
+@config_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("rankshard-demo"),
               show_default=True)
 @click.option("--per-class", type=int, default=100, show_default=True, help="Training images per class.")

@@ -56,6 +56,55 @@ def _apply(fn, options: list):
     return fn
 
 
+def _config_value(param: click.Parameter, value):
+    """A config file's value as the option would have taken it: a TOML/JSON list for a comma-list option
+    (--ranks = [5, 10, 20]) joined, one value for a repeatable option (--split = "train") wrapped."""
+    if param.multiple:
+        return tuple(value) if isinstance(value, list) else (value,)
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """``--config FILE``: the file's values become the command's defaults (``ctx.default_map``), so any flag
+    on the command line still wins. Keys are long option names (``shard-size`` or ``shard_size``)."""
+    if value is None:
+        return
+    import json
+
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover - 3.10 installs tomli (setup.cfg)
+        import tomli as tomllib
+
+    try:
+        text = value.read_text()
+        data = json.loads(text) if value.suffix == ".json" else tomllib.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise click.BadParameter(f"{value}: not a readable TOML (or .json) file: {exc}", ctx, param) from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{value}: expected a table of option = value", ctx, param)
+    names = {}  # long option name, dashes as underscores -> the parameter it sets
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p is not param:
+            names.update({opt.lstrip("-").replace("-", "_"): p for opt in p.opts if opt.startswith("--")})
+    unknown = sorted(k for k in data if k.replace("-", "_") not in names)
+    if unknown:
+        raise click.BadParameter(f"{value}: no option {', '.join(unknown)} in this command; it takes "
+                                 f"{', '.join(sorted(n.replace('_', '-') for n in names))}", ctx, param)
+    defaults = {names[k.replace("-", "_")].name: _config_value(names[k.replace("-", "_")], v) for k, v in data.items()}
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+# --config FILE: eager, so its values are the defaults before any other option is read
+config_option = click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
+    callback=_load_config,
+    help="TOML file (or .json) of option values, keys as the long option names (shard-size = 500, "
+         "ranks = [5, 10, 20]); options given on the command line win.")
+
+
 def quiet_flag(help_text: str = "No progress bar (results and errors still print)."):
     """--quiet, the one definition for every rankshard command that shows progress (a bar with rate and ETA,
     or progress lines, on stderr): it silences that and nothing else; ``help_text`` says what a command keeps."""
@@ -68,6 +117,7 @@ quiet_option = quiet_flag()
 def shard_options(fn):
     """Options shared by every materialization command."""
     return _apply(fn, [
+        config_option,
         click.option("--out", callback=_out_location, required=True,
                      help="Output root (a folder, or object storage such as s3://bucket/prefix); shards go to "
                           "OUT/<dataset>/<split>/<variant>/."),

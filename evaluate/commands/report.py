@@ -8,9 +8,11 @@ import click
 from rankshard.evaluate.errors import EvaluationError, friendly_errors
 from rankshard.evaluate.options import out_option
 from rankshard.evaluate.report import build_report
+from rankshard.preprocess.options import config_option
 
 
 @click.command("report")
+@config_option
 @click.argument("results", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @click.option("--runs", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A rankshard-train run folder (config.json, metrics.jsonl, curves.png); repeat for several.")

@@ -18,6 +18,7 @@ from rankshard.evaluate.rig.check import RANDOMIZATIONS
 from rankshard.evaluate.rig.inputs import InputBatch, load_image_files, parse_index, read_shard_samples
 from rankshard.evaluate.rig.maps import METHODS, MapConfig
 from rankshard.evaluate.rig.run import RunConfig, check_input_size, run_rig
+from rankshard.preprocess.options import config_option
 
 
 def _split_list(values: tuple[str, ...] | str | None) -> list[str]:
@@ -69,6 +70,7 @@ def _report(summary: dict) -> None:
 
 
 @click.command("rig")
+@config_option
 @checkpoints_argument()
 @data_root_options(required=False, alternative="; its `full` variant is read (or give --images)")
 @click.option("--keys", help="comma-separated 8-digit sample keys, e.g. 00000003,00000017")

@@ -10,6 +10,7 @@ from rankshard.evaluate.errors import EvaluationError, friendly_errors
 from rankshard.evaluate.options import checkpoints_argument, out_option, quiet_option, trust_option, workers_option
 from rankshard.evaluate.weights.report import ReportConfig, run_weights_analysis
 from rankshard.evaluate.weights.spectra import WeightsConfig
+from rankshard.preprocess.options import config_option
 
 
 def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, sensitivity,
@@ -23,6 +24,7 @@ def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, se
 
 
 @click.command("weights")
+@config_option
 @checkpoints_argument()
 @out_option("weights.json, per-model tables (CSV/JSON), singular vectors and figures")
 @click.option("--layers", default="*", show_default=True,
