@@ -58,11 +58,14 @@ def _apply(fn, options: list):
 
 def _config_value(param: click.Parameter, value):
     """A config file's value as the option would have taken it: a TOML/JSON list for a comma-list option
-    (--ranks = [5, 10, 20]) joined, one value for a repeatable option (--split = "train") wrapped."""
+    (ranks = [5, 10, 20]) joined, a number for a text option as text, one value for a repeatable option
+    (split = "train") wrapped."""
     if param.multiple:
         return tuple(value) if isinstance(value, list) else (value,)
     if isinstance(value, list):
         return ",".join(str(v) for v in value)
+    if param.type is click.STRING and not isinstance(value, str):
+        return str(value)  # ranks = 5: a text option's callback parses text
     return value
 
 
