@@ -2,8 +2,8 @@
 
 One definition per option, so the same thing has the same name, default and help everywhere: ``--data ROOT``
 (+ ``--dataset``, ``--split``), ``--out`` (required wherever something is written), ``--device``,
-``--workers``, ``--quiet`` (``preprocess.options``' one definition), ``--trust-checkpoint`` and the
-``[NAME=]CKPT`` arguments.
+``--workers``, ``--quiet`` (``preprocess.options``' one definition), ``--trust-checkpoint``, ``--config``
+(``preprocess.configfile``) and the ``[NAME=]CKPT`` arguments.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch.distributed as dist
 from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
 from rankshard.evaluate.data import EvalData, shard_data
 from rankshard.evaluate.distributed import DistContext, init_from_env
-from rankshard.preprocess.options import config_option, quiet_option
+from rankshard.preprocess.configfile import config_option
+from rankshard.preprocess.options import quiet_option
 
 SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
 

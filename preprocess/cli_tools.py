@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from rankshard.preprocess.errors import friendly_errors
-from rankshard.preprocess.options import config_option, quiet_option
+from rankshard.preprocess.configfile import config_option
+from rankshard.preprocess.options import quiet_option
 
 
 @click.command("verify")

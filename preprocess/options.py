@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from rankshard.preprocess.configfile import config_option
 from rankshard.preprocess.errors import ON_ERROR
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.rank import BACKEND_NAMES
@@ -54,58 +55,6 @@ def _apply(fn, options: list):
     for option in reversed(options):
         fn = option(fn)
     return fn
-
-
-def _config_value(param: click.Parameter, value):
-    """A config file's value as the option would have taken it: a TOML/JSON list for a comma-list option
-    (ranks = [5, 10, 20]) joined, a number for a text option as text, one value for a repeatable option
-    (split = "train") wrapped."""
-    if param.multiple:
-        return tuple(value) if isinstance(value, list) else (value,)
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    if param.type is click.STRING and not isinstance(value, str):
-        return str(value)  # ranks = 5: a text option's callback parses text
-    return value
-
-
-def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
-    """``--config FILE``: the file's values become the command's defaults (``ctx.default_map``), so any flag
-    on the command line still wins. Keys are long option names (``shard-size`` or ``shard_size``)."""
-    if value is None:
-        return
-    import json
-
-    try:
-        import tomllib  # Python >= 3.11
-    except ModuleNotFoundError:  # pragma: no cover - 3.10 installs tomli (setup.cfg)
-        import tomli as tomllib
-
-    try:
-        text = value.read_text()
-        data = json.loads(text) if value.suffix == ".json" else tomllib.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise click.BadParameter(f"{value}: not a readable TOML (or .json) file: {exc}", ctx, param) from None
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{value}: expected a table of option = value", ctx, param)
-    names = {}  # long option name, dashes as underscores -> the parameter it sets
-    for p in ctx.command.params:
-        if isinstance(p, click.Option) and p is not param:
-            names.update({opt.lstrip("-").replace("-", "_"): p for opt in p.opts if opt.startswith("--")})
-    unknown = sorted(k for k in data if k.replace("-", "_") not in names)
-    if unknown:
-        raise click.BadParameter(f"{value}: no option {', '.join(unknown)} in this command; it takes "
-                                 f"{', '.join(sorted(n.replace('_', '-') for n in names))}", ctx, param)
-    defaults = {names[k.replace("-", "_")].name: _config_value(names[k.replace("-", "_")], v) for k, v in data.items()}
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-
-
-# --config FILE: eager, so its values are the defaults before any other option is read
-config_option = click.option(
-    "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True, expose_value=False,
-    callback=_load_config,
-    help="TOML file (or .json) of option values, keys as the long option names (shard-size = 500, "
-         "ranks = [5, 10, 20]); options given on the command line win.")
 
 
 def quiet_flag(help_text: str = "No progress bar (results and errors still print)."):

@@ -59,15 +59,35 @@ def test_a_flag_on_the_command_line_wins(tree, tmp_path):
 
 @pytest.mark.parametrize("text, needle", [
     ("shard-sise = 3\n", "no option shard-sise in this command"),
-    ("ranks = [2\n", "not a readable TOML"),
+    ("ranks = [2\n", "not a readable UTF-8 TOML"),
+    ("spectra = 0\n", "is not something --spectra takes"),            # a number for a flag
+    ("shard-size = 3.7\n", "a float for a whole number"),             # never truncated to 3
+    ("workers = false\n", "true/false for an option that takes a value"),  # never 0 (all in-process)
+    ("shard-size = {a = 1}\n", "is not something a command line can say"),
+    ("seed = 1979-05-27\n", "is not something a command line can say"),
+    ("shard-size = \"abc\"\n", "shard-size = 'abc'"),                # the option's own check, file and key named
+    ("resize = [1, 2]\n", "a list for an option that takes one value"),
+    ("shard-size = 3\nshard_size = 4\n", "given twice"),
+    ("ranks = 2\nranks = 3\n", "not a readable UTF-8 TOML"),          # TOML itself refuses a repeated key
 ])
 def test_a_wrong_key_or_a_broken_file_is_refused(tree, tmp_path, text, needle):
     config = tmp_path / "job.toml"
     config.write_text(text)
     result = _folder(tree, tmp_path / "out", "--config", str(config))
     assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
-    assert "shard-size" in result.output or "TOML" in result.output  # the fix is named: the real option names
+    assert "--config" in result.output and str(config) in result.output.replace("\n", "")
     assert not (tmp_path / "out").exists()
+
+
+def test_json_null_and_empty_lists_are_refused_not_guessed(tmp_path):
+    config = tmp_path / "job.JSON"  # the suffix in any case means JSON
+    config.write_text('{"out": null}')
+    result = CliRunner().invoke(main, ["cifar10", "--source", str(tmp_path), "--config", str(config)])
+    assert result.exit_code == 2 and "None is not something a command line can say" in result.output, result.output
+    config.write_text('\ufeff{"split": []}')  # a byte-order mark is fine; an empty list is not
+    result = CliRunner().invoke(main, ["cifar10", "--source", str(tmp_path), "--out", str(tmp_path / "o"),
+                                       "--config", str(config)])
+    assert result.exit_code == 2 and "an empty list" in result.output, result.output
 
 
 def test_evaluate_commands_take_a_config_too(tmp_path):

@@ -8,7 +8,7 @@ import click
 from rankshard.evaluate.errors import EvaluationError, friendly_errors
 from rankshard.evaluate.options import out_option
 from rankshard.evaluate.report import build_report
-from rankshard.preprocess.options import config_option
+from rankshard.preprocess.configfile import config_option
 
 
 @click.command("report")

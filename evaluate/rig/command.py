@@ -18,7 +18,7 @@ from rankshard.evaluate.rig.check import RANDOMIZATIONS
 from rankshard.evaluate.rig.inputs import InputBatch, load_image_files, parse_index, read_shard_samples
 from rankshard.evaluate.rig.maps import METHODS, MapConfig
 from rankshard.evaluate.rig.run import RunConfig, check_input_size, run_rig
-from rankshard.preprocess.options import config_option
+from rankshard.preprocess.configfile import config_option
 
 
 def _split_list(values: tuple[str, ...] | str | None) -> list[str]:

@@ -10,7 +10,7 @@ from rankshard.evaluate.errors import EvaluationError, friendly_errors
 from rankshard.evaluate.options import checkpoints_argument, out_option, quiet_option, trust_option, workers_option
 from rankshard.evaluate.weights.report import ReportConfig, run_weights_analysis
 from rankshard.evaluate.weights.spectra import WeightsConfig
-from rankshard.preprocess.options import config_option
+from rankshard.preprocess.configfile import config_option
 
 
 def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, sensitivity,

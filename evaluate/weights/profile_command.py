@@ -13,7 +13,7 @@ from rankshard.evaluate.errors import friendly_errors
 from rankshard.evaluate.options import (checkpoints_argument, data_root_options, device_option, out_option,
                                         quiet_option, trust_option, workers_option)
 from rankshard.evaluate.weights.svd_profile import ProfileConfig, profile_model, summary, write_profile
-from rankshard.preprocess.options import config_option
+from rankshard.preprocess.configfile import config_option
 
 
 @click.command("svd-profile")
