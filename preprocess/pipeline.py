@@ -384,7 +384,7 @@ class Materializer:
 
     def _making_what(self, task: ShardTask) -> str:
         first, last = task.chunks[0][0][0], task.chunks[-1][0][-1]
-        source = f", first: {self._source_id(first)}" if self._source_id(first) else ""
+        source = f", first: {sid}" if (sid := self._source_id(first)) else ""
         return (f"making shard {task.shard_name} (output positions {first}-{last}{source}; decode, SVD, encode, "
                 f"write: {', '.join(v.name for v in self.variants)})")
 

@@ -58,15 +58,18 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
-def _status_mb(field: str) -> float | None:
+def _status_mb(*fields: str) -> tuple[float | None, ...]:
+    """``fields`` of /proc/self/status (VmHWM, VmRSS, ...) in MB, from one read; None where missing."""
+    found: dict[str, float] = {}
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    found[name] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return None
+    return tuple(found.get(field) for field in fields)
 
 
 def own_peak_rss_mb() -> float | None:
@@ -77,14 +80,14 @@ def own_peak_rss_mb() -> float | None:
     after a vfork the old one is the *parent's*, so a 28 MB worker of a main process that had peaked at
     526 MB reports 526 MB (and so does ``RUSAGE_CHILDREN`` in the parent). ``VmHWM`` starts afresh at exec.
     """
-    return _status_mb("VmHWM")
+    return _status_mb("VmHWM")[0]
 
 
 def own_rss_mb() -> float | None:
     """This process's resident memory now, MB (Linux ``VmRSS``). Taken between tasks, after the heap is
     trimmed, it is what a worker *holds* from one task to the next: the figure a leak makes grow. (The peak
     is a maximum over every task, so it can creep up with the number of tasks without anything being kept.)"""
-    return _status_mb("VmRSS")
+    return _status_mb("VmRSS")[0]
 
 
 def _trim_heap() -> None:
@@ -136,7 +139,7 @@ def _serve(conn, preload: tuple[str, ...] = ()) -> None:
         # this worker's own state plus the answer (a shard's summary; a decoded chunk on the GPU path).
         del fn, arg
         _trim_heap()
-        memory = (own_peak_rss_mb(), own_rss_mb())
+        memory = _status_mb("VmHWM", "VmRSS")  # (own peak, held now): see own_peak_rss_mb, own_rss_mb
         try:
             conn.send((*reply, memory))
         except Exception as exc:  # an unpicklable exception or result: send its text instead
