@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from photos import photo_batch
+
 from rankshard.loaders.decode import decode_sample
 from rankshard.preprocess.format.tarindex import read_shard
 from rankshard.preprocess.pipeline import ArraySource, materialize_split
@@ -44,17 +46,8 @@ def test_raw_encoding_holds_pngs_pixels(tmp_path):
     assert verify_tree(tmp_path / "raw").ok
 
 
-def _photos(side: int) -> np.ndarray:
-    data = pytest.importorskip("skimage.data")
-    from PIL import Image
-
-    imgs = [np.asarray(Image.fromarray(getattr(data, n)()).resize((side, side), Image.BICUBIC))
-            for n in ("astronaut", "coffee", "chelsea", "rocket")]
-    return np.stack(imgs).transpose(0, 3, 1, 2).astype(np.float32) / 255
-
-
 def test_float32_backend_meets_bar_on_photos_where_auto_may_pick_it():
-    x = _photos(32)
+    x = photo_batch(("astronaut", "coffee", "chelsea", "rocket"), 32)
     out = RankEngine("torch32", "cpu").low_rank(torch.from_numpy(x), [1, 5, 10, 20])
     for k, xk in out.items():
         assert np.abs(xk.numpy() - reference_low_rank(x, k)).max() <= ACCURACY_BAR

@@ -302,3 +302,31 @@ def test_the_cli_lists_exactly_the_engines_backends():
 
     assert BACKEND_NAMES == tuple(BACKENDS), "preprocess/rank/__init__.py must name every backend, in order"
     assert BACKEND_CHOICES == ("auto", "none", *BACKENDS)
+
+
+# -- real photographs (scikit-image's bundled images) ---------------------------------------------------
+# Synthetic natural batches have photo-like spectra; these are the photos themselves, at their own
+# (non-square) sizes, plus the hard cases for float32: printed text and an exact checkerboard.
+NATIVE_PHOTOS = ("chelsea", "text", "checkerboard",
+                 *(pytest.param(n, marks=pytest.mark.slow) for n in ("astronaut", "coffee")))  # 512^2, 400x600
+
+
+@pytest.mark.parametrize("name", NATIVE_PHOTOS)
+def test_float64_backends_and_auto_meet_bar_on_photos_at_their_own_size(name):
+    from photos import photo
+
+    x = torch.from_numpy(photo(name)).permute(2, 0, 1)[None].float() / 255
+    n = min(x.shape[-2:])
+    ref = _references(x.double().numpy(), _all_ranks(n))
+    chosen = calibrate(*x.shape[-2:], "cpu").chosen  # whichever auto picks here must meet the bar on a photo
+    for backend in sorted({"torch", "gram64", chosen}):
+        assert _max_err(RankEngine(backend, "cpu").low_rank(x, list(ref)), ref) <= ACCURACY_BAR, backend
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_auto_meets_bar_on_downsampled_photos(side):
+    from photos import photo_batch
+
+    x = photo_batch(("astronaut", "camera", "coins", "page"), side)
+    ref = _references(x.astype(np.float64), _all_ranks(side))
+    assert _max_err(RankEngine("auto", "cpu").low_rank(torch.from_numpy(x), list(ref)), ref) <= ACCURACY_BAR
