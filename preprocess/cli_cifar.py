@@ -20,7 +20,8 @@ from rankshard.preprocess.options import default_workers, shard_options, sized
               show_default=True)
 @shard_options
 @friendly_errors
-def cifar10_command(source, download, verify_md5, splits, out, workers, device, overwrite, quiet, **options):
+def cifar10_command(source, download, verify_md5, splits, out, workers, device, overwrite, quiet, space_check,
+                    **options):
     """Turn CIFAR-10 (official python version) into rank-k shards, both splits by default."""
     from rankshard.preprocess.sources.cifar import download_cifar10, load_cifar10
     from rankshard.preprocess.pipeline import ArraySource, materialize_split
@@ -40,4 +41,4 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
                          workers=default_workers() if workers is None else workers,
                          **sized(options, shard_size=1000, batch_size=1000))
         print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet,
-                                        rank=placement.rank, world=placement.world))
+                                        rank=placement.rank, world=placement.world, space_check=space_check))

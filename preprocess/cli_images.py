@@ -25,13 +25,14 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
     geometry = default_geometry(split, opts.pop("resize"), opts.pop("crop"), opts.pop("max_pixels"),
                                 opts.pop("exif_transpose"))
     out, shuffle, quiet, workers = opts.pop("out"), opts.pop("shuffle"), opts.pop("quiet"), opts.pop("workers")
-    device, overwrite = opts.pop("device"), opts.pop("overwrite")
+    device, overwrite, space_check = opts.pop("device"), opts.pop("overwrite"), opts.pop("space_check")
     source = make_source(geometry, cache_dir(out, dataset, split))
     device = str(placement.device(device))
     spec = ShardSpec(dataset=dataset, split=split, shuffle=(split == "train") if shuffle is None else shuffle,
                      device=device, workers=default_workers() if workers is None else workers,
                      **sized(opts, **IMAGE_SIZES))
-    print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet))
+    print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet,
+                                space_check=space_check))
 
 
 @click.command("imagenet")

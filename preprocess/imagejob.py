@@ -104,7 +104,7 @@ def wds_source(pattern: str, geometry: Geometry, cache: Path | None) -> FileSour
 
 
 def run_image_job(source: FileSource, spec: ShardSpec, out: Path, overwrite: bool = False, on_error: str = "skip",
-                  placement: Placement = Placement(), show_progress: bool = True) -> dict:
+                  placement: Placement = Placement(), show_progress: bool = True, space_check: bool = True) -> dict:
     """Materialize this process's share; the manifests come back once every shard exists."""
     return materialize_split(source, spec, out, overwrite=overwrite, show_progress=show_progress, on_error=on_error,
-                             rank=placement.rank, world=placement.world)
+                             rank=placement.rank, world=placement.world, space_check=space_check)

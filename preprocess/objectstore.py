@@ -34,6 +34,7 @@ class StoreMaterializer(Materializer):
     """A ``Materializer`` whose ``out`` is a local staging folder mirrored to the URL ``remote``."""
 
     remote: str = ""
+    keeps_shards = False  # each shard leaves the staging folder once uploaded: no disk projection here
 
     def __post_init__(self):
         if self.overwrite:

@@ -102,6 +102,9 @@ def shard_options(fn):
                      help="Images per SVD call (default: 1000 for cifar10, 250 for image datasets)."),
         click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: cores - 1; the main process makes shards too on CPU; 0: all in this process)."),
         click.option("--overwrite", is_flag=True, help="Replace shards made with a different configuration."),
+        click.option("--space-check/--no-space-check", default=True, show_default=True,
+                     help="After each shard, stop (keeping every finished shard) if the bytes per image so far "
+                          "say the rest will not fit on the output disk."),
         quiet_option,
     ])
 

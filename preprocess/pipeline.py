@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rankshard.preprocess.devices import Placement, process_cores, torch_threads
+from rankshard.preprocess.diskspace import SpaceCheck
 from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, check_on_error
 from rankshard.preprocess.payloads import make_engine
 from rankshard.preprocess.shardtask import ShardContext, ShardDone, ShardTask, decompose, make_shard, shard_job
@@ -161,6 +162,8 @@ class Materializer:
 
     ``rank``/``world``: this process writes the shards ``i`` with ``i % world == rank``. ``on_error``: "skip"
     (default) skips an input that cannot be decoded and records it in the manifest; "raise" stops there.
+    ``space_check``: stop as soon as the shards still to write are projected not to fit on the disk
+    (``preprocess.diskspace``).
     """
 
     source: Source
@@ -171,7 +174,9 @@ class Materializer:
     on_error: str = "skip"
     rank: int = 0
     world: int = 1
+    space_check: bool = True
     stats: RunStats = field(default_factory=RunStats)
+    keeps_shards = True  # every shard stays in ``out`` (object storage: only those in flight)
 
     def __post_init__(self):
         Placement(self.rank, self.world)  # validates the share (one rule with every other package)
@@ -184,6 +189,7 @@ class Materializer:
         self.order = sample_order(len(self.source), self.spec)
         self.num_shards = -(-len(self.order) // self.spec.shard_size)
         self.stats.rank, self.stats.world = self.rank, self.world
+        self.space: SpaceCheck | None = None  # set by run() unless space_check is off
         self.recorded_svd: dict | None = None  # set when resuming an ``auto`` run (see _engine_and_config)
         self.spec.check_image_size(*self.source.image_size)  # before any folder or lock file is made
 
@@ -257,7 +263,10 @@ class Materializer:
             todo = [i for i in range(self.num_shards) if self._mine(i) and not self._done(i)]
             self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
             desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
-            bar = Progress(sum(self._shard_len(i) for i in todo), desc, enabled=self.show_progress)
+            left = sum(self._shard_len(i) for i in todo)
+            self.space = SpaceCheck(self.layout.split_dir, left, self.world) \
+                if self.space_check and self.keeps_shards else None
+            bar = Progress(left, desc, enabled=self.show_progress)
             self._write_all(pool, engine, todo, digest, bar)
             self.stats.worker_rss = pool.peak_rss_mb if pool is not None else None
             bar.close()
@@ -426,6 +435,8 @@ class Materializer:
         self.stats.images += n
         self.stats.skipped_files += len(records[0].get("errors", []))
         bar.update(n + len(records[0].get("errors", [])))
+        if self.space is not None:  # inputs, skipped ones included: they are as frequent in what is left
+            self.space.shard_done(n + len(records[0].get("errors", [])), sum(r["bytes"] for r in records))
 
 
 class _ShardThread:
@@ -494,10 +505,12 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,
-                      show_progress: bool = True, on_error: str = "skip", rank: int = 0, world: int = 1) -> dict:
+                      show_progress: bool = True, on_error: str = "skip", rank: int = 0, world: int = 1,
+                      space_check: bool = True) -> dict:
     """Materialize one split of a dataset into ``out``; resumes where a previous run stopped. ``out`` may be
-    an object-storage URL such as ``s3://bucket/prefix`` (see ``preprocess.objectstore``)."""
+    an object-storage URL such as ``s3://bucket/prefix`` (see ``preprocess.objectstore``), where shards leave
+    the local staging folder as they are uploaded and ``space_check`` has nothing to check."""
     if is_url(out):
         from rankshard.preprocess.objectstore import materialize_to_store
         return materialize_to_store(source, spec, str(out), overwrite, show_progress, on_error, rank, world)
-    return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world).run()
+    return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world, space_check).run()

@@ -1,0 +1,55 @@
+"""Will the rest of the run fit on the output disk? A projection from the shards written so far.
+
+An ImageNet materialization runs for hours and needs hundreds of GB: a full disk found at shard 2,000
+wastes the day (nothing is lost -- shards are written whole or not at all -- but the run stops there).
+After every shard the bytes written per image so far, times the images still to write, are compared with
+the disk's free space, and the run stops at once when they do not fit, keeping every finished shard.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rankshard.preprocess.errors import RankshardError
+
+
+class OutOfSpaceError(RankshardError):
+    """The shards still to write will not fit on the output disk."""
+
+
+@dataclass
+class SpaceCheck:
+    """``shard_done`` after each shard this process writes; raises ``OutOfSpaceError`` when the rest won't fit.
+
+    ``left``: input images this process still has to write; ``sharing``: processes writing about as much to
+    the same disk (``torchrun`` ranks share one output folder).
+    """
+
+    folder: Path
+    left: int
+    sharing: int = 1
+    images: int = 0
+    bytes: int = 0
+
+    def shard_done(self, images: int, nbytes: int) -> None:
+        self.images += images
+        self.bytes += nbytes
+        self.left = max(self.left - images, 0)
+        need = self.projected()
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise OutOfSpaceError(
+                f"{self.folder}: the rest of this run will not fit on its disk. The shards written so far hold "
+                f"{_gb(self.bytes)} for {self.images:,} images, so the {self.left * self.sharing:,} images left "
+                f"need about {_gb(need)}, and {_gb(free)} are free. Every finished shard is kept: free space, "
+                "store fewer variants, or pass another --out, then rerun the same command to resume "
+                "(--no-space-check carries on regardless).")
+
+    def projected(self) -> float:
+        """Bytes the images still to write will take, at the bytes per image written so far (all processes)."""
+        return self.bytes / self.images * self.left * self.sharing if self.images else 0.0
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:,.1f} MB"
