@@ -54,6 +54,17 @@ def test_bomb_is_refused_before_decoding_and_limit_is_configurable():
         open_image(png, max_pixels=1000)
 
 
+@pytest.mark.parametrize("side", [10_000, 14_000])  # over PIL's own warning (89.5 M) and error (179 M) limits
+def test_max_pixels_above_pils_default_is_honoured(side):
+    """A header-only bomb_png declares side^2 pixels: allowed by --max-pixels, it gets past the size check
+    and fails only as the truncated file it is; under the limit's default it is a bomb, naming the option."""
+    with pytest.raises(BadImage, match="corrupt or truncated"):
+        open_image(bomb_png(side, side), max_pixels=side * side)
+    with pytest.raises(BadImage, match="decompression bomb.*--max-pixels"):
+        open_image(bomb_png(side, side))
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's global restored
+
+
 @pytest.mark.parametrize("size", [(40, 56), (56, 40), (37, 37)])
 def test_geometry_is_shorter_side_resize_then_center_crop(size):
     h, w = size

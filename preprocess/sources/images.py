@@ -6,8 +6,10 @@ it and move on, or stop on it under ``--strict``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +135,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+@contextlib.contextmanager
+def _pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """PIL's own bomb check (a module global, default ~89.5 M pixels; None turns it off) set for a moment.
+
+    PIL checks at open and again where a plugin picks its size while loading; left at its default it
+    refused every image over 89.5 M pixels whatever --max-pixels allowed.
+    """
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS, geometry: Geometry | None = None) -> Image.Image:
     """Decode ``data`` (any PIL format, detected from content) to a loaded RGB image, or raise BadImage.
 
@@ -144,17 +160,19 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, geometry: Geometry | N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            with _pil_pixel_limit(None):  # ours, naming the size, is the check at open
+                im = Image.open(io.BytesIO(data))
             # check the declared size before decoding a single pixel: that is the point of the refusal
             reason = rules.refusal(*im.size)
             if reason:
                 raise BadImage(reason)
-            im.load()
+            with _pil_pixel_limit(rules.max_pixels):  # a plugin that picks its size while loading (ICO, ICNS)
+                im.load()
             return to_rgb(im)
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"decompression bomb refused: {exc}") from None
+        raise BadImage(f"decompression bomb refused: {exc} (--max-pixels {rules.max_pixels:,})") from None
     except UnidentifiedImageError:
         raise BadImage(f"not an image PIL can identify (starts with {data[:8]!r})") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
