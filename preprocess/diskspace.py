@@ -20,7 +20,8 @@ class OutOfSpaceError(RankshardError):
 
 @dataclass
 class SpaceCheck:
-    """``shard_done`` after each shard this process writes; raises ``OutOfSpaceError`` when the rest won't fit.
+    """``shard_done`` after each shard this process writes; raises ``OutOfSpaceError`` when the rest won't fit
+    (with ``enforce``; without, it only keeps the tally that the progress line shows).
 
     ``left``: input images this process still has to write; ``sharing``: processes writing about as much to
     the same disk (``torchrun`` ranks share one output folder).
@@ -29,6 +30,7 @@ class SpaceCheck:
     folder: Path
     left: int
     sharing: int = 1
+    enforce: bool = True
     images: int = 0
     bytes: int = 0
 
@@ -36,6 +38,8 @@ class SpaceCheck:
         self.images += images
         self.bytes += nbytes
         self.left = max(self.left - images, 0)
+        if not self.enforce:
+            return
         need = self.projected()
         free = shutil.disk_usage(self.folder).free
         if need > free:
@@ -49,6 +53,12 @@ class SpaceCheck:
     def projected(self) -> float:
         """Bytes the images still to write will take, at the bytes per image written so far (all processes)."""
         return self.bytes / self.images * self.left * self.sharing if self.images else 0.0
+
+    def note(self) -> str:
+        """For the progress line: what this process wrote, and the projected size of its whole share."""
+        if not self.images:
+            return ""
+        return f"{_gb(self.bytes)} written, ~{_gb(self.bytes + self.projected() / self.sharing)} at the end"
 
 
 def _gb(nbytes: float) -> str:

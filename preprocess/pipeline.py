@@ -189,7 +189,7 @@ class Materializer:
         self.order = sample_order(len(self.source), self.spec)
         self.num_shards = -(-len(self.order) // self.spec.shard_size)
         self.stats.rank, self.stats.world = self.rank, self.world
-        self.space: SpaceCheck | None = None  # set by run() unless space_check is off
+        self.space: SpaceCheck | None = None  # set by run()
         self.recorded_svd: dict | None = None  # set when resuming an ``auto`` run (see _engine_and_config)
         self.spec.check_image_size(*self.source.image_size)  # before any folder or lock file is made
 
@@ -264,9 +264,8 @@ class Materializer:
             self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
             desc = f"{self.spec.dataset}/{self.spec.split}" + (f" rank {self.rank}/{self.world}" if self.world > 1 else "")
             left = sum(self._shard_len(i) for i in todo)
-            self.space = SpaceCheck(self.layout.split_dir, left, self.world) \
-                if self.space_check and self.keeps_shards else None
-            bar = Progress(left, desc, enabled=self.show_progress)
+            self.space = SpaceCheck(self.layout.split_dir, left, self.world, self.space_check and self.keeps_shards)
+            bar = Progress(left, desc, enabled=self.show_progress, note=self.space.note)
             self._write_all(pool, engine, todo, digest, bar)
             self.stats.worker_rss = pool.peak_rss_mb if pool is not None else None
             bar.close()
@@ -434,9 +433,9 @@ class Materializer:
         n = records[0]["num_samples"]
         self.stats.images += n
         self.stats.skipped_files += len(records[0].get("errors", []))
-        bar.update(n + len(records[0].get("errors", [])))
-        if self.space is not None:  # inputs, skipped ones included: they are as frequent in what is left
-            self.space.shard_done(n + len(records[0].get("errors", [])), sum(r["bytes"] for r in records))
+        inputs = n + len(records[0].get("errors", []))  # skipped ones too: as frequent in what is left
+        self.space.shard_done(inputs, sum(r["bytes"] for r in records))
+        bar.update(inputs)
 
 
 class _ShardThread:

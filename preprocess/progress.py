@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable
 
 
 class Progress:
     """``Progress(total, "train")``; ``update(n)`` as work completes; ``close()`` prints the final line.
 
     On a terminal the bar redraws in place; in a log file it prints a line every ``log_every`` seconds.
+    ``note``, if given, is called at each redraw for text to append (e.g. bytes written and projected).
     """
 
     def __init__(self, total: int, desc: str, unit: str = "img", stream=None, log_every: float = 10.0,
-                 enabled: bool = True):
-        self.total, self.desc, self.unit = total, desc, unit
+                 enabled: bool = True, note: Callable[[], str] | None = None):
+        self.total, self.desc, self.unit, self.note = total, desc, unit, note
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -34,8 +36,9 @@ class Progress:
         frac = self.done / self.total if self.total else 1.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        note = self.note() if self.note else ""
         return (f"{self.desc} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
-                f"{rate:,.0f} {self.unit}/s elapsed {_fmt(elapsed)} eta {_fmt(eta)}")
+                f"{rate:,.0f} {self.unit}/s elapsed {_fmt(elapsed)} eta {_fmt(eta)}" + (f" | {note}" if note else ""))
 
     def _draw(self, now: float) -> None:
         if not self.enabled:

@@ -86,3 +86,20 @@ def test_the_cli_stops_with_the_figures_and_the_way_out(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "will not fit" in result.output and "--no-space-check" in result.output
     assert "Traceback" not in result.output
     assert CliRunner().invoke(main, args + ["--no-space-check"]).exit_code == 0
+
+
+def test_the_progress_line_shows_bytes_written_and_the_projected_total(tmp_path, monkeypatch):
+    import io
+
+    from rankshard.preprocess.progress import Progress
+
+    _free(monkeypatch, 1)  # not enforced: only the tally
+    check = SpaceCheck(tmp_path, left=50_000, sharing=4, enforce=False)
+    stream = io.StringIO()
+    bar = Progress(50_000, "cifar10/train", stream=stream, log_every=0, note=check.note)
+    bar.update(0)
+    check.shard_done(1000, 61_000_000)
+    bar.update(1000)
+    lines = stream.getvalue().splitlines()
+    assert "|" not in lines[0]  # nothing written yet: no projection
+    assert lines[1].endswith("| 61.0 MB written, ~3.0 GB at the end")  # this rank's share: 61 kB x 50,000
