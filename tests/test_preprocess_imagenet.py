@@ -186,6 +186,25 @@ def test_rerun_with_decode_workers_is_byte_identical(built, tree, tmp_path):
     assert _tars(tmp_path) == _tars(out)
 
 
+def test_the_gpu_paths_split_gives_the_same_bytes_on_cpu(built, tree, tmp_path, monkeypatch):
+    """With CUDA, this process runs the numeric chain while workers decode ahead and encode + write (CPU:
+    workers make whole shards). CI has no GPU, so that split runs here on the CPU engine: same shards."""
+    from rankshard.preprocess.pipeline import Materializer
+
+    out, _, _ = built
+    routed = []
+
+    def split_path(self, pool, engine, todo, digest, bar):
+        routed.append(pool is not None)
+        self._shards_here(pool, engine, todo, self._context(digest), bar)
+
+    monkeypatch.setattr(Materializer, "_write_all", split_path)
+    src = imagenet_source(tree["root"], "train", GEOMETRY, tmp_path / "cache")
+    result = materialize_split(src, _spec(workers=2), tmp_path, show_progress=False)
+    assert routed == [True] and result["stats"]["decode"] > 0  # decoded in the workers, not here
+    assert _tars(tmp_path) == _tars(out)
+
+
 def test_nested_tar_source_gives_the_same_shards(built, tree, tmp_path):
     out, _, _ = built
     src = imagenet_source(tree["root"] / "archives", "train", GEOMETRY, tmp_path / "cache")
