@@ -33,7 +33,7 @@ def _preprocess_cli_device(monkeypatch, tmp_path, device: str) -> tuple[str, Pla
     """The device and placement ``rankshard-preprocess folder`` hands to the job (the job itself faked)."""
     seen = {}
 
-    def fake_job(source, spec, out, overwrite, policy, placement, show_progress):
+    def fake_job(source, spec, out, overwrite, policy, placement, show_progress, space_check):
         seen.update(device=spec.device, placement=placement, policy=policy)
         return None
 
