@@ -21,7 +21,7 @@ from rankshard.preprocess.options import default_workers, shard_options, sized
 @shard_options
 @friendly_errors
 def cifar10_command(source, download, verify_md5, splits, out, workers, device, overwrite, quiet, space_check,
-                    **options):
+                    estimate, **options):
     """Turn CIFAR-10 (official python version) into rank-k shards, both splits by default."""
     from rankshard.preprocess.sources.cifar import download_cifar10, load_cifar10
     from rankshard.preprocess.pipeline import ArraySource, materialize_split
@@ -40,5 +40,9 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
         spec = ShardSpec(dataset="cifar10", split=split, shuffle=(split == "train"), device=resolved,
                          workers=default_workers() if workers is None else workers,
                          **sized(options, shard_size=1000, batch_size=1000))
+        if estimate:
+            from rankshard.preprocess.estimate import estimate_split, print_estimate
+            print_estimate(estimate_split(src, spec, out))
+            continue
         print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet,
                                         rank=placement.rank, world=placement.world, space_check=space_check))

@@ -25,12 +25,16 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
     geometry = default_geometry(split, opts.pop("resize"), opts.pop("crop"), opts.pop("max_pixels"),
                                 opts.pop("exif_transpose"))
     out, shuffle, quiet, workers = opts.pop("out"), opts.pop("shuffle"), opts.pop("quiet"), opts.pop("workers")
-    device, overwrite, space_check = opts.pop("device"), opts.pop("overwrite"), opts.pop("space_check")
+    device, overwrite, space_check, estimate = (opts.pop(k) for k in ("device", "overwrite", "space_check", "estimate"))
     source = make_source(geometry, cache_dir(out, dataset, split))
     device = str(placement.device(device))
     spec = ShardSpec(dataset=dataset, split=split, shuffle=(split == "train") if shuffle is None else shuffle,
                      device=device, workers=default_workers() if workers is None else workers,
                      **sized(opts, **IMAGE_SIZES))
+    if estimate:
+        from rankshard.preprocess.estimate import estimate_split, print_estimate
+        print_estimate(estimate_split(source, spec, out))
+        return
     print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet,
                                 space_check=space_check))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.progress import human_bytes
 
 
 class OutOfSpaceError(RankshardError):
@@ -45,8 +46,8 @@ class SpaceCheck:
         if need > free:
             raise OutOfSpaceError(
                 f"{self.folder}: the rest of this run will not fit on its disk. The shards written so far hold "
-                f"{_gb(self.bytes)} for {self.images:,} images, so the {self.left * self.sharing:,} images left "
-                f"need about {_gb(need)}, and {_gb(free)} are free. Every finished shard is kept: free space, "
+                f"{human_bytes(self.bytes)} for {self.images:,} images, so the {self.left * self.sharing:,} images left "
+                f"need about {human_bytes(need)}, and {human_bytes(free)} are free. Every finished shard is kept: free space, "
                 "store fewer variants, or pass another --out, then rerun the same command to resume "
                 "(--no-space-check carries on regardless).")
 
@@ -58,8 +59,4 @@ class SpaceCheck:
         """For the progress line: what this process wrote, and the projected size of its whole share."""
         if not self.images:
             return ""
-        return f"{_gb(self.bytes)} written, ~{_gb(self.bytes + self.projected() / self.sharing)} at the end"
-
-
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:,.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:,.1f} MB"
+        return f"{human_bytes(self.bytes)} written, ~{human_bytes(self.bytes + self.projected() / self.sharing)} at the end"

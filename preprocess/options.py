@@ -105,6 +105,9 @@ def shard_options(fn):
         click.option("--space-check/--no-space-check", default=True, show_default=True,
                      help="After each shard, stop (keeping every finished shard) if the bytes per image so far "
                           "say the rest will not fit on the output disk."),
+        click.option("--estimate", is_flag=True,
+                     help="Write no shards: make one SVD batch of images spread over the split (in one process, "
+                          "into a temporary folder) and print the bytes per variant and the time the run will take."),
         quiet_option,
     ])
 

@@ -38,7 +38,7 @@ class Progress:
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
         note = self.note() if self.note else ""
         return (f"{self.desc} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
-                f"{rate:,.0f} {self.unit}/s elapsed {_fmt(elapsed)} eta {_fmt(eta)}" + (f" | {note}" if note else ""))
+                f"{rate:,.0f} {self.unit}/s elapsed {clock(elapsed)} eta {clock(eta)}" + (f" | {note}" if note else ""))
 
     def _draw(self, now: float) -> None:
         if not self.enabled:
@@ -56,10 +56,19 @@ class Progress:
         return now - self.start
 
 
-def _fmt(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``h:mm:ss`` (``mm:ss`` under an hour); ``?`` for an unknown (infinite) time."""
     if seconds == float("inf"):
         return "?"
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def human_bytes(nbytes: float) -> str:
+    """``1.2 TB``, ``61.0 MB``, ``512 B``: decimal units, as disks are sold and ``df -H`` shows them."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"

@@ -396,3 +396,16 @@ def test_hostile_sizes_are_skipped_with_reasons_or_stop_a_strict_run(tmp_path):
         {name: True for name in hostile_files()}
     r = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "s"), "--strict"])
     assert r.exit_code == 2 and "--strict, stops at the first bad" in r.output and "hostile_" in r.output
+
+
+def test_estimate_decodes_a_spread_sample_and_writes_only_the_listing_cache(built, tree, tmp_path):
+    _, _, src = built
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(tree["root"]), "--split", "train", "--out",
+                                       str(tmp_path), "--ranks", "1,5", "--high", "2", "--batch-size", str(len(src)),
+                                       "--workers", "0", "--backend", "gram64", "--resize", "24", "--crop", "24",
+                                       "--estimate"])
+    assert result.exit_code == 0, result.output
+    # every image measured: the bad files are found as in the real run
+    assert f"imagenet/train: {len(src)} images; measured on all of them, made in one process ({len(BAD)} " \
+           "unreadable, skipped)" in result.output
+    assert not list(tmp_path.rglob("*.tar")) and list(tmp_path.rglob(".listing/*"))

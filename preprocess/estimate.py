@@ -1,0 +1,127 @@
+"""``--estimate``: how many bytes and hours a materialization will take, measured before it starts.
+
+A one-off ImageNet run takes hours and hundreds of GB, and which ranks, encodings and factors to store is
+decided before it starts. The estimate runs the real pipeline (same configuration, same backend) on one SVD
+batch of images spread evenly over the output order, in one process, into a temporary folder, and scales
+what it measured: bytes per image per variant (the tar's headers and padding included) and seconds per
+image per stage. Nothing is written to ``--out`` but the source listing's cache, which the real run reuses.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from rankshard.preprocess.format.transport import is_url
+from rankshard.preprocess.pipeline import materialize_split, sample_order
+from rankshard.preprocess.progress import human_bytes
+from rankshard.preprocess.spec import ShardSpec
+
+
+@dataclass
+class _Sample:
+    """The source restricted to ``indices`` (in this order): a Source for the pipeline."""
+
+    source: object
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getattr__(self, name):  # classes, class_names, info, image_size, decode_in_workers
+        return getattr(self.source, name)
+
+    def load_job(self, indices: np.ndarray, positions: np.ndarray):
+        return self.source.load_job(self.indices[indices], positions)
+
+
+@dataclass
+class Estimate:
+    """What one split will take, scaled from a measured sample."""
+
+    dataset: str
+    split: str
+    images: int                      # inputs in the split
+    sample: int                      # inputs measured
+    skipped: int                     # of the sample, unreadable inputs (skipped in the real run too)
+    bytes_per_image: dict[str, float] = field(default_factory=dict)  # per variant, per input
+    seconds_per_image: dict[str, float] = field(default_factory=dict)  # per stage, one process
+    device: str = "cpu"
+    processes: int = 1               # the real run's: CPU workers + this process; GPU: its encode workers
+    free_bytes: int | None = None    # on the disk holding --out (None: object storage)
+
+    @property
+    def total_bytes(self) -> float:
+        return sum(self.bytes_per_image.values()) * self.images
+
+    @property
+    def wall_seconds(self) -> float:
+        """A lower bound: every process keeps the one-process rate and the stages overlap perfectly.
+
+        CPU: each process does every stage of its shards. GPU: this process runs the numeric chain while
+        the workers decode, encode and write, so the slower of the two sides sets the pace.
+        """
+        s = self.seconds_per_image
+        if self.device == "cpu":
+            return self.images * sum(s.values()) / self.processes
+        return self.images * max(s["svd"], (s["decode"] + s["encode_write"]) / self.processes)
+
+
+def estimate_split(source, spec: ShardSpec, out: Path | str) -> Estimate:
+    """Materialize one SVD batch of ``source`` (evenly spaced over the output order) and scale it up."""
+    order = sample_order(len(source), spec)
+    take = min(len(order), spec.batch_size)
+    picked = order[np.linspace(0, len(order) - 1, take).round().astype(int)]
+    one = replace(spec, shard_size=take, batch_size=take, workers=0, shuffle=False)
+    with tempfile.TemporaryDirectory(prefix="rankshard-estimate-") as tmp:
+        result = materialize_split(_Sample(source, picked), one, tmp, show_progress=False, space_check=False)
+    manifests, stats = result["manifests"], result["stats"]
+    skipped = len(next(iter(manifests.values()))["errors"])
+    seconds = {"decode": stats["read"], "svd": stats["svd"], "encode_write": stats["encode_write"]}
+    return Estimate(spec.dataset, spec.split, len(order), take, skipped,
+                    {name: sum(s["bytes"] for s in m["shards"]) / take for name, m in manifests.items()},
+                    {k: v / take for k, v in seconds.items()}, _device_type(spec.device),
+                    spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
+                    _free_bytes(out))
+
+
+def _device_type(device: str) -> str:
+    return "cpu" if str(device).startswith("cpu") else "cuda"
+
+
+def _free_bytes(out: Path | str) -> int | None:
+    """Free space on the disk that will hold ``out`` (its nearest existing folder); None for object storage."""
+    if is_url(out):
+        return None
+    folder = Path(out).resolve()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def print_estimate(e: Estimate) -> None:
+    """The estimate as a table per variant, the total against the free space, and the time."""
+    measured = "all of them" if e.sample == e.images else f"{e.sample:,} of them, spread over the split"
+    print(f"\n{e.dataset}/{e.split}: {e.images:,} images; measured on {measured}, made in one process"
+          + (f" ({e.skipped} unreadable, skipped)" if e.skipped else ""))
+    width = max(len(n) for n in e.bytes_per_image)
+    for name, b in e.bytes_per_image.items():
+        print(f"  {name:<{width}}  {human_bytes(b):>9}/image  {human_bytes(b * e.images):>9}")
+    free = "object storage" if e.free_bytes is None else f"{human_bytes(e.free_bytes)} free at --out"
+    fits = "" if e.free_bytes is None or e.total_bytes <= e.free_bytes else "  -- WILL NOT FIT"
+    print(f"  {'all':<{width}}  {human_bytes(e.total_bytes / e.images):>9}/image  {human_bytes(e.total_bytes):>9}  ({free}){fits}")
+    s = e.seconds_per_image
+    print(f"  time per image in one process: decode {1e3 * s['decode']:.1f} ms, SVD + quantize "
+          f"{1e3 * s['svd']:.1f} ms, encode + write {1e3 * s['encode_write']:.1f} ms ({e.device})")
+    who = f"{e.processes} processes" if e.device == "cpu" else f"the GPU and {e.processes} encode workers"
+    print(f"  at least {_duration(e.wall_seconds)} with {who}, if each keeps this rate")
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 1:
+        return f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
