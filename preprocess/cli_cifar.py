@@ -42,7 +42,8 @@ def cifar10_command(source, download, verify_md5, splits, out, workers, device, 
                          **sized(options, shard_size=1000, batch_size=1000))
         if estimate:
             from rankshard.preprocess.estimate import estimate_split, print_estimate
-            print_estimate(estimate_split(src, spec, out))
+            if placement.rank == 0:  # one measurement speaks for every rank
+                print_estimate(estimate_split(src, spec, out, placement.world))
             continue
         print_summary(materialize_split(src, spec, out, overwrite=overwrite, show_progress=not quiet,
                                         rank=placement.rank, world=placement.world, space_check=space_check))

@@ -33,7 +33,8 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
                      **sized(opts, **IMAGE_SIZES))
     if estimate:
         from rankshard.preprocess.estimate import estimate_split, print_estimate
-        print_estimate(estimate_split(source, spec, out))
+        if placement.rank == 0:  # one measurement speaks for every rank
+            print_estimate(estimate_split(source, spec, out, placement.world))
         return
     print_summary(run_image_job(source, spec, out, overwrite, policy, placement, show_progress=not quiet,
                                 space_check=space_check))

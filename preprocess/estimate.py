@@ -50,7 +50,8 @@ class Estimate:
     bytes_per_image: dict[str, float] = field(default_factory=dict)  # per variant, per input
     seconds_per_image: dict[str, float] = field(default_factory=dict)  # per stage, one process
     device: str = "cpu"
-    processes: int = 1               # the real run's: CPU workers + this process; GPU: its encode workers
+    processes: int = 1               # per rank in the real run: CPU workers + the main process; GPU: its workers
+    ranks: int = 1                   # torchrun processes sharing the split (each with its own cores or GPU)
     free_bytes: int | None = None    # on the disk holding --out (None: object storage)
 
     @property
@@ -64,13 +65,13 @@ class Estimate:
         CPU: each process does every stage of its shards. GPU: this process runs the numeric chain while
         the workers decode, encode and write, so the slower of the two sides sets the pace.
         """
-        s = self.seconds_per_image
+        s, per_rank = self.seconds_per_image, self.images / self.ranks
         if self.device == "cpu":
-            return self.images * sum(s.values()) / self.processes
-        return self.images * max(s["svd"], (s["decode"] + s["encode_write"]) / self.processes)
+            return per_rank * sum(s.values()) / self.processes
+        return per_rank * max(s["svd"], (s["decode"] + s["encode_write"]) / self.processes)
 
 
-def estimate_split(source, spec: ShardSpec, out: Path | str) -> Estimate:
+def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> Estimate:
     """Materialize one SVD batch of ``source`` (evenly spaced over the output order) and scale it up."""
     order = sample_order(len(source), spec)
     take = min(len(order), spec.batch_size)
@@ -85,7 +86,7 @@ def estimate_split(source, spec: ShardSpec, out: Path | str) -> Estimate:
                     {name: sum(s["bytes"] for s in m["shards"]) / take for name, m in manifests.items()},
                     {k: v / take for k, v in seconds.items()}, _device_type(spec.device),
                     spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
-                    _free_bytes(out))
+                    _free_bytes(out), ranks)
 
 
 def _device_type(device: str) -> str:
@@ -117,6 +118,7 @@ def print_estimate(e: Estimate) -> None:
     print(f"  time per image in one process: decode {1e3 * s['decode']:.1f} ms, SVD + quantize "
           f"{1e3 * s['svd']:.1f} ms, encode + write {1e3 * s['encode_write']:.1f} ms ({e.device})")
     who = f"{e.processes} processes" if e.device == "cpu" else f"the GPU and {e.processes} encode workers"
+    who += f" in each of {e.ranks} ranks" if e.ranks > 1 else ""
     print(f"  at least {_duration(e.wall_seconds)} with {who}, if each keeps this rate")
 
 

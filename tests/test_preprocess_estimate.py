@@ -58,6 +58,8 @@ def test_the_time_is_a_lower_bound_over_the_processes():
     assert abs(cpu.wall_seconds - 1000 * 0.06 / 4) < 1e-9
     gpu = Estimate("d", "s", 1000, 10, 0, {"full": 1.0}, per, "cuda", processes=4)
     assert abs(gpu.wall_seconds - 1000 * max(0.02, 0.04 / 4)) < 1e-9  # the GPU is the slower side here
+    eight = Estimate("d", "s", 1000, 10, 0, {"full": 1.0}, per, "cuda", processes=4, ranks=8)
+    assert abs(eight.wall_seconds - 1000 / 8 * 0.02) < 1e-9  # torchrun: each rank its GPU and 1/8 of the shards
 
 
 def test_the_cli_prints_the_estimate_and_writes_no_shards(tmp_path):
