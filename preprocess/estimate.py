@@ -85,8 +85,8 @@ def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> 
     return Estimate(spec.dataset, spec.split, len(order), take, skipped,
                     {name: sum(s["bytes"] for s in m["shards"]) / take for name, m in manifests.items()},
                     {k: v / take for k, v in seconds.items()}, _device_type(spec.device),
-                    spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
-                    _free_bytes(out), ranks)
+                    processes=spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
+                    ranks=ranks, free_bytes=_free_bytes(out))
 
 
 def _device_type(device: str) -> str:

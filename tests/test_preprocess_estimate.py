@@ -1,6 +1,8 @@
 """--estimate: the real pipeline on one SVD batch spread over the split, scaled to the whole split."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from click.testing import CliRunner
 
@@ -28,6 +30,8 @@ def test_a_sample_of_the_whole_split_predicts_the_bytes_exactly(tmp_path):
     """One batch holding every image, in the run's (shuffled) order: the sample's shard is the run's shard."""
     est = estimate_split(_source(), _spec(), tmp_path / "est")
     assert est.sample == est.images == N and not (tmp_path / "est").exists()
+    assert (est.processes, est.ranks, est.device) == (1, 1, "cpu")
+    assert 0 < est.free_bytes <= shutil.disk_usage(tmp_path).total
     result = materialize_split(_source(), _spec(), tmp_path / "run", show_progress=False)
     written = {name: sum(s["bytes"] for s in m["shards"]) for name, m in result["manifests"].items()}
     assert {name: round(b * N) for name, b in est.bytes_per_image.items()} == written
