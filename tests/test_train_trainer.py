@@ -87,6 +87,25 @@ def test_resume_reproduces_uninterrupted_weights(tmp_path, data, interrupt):
     assert _strip_time(rundir.read_metrics(tmp_path / "straight")) == _strip_time(rundir.read_metrics(broken))
 
 
+
+@pytest.mark.parametrize("form", ["name", "path"])
+def test_resume_from_an_earlier_state_when_last_pt_is_missing(tmp_path, data, form):
+    """A lost last.pt (deleted, a copy without it) must not block --resume-from; the refusal lists what is there."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    broken = tmp_path / "broken"
+    run(cfg, broken, data=data, log=quiet, stop_after_epochs=2)
+    (broken / "last.pt").unlink()
+    with pytest.raises(ConfigError, match=f"--resume {broken} --resume-from last.prev.pt"):
+        run(cfg, broken, resume=True, data=data, log=quiet)
+    with pytest.raises(ConfigError, match="no epoch-0001.pt"):
+        run(cfg, broken, resume=True, resume_from="epoch-0001.pt", data=data, log=quiet)
+    source = "last.prev.pt" if form == "name" else str(broken / "last.prev.pt")
+    run(cfg, broken, resume=True, resume_from=source, data=data, log=quiet)
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(broken / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in rundir.read_metrics(broken)] == [1, 2, 3]
+
 class NaNAfterFirstEpoch(TensorData):
     def train_batches(self, epoch, batch_size, rank, world_size, start_step=0):
         batches = super().train_batches(epoch, batch_size, rank, world_size, start_step)

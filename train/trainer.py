@@ -301,7 +301,7 @@ class Trainer:
     def resume(self, source: str | Path | None = None) -> None:
         """Restore model, optimizer, step/epoch, RNG and the partial epoch statistics from last.pt (or from
         ``source``, a checkpoint of this run such as last.prev.pt or epoch-NNNN.pt)."""
-        path = self.run_dir / (source or "last.pt")
+        path = rundir.resume_path(self.run_dir, source)
         payload = self._load_for_resume(path, offer_others=source is None)
         if payload["config"].get("config_hash") != config_hash(self.cfg):
             raise ConfigError(f"{path} was written by another config; --overwrite to start again")
