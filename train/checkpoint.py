@@ -367,7 +367,7 @@ def _madry_split(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, 
         return weights, None
     if len(present) == 1:
         raise CheckpointError(f"{source}: MadryLab normalizer holds {present[0]} but not its partner (new_mean and "
-                              "new_std come together); the file is damaged: pass --mean/--std only with a whole file")
+                              "new_std come together); the file is damaged: use an intact copy")
     norm = {"mean": state_dict["normalizer.new_mean"].flatten().tolist(),
             "std": state_dict["normalizer.new_std"].flatten().tolist()}
     return weights, norm
