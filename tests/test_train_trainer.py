@@ -106,6 +106,27 @@ def test_resume_from_an_earlier_state_when_last_pt_is_missing(tmp_path, data, fo
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in rundir.read_metrics(broken)] == [1, 2, 3]
 
+
+def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_run_file(tmp_path, data):
+    """A crash (power loss, full disk) during the epoch-record append leaves a torn last line; that epoch's
+    last.pt was never written, so the line is dropped on resume. Damage elsewhere is a ConfigError naming
+    the file, not a JSONDecodeError traceback."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    broken = tmp_path / "broken"
+    run(cfg, broken, data=data, log=quiet, stop_after_epochs=2)
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "eval": {"fu')
+    run(cfg, broken, resume=True, data=data, log=quiet)
+    assert _strip_time(rundir.read_metrics(tmp_path / "straight")) == _strip_time(rundir.read_metrics(broken))
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl line 2 is not JSON"):
+        rundir.read_metrics(broken)
+    (broken / "config.json").write_text('{"config": ')
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
+        rundir.read_config(broken)
+
 class NaNAfterFirstEpoch(TensorData):
     def train_batches(self, epoch, batch_size, rank, world_size, start_step=0):
         batches = super().train_batches(epoch, batch_size, rank, world_size, start_step)

@@ -40,7 +40,12 @@ def read_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a rankshard-train run folder?")
-    return from_json(json.loads(path.read_text())["config"])
+    try:
+        body = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as exc:  # hand-edited or damaged: say so instead of a traceback
+        raise ConfigError(f"{path} is not valid JSON holding a 'config' entry ({exc}); restore it from the run's "
+                          "last.pt ('config' field) or start again with --overwrite") from None
+    return from_json(body)
 
 
 def _clear(run_dir: Path) -> None:
@@ -108,7 +113,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            # A crash during an append (power loss, full disk) leaves a torn last line without its newline.
+            # Records are appended before last.pt is saved, so that epoch was never saved: drop it.
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ConfigError(f"{path} line {number} is not JSON ({line[:60]!r}); repair that line "
+                              "or start again with --overwrite") from None
+    return records
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
