@@ -127,6 +127,39 @@ def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_run_file(tmp_pa
     with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
         rundir.read_config(broken)
 
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("crash_after", ["best.pt", "last.pt"])
+def test_best_pt_survives_a_kill_at_any_point_of_the_epoch_save(tmp_path, data, monkeypatch, crash_after):
+    """best.pt must end as the straight run's wherever a kill lands in save(). Before the fix last.pt (which
+    records best_top1) was written first: a kill right after it made the resumed run believe best.pt was
+    current, so the new best was never written."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    tops = [r["eval"]["full"]["top1"] for r in rundir.read_metrics(tmp_path / "straight")]
+    last_best = max(e for e in range(1, 4) if tops[e - 1] >= max(tops[:e]))  # the epoch best.pt holds
+    real_save = trainer_module.save_checkpoint
+
+    def dying_save(path, payload):
+        out = real_save(path, payload)
+        if path.name == crash_after and payload["epoch"] == last_best and payload["metrics"].get("last"):
+            raise Killed
+        return out
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", dying_save)
+    broken = tmp_path / "broken"
+    with pytest.raises(Killed):
+        run(cfg, broken, data=data, log=quiet)
+    monkeypatch.undo()
+    if load_checkpoint(broken / "last.pt")["epoch"] < cfg.epochs:
+        run(cfg, broken, resume=True, data=data, log=quiet)
+    a, b = (load_checkpoint(d / "best.pt") for d in (tmp_path / "straight", broken))
+    assert a["epoch"] == b["epoch"] == last_best
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
 class NaNAfterFirstEpoch(TensorData):
     def train_batches(self, epoch, batch_size, rank, world_size, start_step=0):
         batches = super().train_batches(epoch, batch_size, rank, world_size, start_step)
