@@ -13,7 +13,9 @@ all (``"none"``: batches carry ``factors`` for the training loop to reconstruct,
 """
 from __future__ import annotations
 
+import functools
 import logging
+import signal
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -246,6 +248,21 @@ def _identity(batch):
     return batch
 
 
+def _stop_signals_handled_here() -> tuple[int, ...]:
+    """The stop signals (SIGTERM, SIGUSR1) this process handles itself, e.g. the trainer's save-and-stop."""
+    names = ("SIGTERM", "SIGUSR1")
+    return tuple(getattr(signal, n) for n in names if hasattr(signal, n) and callable(signal.getsignal(getattr(signal, n))))
+
+
+def _ignore_signals(signums: tuple[int, ...], _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore the stop signals the main process handles. A cluster's preemption
+    (SLURM, torchrun's agent) signals the whole process group; torch's workers would die at once and the main
+    process crash before it saved. Ignoring them, workers keep serving until the main process has saved and
+    shuts them down (or dies: torch's worker watchdog then ends them)."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Loader:
     """An epoch of batches. ``len()`` is the steps per epoch (equal on every rank); after an epoch,
     ``skipped`` counts samples skipped under on_error='skip' and ``skip_reasons`` says which and why."""
@@ -263,8 +280,10 @@ class Loader:
     def __iter__(self) -> Iterator[Batch]:
         self.skipped, self.skip_reasons = 0, []
         workers = self.cfg.workers
+        handled = _stop_signals_handled_here()
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
-                            pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            worker_init_fn=functools.partial(_ignore_signals, handled) if handled and workers else None)
         for batch in loader:
             if batch.errors:
                 self.skipped += len(batch.errors)

@@ -290,3 +290,17 @@ def test_layers_in_parallel_give_the_same_rows_in_the_same_order():
         return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
 
     assert strip(one) == strip(three)
+
+
+@pytest.mark.parametrize("size", ["0", "-5"])
+def test_weights_command_refuses_a_non_positive_input_size(tmp_path, size):
+    """--input-size 0 was silently replaced by the checkpoint's size and -5 crashed in torch with a traceback."""
+    from click.testing import CliRunner
+    from rankshard.evaluate.cli import main
+    from rankshard.train.checkpoint import checkpoint_payload, save_checkpoint
+    from rankshard.train.models import build_model
+
+    ckpt = str(save_checkpoint(tmp_path / "m.pt", checkpoint_payload(build_model("resnet18", "cifar", 10, width=4))))
+    res = CliRunner().invoke(main, ["weights", ckpt, "--input-size", size, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "--input-size" in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "out").exists()

@@ -236,3 +236,51 @@ def test_model_from_checkpoint_overrides_and_mismatches(tmp_path):
         normalize_checkpoint({"encoder.weight": torch.zeros(2)}, "vit.pt")
     with pytest.raises(CheckpointError, match="no state dict of tensors"):
         normalize_checkpoint({"epoch": 3}, "odd.pt")
+
+
+def _ours(**changes):
+    payload = checkpoint_payload(_tiny())
+    for key, value in changes.items():
+        payload[key] = value
+    return payload
+
+
+def _with_weight(key, value):
+    payload = checkpoint_payload(_tiny())
+    payload["state_dict"][key] = value
+    return payload
+
+
+def _madry(**extra):
+    state = {f"module.model.{k}": v for k, v in _tiny().state_dict().items()}
+    return {"model": {**state, **extra}, "epoch": 3}
+
+
+MALFORMED = {  # files torch.load(weights_only=True) reads without complaint, but that describe no model
+    "state_dict a list": (lambda: _ours(state_dict=[1, 2]), "state_dict"),
+    "weight a string": (lambda: _with_weight("fc.bias", "x"), "fc.bias"),
+    "weight a list": (lambda: _with_weight("conv1.weight", [1.0]), "conv1.weight"),
+    "int weight name": (lambda: _with_weight(5, torch.zeros(1)), "state_dict"),
+    "conv1 not 4-d": (lambda: {**_tiny().state_dict(), "conv1.weight": torch.tensor(1.0)}, "conv1.weight"),
+    "one mean value": (lambda: _ours(normalization={"mean": [0.5], "std": [0.2]}), "normalization"),
+    "mean a string": (lambda: _ours(normalization={"mean": "abc", "std": [0.2] * 3}), "normalization"),
+    "std zero": (lambda: _ours(normalization={"mean": [0.5] * 3, "std": [0.0] * 3}), "normalization"),
+    "num_classes text": (lambda: _ours(num_classes="7"), "num_classes"),
+    "input_size text": (lambda: _ours(input_size="big"), "input_size"),
+    "data a list": (lambda: _ours(data=["x"]), "data"),
+    "config a string": (lambda: _ours(config="x"), "config"),
+    "madry mean without std": (lambda: _madry(**{"module.normalizer.new_mean": torch.zeros(3, 1, 1)}), "new_std"),
+    "int keys foreign": (lambda: {**_tiny().state_dict(), 5: torch.zeros(1)}, "state dict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_files_are_refused_naming_file_and_field(tmp_path, case):
+    """Hostile or hand-edited files load as pickles; each must be a CheckpointError (the CLIs print it, exit
+    2) naming the file and the field, never an AttributeError/KeyError/ValueError traceback."""
+    make, field = MALFORMED[case]
+    path = tmp_path / "odd.pt"
+    torch.save(make(), path)
+    with pytest.raises(CheckpointError) as err:
+        model_from_checkpoint(path)
+    assert str(path) in str(err.value) and field in str(err.value)

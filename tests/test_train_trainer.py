@@ -87,6 +87,79 @@ def test_resume_reproduces_uninterrupted_weights(tmp_path, data, interrupt):
     assert _strip_time(rundir.read_metrics(tmp_path / "straight")) == _strip_time(rundir.read_metrics(broken))
 
 
+
+@pytest.mark.parametrize("form", ["name", "path"])
+def test_resume_from_an_earlier_state_when_last_pt_is_missing(tmp_path, data, form):
+    """A lost last.pt (deleted, a copy without it) must not block --resume-from; the refusal lists what is there."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    broken = tmp_path / "broken"
+    run(cfg, broken, data=data, log=quiet, stop_after_epochs=2)
+    (broken / "last.pt").unlink()
+    with pytest.raises(ConfigError, match=f"--resume {broken} --resume-from last.prev.pt"):
+        run(cfg, broken, resume=True, data=data, log=quiet)
+    with pytest.raises(ConfigError, match="no epoch-0001.pt"):
+        run(cfg, broken, resume=True, resume_from="epoch-0001.pt", data=data, log=quiet)
+    source = "last.prev.pt" if form == "name" else str(broken / "last.prev.pt")
+    run(cfg, broken, resume=True, resume_from=source, data=data, log=quiet)
+    a, b = _weights(tmp_path / "straight" / "last.pt"), _weights(broken / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in rundir.read_metrics(broken)] == [1, 2, 3]
+
+
+def test_resume_survives_a_torn_metrics_line_and_names_a_damaged_run_file(tmp_path, data):
+    """A crash (power loss, full disk) during the epoch-record append leaves a torn last line; that epoch's
+    last.pt was never written, so the line is dropped on resume. Damage elsewhere is a ConfigError naming
+    the file, not a JSONDecodeError traceback."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    broken = tmp_path / "broken"
+    run(cfg, broken, data=data, log=quiet, stop_after_epochs=2)
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "eval": {"fu')
+    run(cfg, broken, resume=True, data=data, log=quiet)
+    assert _strip_time(rundir.read_metrics(tmp_path / "straight")) == _strip_time(rundir.read_metrics(broken))
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    (broken / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl line 2 is not JSON"):
+        rundir.read_metrics(broken)
+    (broken / "config.json").write_text('{"config": ')
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON"):
+        rundir.read_config(broken)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("crash_after", ["best.pt", "last.pt"])
+def test_best_pt_survives_a_kill_at_any_point_of_the_epoch_save(tmp_path, data, monkeypatch, crash_after):
+    """best.pt must end as the straight run's wherever a kill lands in save(). Before the fix last.pt (which
+    records best_top1) was written first: a kill right after it made the resumed run believe best.pt was
+    current, so the new best was never written."""
+    cfg = tiny(epochs="3")
+    run(cfg, tmp_path / "straight", data=data, log=quiet)
+    tops = [r["eval"]["full"]["top1"] for r in rundir.read_metrics(tmp_path / "straight")]
+    last_best = max(e for e in range(1, 4) if tops[e - 1] >= max(tops[:e]))  # the epoch best.pt holds
+    real_save = trainer_module.save_checkpoint
+
+    def dying_save(path, payload):
+        out = real_save(path, payload)
+        if path.name == crash_after and payload["epoch"] == last_best and payload["metrics"].get("last"):
+            raise Killed
+        return out
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", dying_save)
+    broken = tmp_path / "broken"
+    with pytest.raises(Killed):
+        run(cfg, broken, data=data, log=quiet)
+    monkeypatch.undo()
+    if load_checkpoint(broken / "last.pt")["epoch"] < cfg.epochs:
+        run(cfg, broken, resume=True, data=data, log=quiet)
+    a, b = (load_checkpoint(d / "best.pt") for d in (tmp_path / "straight", broken))
+    assert a["epoch"] == b["epoch"] == last_best
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
 class NaNAfterFirstEpoch(TensorData):
     def train_batches(self, epoch, batch_size, rank, world_size, start_step=0):
         batches = super().train_batches(epoch, batch_size, rank, world_size, start_step)

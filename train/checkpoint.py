@@ -16,6 +16,7 @@ state dict itself (block type, blocks per stage, stem kernel, width, classifier 
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import pickle
@@ -84,11 +85,15 @@ def infer_spec(state_dict: Mapping[str, torch.Tensor], source: str = "state dict
     Anything else is refused with what was found, not guessed."""
     if "conv1.weight" not in state_dict:
         raise CheckpointError(f"{source}: no 'conv1.weight', so no architecture rankshard knows ({_found(state_dict)})")
-    if "block1.layer.0.conv1.weight" in state_dict:
-        return _infer_wrn(state_dict, source)
-    if "bn1.weight" not in state_dict and "layer1.0.bn1.weight" in state_dict:
-        return _infer_preact(state_dict, source)
-    return _infer_resnet(state_dict, source)
+    try:
+        if "block1.layer.0.conv1.weight" in state_dict:
+            return _infer_wrn(state_dict, source)
+        if "bn1.weight" not in state_dict and "layer1.0.bn1.weight" in state_dict:
+            return _infer_preact(state_dict, source)
+        return _infer_resnet(state_dict, source)
+    except (IndexError, ValueError) as exc:  # a weight of the wrong rank (conv1.weight 0-d, say): damaged
+        raise CheckpointError(f"{source}: a weight has a shape no such layer has ({exc}); {_found(state_dict)}; "
+                              "the file is damaged or not a model checkpoint") from None
 
 
 def _found(state_dict: Mapping[str, Any]) -> str:
@@ -178,6 +183,45 @@ def _check_consistent(payload: Mapping[str, Any], source: str) -> None:
                               f"{payload['num_classes']}; the checkpoint does not match this dataset")
 
 
+# Types of the fields every reader relies on; a hand-edited or hostile file that torch.load(weights_only=True)
+# reads fine must still be refused naming the field, not fail later with an AttributeError traceback.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "arch": (str,), "variant": (str,), "num_classes": (int,), "input_size": (int, type(None)),
+    "epoch": (int, type(None)), "step": (int, type(None)), "optimizer": (Mapping, type(None)),
+    "scheduler": (Mapping, type(None)), "rng": (Mapping, type(None)), "config": (Mapping, type(None)),
+    "data": (Mapping, type(None)), "metrics": (Mapping, type(None)),
+}
+
+
+def _is_numbers(values: Any) -> bool:
+    """A list/tuple (or 1-d tensor) of finite real numbers: what a normalization's mean or std must be."""
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    return isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _check_fields(payload: Mapping[str, Any], source: str) -> None:
+    """Field types, the state dict's names and tensors, and normalization numbers (see ``_FIELD_TYPES``)."""
+    for key, types in _FIELD_TYPES.items():
+        if key in payload and (not isinstance(payload[key], types) or isinstance(payload[key], bool)):
+            raise CheckpointError(f"{source}: field {key!r} is {payload[key]!r} ({type(payload[key]).__name__}); "
+                                  f"expected {' or '.join(t.__name__ for t in types)}: the file is damaged or hand-edited")
+    sd = payload["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{source}: state_dict is a {type(sd).__name__}, not a dict of name -> tensor")
+    bad = next(((k, v) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: state_dict entry {bad[0]!r} holds a {type(bad[1]).__name__}; every entry must "
+                              "be a tensor named by a string: the file is damaged or not a model checkpoint")
+    norm = payload["normalization"]
+    if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
+        raise CheckpointError(f"{source}: normalization must be {{'mean': [...], 'std': [...]}}, got {norm!r}")
+    if not (_is_numbers(norm["mean"]) and _is_numbers(norm["std"])):
+        raise CheckpointError(f"{source}: normalization mean/std must be lists of finite numbers, got {norm!r}; "
+                              "pass --normalization cifar10|imagenet|none or --mean/--std to replace them")
+
+
 def validate_payload(payload: Mapping[str, Any], source: str = "payload") -> None:
     """Check keys, format tag, weights_only safety and that the declared model matches the weights."""
     if not isinstance(payload, Mapping):
@@ -189,9 +233,7 @@ def validate_payload(payload: Mapping[str, Any], source: str = "payload") -> Non
                               f"allowed: {list(REQUIRED_KEYS + OPTIONAL_KEYS)}")
     if payload["format"] != FORMAT:
         raise CheckpointError(f"{source}: format {payload['format']!r} is not {FORMAT!r}; this version cannot read it")
-    norm = payload["normalization"]
-    if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
-        raise CheckpointError(f"{source}: normalization must be {{'mean': [...], 'std': [...]}}, got {norm!r}")
+    _check_fields(payload, source)
     check_weights_only_safe(dict(payload), source)
     _check_consistent(payload, source)
 
@@ -316,12 +358,16 @@ def _cifar_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _madry_split(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[float]] | None]:
+def _madry_split(state_dict: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, list[float]] | None]:
     """MadryLab ``AttackerModel`` state: keep ``model.*`` (the attacker holds a second copy of the same
     weights), and turn ``normalizer.new_mean/new_std`` ([C, 1, 1]) into the normalization dict."""
     weights = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-    if "normalizer.new_mean" not in state_dict:
+    present = [k for k in ("normalizer.new_mean", "normalizer.new_std") if k in state_dict]
+    if not present:
         return weights, None
+    if len(present) == 1:
+        raise CheckpointError(f"{source}: MadryLab normalizer holds {present[0]} but not its partner (new_mean and "
+                              "new_std come together); the file is damaged: use an intact copy")
     norm = {"mean": state_dict["normalizer.new_mean"].flatten().tolist(),
             "std": state_dict["normalizer.new_std"].flatten().tolist()}
     return weights, norm
@@ -338,7 +384,8 @@ def _unwrap(obj: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, Any]]:
 
 
 def _is_tensor_map(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _is_resnet_layout(state_dict: Mapping[str, Any]) -> bool:
@@ -366,7 +413,7 @@ def _from_foreign(obj: Mapping[str, Any], source: str) -> dict[str, Any]:
     kind, norm = "torchvision-state-dict", None
     if any(k.startswith(("model.", "normalizer.", "attacker.")) for k in sd):
         kind = "madrylab-robustness"
-        sd, norm = _madry_split(sd)
+        sd, norm = _madry_split(sd, source)
     if _is_resnet_layout(sd):
         sd = _cifar_names(sd)
     else:
@@ -470,7 +517,11 @@ def model_from_checkpoint(source: str | os.PathLike | Mapping[str, Any], trust: 
     _note_normalization(payload, name, given=bool(_NORMALIZATION_KEYS & set(overrides)))
     width = infer_spec(payload["state_dict"], name)["width"]
     norm = payload["normalization"]
-    model = build_model(payload["arch"], payload["variant"], payload["num_classes"], width, norm["mean"], norm["std"])
+    try:
+        model = build_model(payload["arch"], payload["variant"], payload["num_classes"], width, norm["mean"], norm["std"])
+    except ValueError as exc:  # the model's own rules (3 normalization values, std > 0, ...) name what is wrong
+        raise CheckpointError(f"{name}: cannot build {payload['arch']} with normalization {norm}: {exc}; pass "
+                              "--normalization cifar10|imagenet|none or --mean/--std to replace it") from None
     _check_shapes(model, payload["state_dict"], name, payload["arch"])
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), payload

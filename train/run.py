@@ -51,7 +51,8 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
     try:
         if env.is_main:
             log("config " + json.dumps(cfg.to_json(), sort_keys=True))
-        _main_then_agree(env, lambda: rundir.prepare(run_dir, cfg, overwrite=overwrite, resume=resume))
+        _main_then_agree(env, lambda: rundir.prepare(run_dir, cfg, overwrite=overwrite, resume=resume,
+                                                       resume_from=resume_from))
         trainer = Trainer(cfg, run_dir, data if data is not None else ShardData(cfg), env, log, progress)
         if resume:
             trainer.resume(resume_from)

@@ -40,7 +40,12 @@ def read_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir} a rankshard-train run folder?")
-    return from_json(json.loads(path.read_text())["config"])
+    try:
+        body = json.loads(path.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as exc:  # hand-edited or damaged: say so instead of a traceback
+        raise ConfigError(f"{path} is not valid JSON holding a 'config' entry ({exc}); restore it from the run's "
+                          "last.pt ('config' field) or start again with --overwrite") from None
+    return from_json(body)
 
 
 def _clear(run_dir: Path) -> None:
@@ -57,11 +62,34 @@ def _mismatch(run_dir: Path, diffs: dict[str, tuple]) -> str:
             "delete that run's checkpoints and metrics and start again.")
 
 
-def prepare(run_dir: Path, cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> None:
+def resume_path(run_dir: Path, source: str | os.PathLike | None = None) -> Path:
+    """The checkpoint a resume reads: ``last.pt``, or ``source`` named inside the run folder
+    (``last.prev.pt``) or given as a path (``runs/x/last.prev.pt``, as a shell completes it)."""
+    inside = Path(run_dir) / (source or "last.pt")
+    if source is not None and not inside.is_file() and Path(source).is_file():
+        return Path(source)
+    return inside
+
+
+def _check_resumable(run_dir: Path, source: str | None) -> None:
+    """Refuse a resume whose checkpoint is missing, naming the run's other whole states (a lost last.pt
+    must not strand a run that still has last.prev.pt or epoch-NNNN.pt)."""
+    path = resume_path(run_dir, source)
+    if path.is_file():
+        return
+    others = [n for n in resume_candidates(run_dir) if n != path.name]
+    hint = (f"; earlier states of this run: {', '.join(others)}. Continue from the newest with "
+            f"`rankshard-train --resume {run_dir} --resume-from {others[0]}`") if others else ""
+    raise ConfigError(f"--resume {run_dir}: no {source or 'last.pt'} there to resume from{hint}")
+
+
+def prepare(run_dir: Path, cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+            resume_from: str | None = None) -> None:
     """Create or check ``run_dir`` for ``cfg`` and write ``config.json`` (call on the main rank only).
 
     A folder with another config is refused unless ``overwrite``; a folder with the same config and a
     checkpoint needs ``resume`` (continue) or ``overwrite`` (start again), so no run is silently clobbered.
+    ``resume_from``: the checkpoint the resume reads instead of last.pt (see ``resume_path``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +100,8 @@ def prepare(run_dir: Path, cfg: TrainConfig, overwrite: bool = False, resume: bo
         if (run_dir / "last.pt").is_file() and not resume:
             raise ConfigError(f"{run_dir} already holds a run with this config (last.pt); pass --resume "
                               f"{run_dir} to continue it or --overwrite to start again")
-    if resume and not (run_dir / "last.pt").is_file():
-        raise ConfigError(f"--resume {run_dir}: no last.pt there to resume from")
+    if resume:
+        _check_resumable(run_dir, resume_from)
     if overwrite:
         _clear(run_dir)
     body = {"config": cfg.to_json(), "config_hash": config_hash(cfg)}
@@ -85,7 +113,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            # A crash during an append (power loss, full disk) leaves a torn last line without its newline.
+            # Records are appended before last.pt is saved, so that epoch was never saved: drop it.
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ConfigError(f"{path} line {number} is not JSON ({line[:60]!r}); repair that line "
+                              "or start again with --overwrite") from None
+    return records
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

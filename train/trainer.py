@@ -290,18 +290,20 @@ class Trainer:
             self.best_top1 = record["eval"][self.cfg.test_variant]["top1"]
         if self.env.is_main:
             payload = self._payload(record, partial)
-            keep_previous(self.run_dir / "last.pt", self.run_dir / rundir.PREVIOUS)
-            save_checkpoint(self.run_dir / "last.pt", payload)
+            # last.pt goes last: it records best_top1 and is where a resume starts, so after a kill anywhere
+            # in between, the resumed run redoes this epoch and writes best.pt / epoch-NNNN.pt again.
             if is_best:
                 save_checkpoint(self.run_dir / "best.pt", payload)
             if record is not None and self.cfg.save_every and self.epoch % self.cfg.save_every == 0:
                 save_checkpoint(self.run_dir / f"epoch-{self.epoch:04d}.pt", payload)
+            keep_previous(self.run_dir / "last.pt", self.run_dir / rundir.PREVIOUS)
+            save_checkpoint(self.run_dir / "last.pt", payload)
         barrier(self.env)
 
     def resume(self, source: str | Path | None = None) -> None:
         """Restore model, optimizer, step/epoch, RNG and the partial epoch statistics from last.pt (or from
         ``source``, a checkpoint of this run such as last.prev.pt or epoch-NNNN.pt)."""
-        path = self.run_dir / (source or "last.pt")
+        path = rundir.resume_path(self.run_dir, source)
         payload = self._load_for_resume(path, offer_others=source is None)
         if payload["config"].get("config_hash") != config_hash(self.cfg):
             raise ConfigError(f"{path} was written by another config; --overwrite to start again")

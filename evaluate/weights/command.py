@@ -29,7 +29,7 @@ def _config(top_k, seed, no_operator, no_permuted, dtype, zero_top_k, device, se
 @out_option("weights.json, per-model tables (CSV/JSON), singular vectors and figures")
 @click.option("--layers", default="*", show_default=True,
               help="Comma-separated fnmatch patterns over module names, e.g. 'layer1.*,fc'.")
-@click.option("--input-size", type=int, default=None,
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
               help="Probe resolution; default: the checkpoints' input_size, else 224.")
 @click.option("--top-k", type=int, default=8, show_default=True, help="Singular vectors kept per layer.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the permuted baselines.")
