@@ -19,7 +19,8 @@ from rankshard.train.config import PRESETS, ConfigError, TrainConfig, apply_over
 
 DEFAULT_PRESET = "cifar10-paper"
 # Exit statuses (the shared policy of preprocess.errors.friendly_errors): 2 for a user mistake (config, data,
-# checkpoint), 3 when training diverged (TrainingDiverged.exit_code).
+# checkpoint), 3 when training diverged (TrainingDiverged.exit_code), 75 when a stop signal ended it early
+# (TrainingStopped.exit_code: last.pt saved, --resume continues).
 
 
 def _field_option(f: Field) -> Callable:

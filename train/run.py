@@ -15,7 +15,7 @@ from rankshard.train import rundir
 from rankshard.train.config import ConfigError, TrainConfig
 from rankshard.train.data import ShardData, TrainData
 from rankshard.train.dist import DistEnv, all_reduce_sum, init_distributed, shutdown
-from rankshard.train.trainer import Trainer
+from rankshard.train.trainer import Trainer, TrainingStopped
 
 
 def _main_then_agree(env: DistEnv, fn: Callable[[], None]) -> None:
@@ -41,7 +41,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
 
     Under torchrun every process calls this; rank 0 writes the folder, all ranks train. ``data`` defaults
     to the shards named by ``cfg`` (``ShardData``). ``handle_signals`` (the CLI): SIGTERM/SIGUSR1 save
-    last.pt at the next check and stop, so a preempted job resumes exactly. ``progress=False`` drops the
+    last.pt at the next check and stop (``TrainingStopped``, exit 75), so a preempted job resumes exactly. ``progress=False`` drops the
     per-step progress lines (``--quiet``). ``resume_from``: resume from this checkpoint of the run folder
     (e.g. last.prev.pt when last.pt is damaged) instead of last.pt.
     """
@@ -59,6 +59,9 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
         if handle_signals:
             trainer.install_signal_handlers()
         records = trainer.fit(stop_after_epochs=stop_after_epochs)
+        if trainer.stopped:
+            raise TrainingStopped(f"stopped by a signal in epoch {trainer.epoch + 1} at step {trainer.step}, "
+                                  f"{run_dir / 'last.pt'} saved; continue with --resume {run_dir}")
         if env.is_main and trainer.epoch >= cfg.epochs:
             log(f"done: best {cfg.test_variant} top-1 {100 * trainer.best_top1:.2f}% -> {run_dir / 'best.pt'}")
         return records

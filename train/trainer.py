@@ -43,6 +43,14 @@ class TrainingDiverged(RankshardError, RuntimeError):
     exit_code = 3  # not a usage mistake: scripts can tell "diverged, lower the lr" from "bad options"
 
 
+class TrainingStopped(RankshardError):
+    """A stop signal (SIGTERM/SIGUSR1: a preemption) ended the run before its last epoch; last.pt is saved."""
+
+    # EX_TEMPFAIL (sysexits.h): not finished, rerun to continue. Never 0, so `rankshard-train ... &&
+    # rankshard-evaluate ...` does not evaluate a half-trained model and a requeue script can tell.
+    exit_code = 75
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict[str, Any]]:
     """SGD parameter groups: with ``decay_norm_and_bias=False``, 1-d parameters (BatchNorm weights and
     biases, conv/fc biases) get no weight decay, since shrinking them only rescales activations."""
@@ -115,7 +123,8 @@ class Trainer:
         self.step = 0          # completed optimizer steps (global counter)
         self.best_top1 = -1.0
         self.partial = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
-        self.stop_requested = False
+        self.stop_requested = False  # this process got a stop signal
+        self.stopped = False         # the ranks agreed to stop on one (any rank's signal stops them all)
         self.adv = (PGDConfig(cfg.adv_norm, parse_eps(cfg.adv_eps), cfg.adv_steps,
                               parse_eps(cfg.adv_step_size) if cfg.adv_step_size else None)
                     if cfg.adv_enabled else None)
@@ -211,7 +220,8 @@ class Trainer:
                 f"without saving, so {self.run_dir / 'last.pt'} still holds the last good state (epoch {self.epoch}). "
                 "Lower --lr, lengthen --warmup-epochs, or check the data for NaN/inf values; then --resume or "
                 "--overwrite.")
-        return bool(flags[1] > 0)
+        self.stopped = bool(flags[1] > 0)
+        return self.stopped
 
     def train_epoch(self, stop_after_steps: int | None = None) -> bool:
         """Run (the rest of) epoch ``self.epoch``; False if it stopped early on request."""
