@@ -46,10 +46,10 @@ class SpaceCheck:
         if need > free:
             raise OutOfSpaceError(
                 f"{self.folder}: the rest of this run will not fit on its disk. The shards written so far hold "
-                f"{human_bytes(self.bytes)} for {self.images:,} images, so the {self.left * self.sharing:,} images left "
-                f"need about {human_bytes(need)}, and {human_bytes(free)} are free. Every finished shard is kept: free space, "
-                "store fewer variants, or pass another --out, then rerun the same command to resume "
-                "(--no-space-check carries on regardless).")
+                f"{human_bytes(self.bytes)} for {self.images:,} images, so the {self.left * self.sharing:,} "
+                f"images left need about {human_bytes(need)}, and {human_bytes(free)} are free. Every finished "
+                "shard is kept: free space, store fewer variants, or pass another --out, then rerun the same "
+                "command to resume (--no-space-check carries on regardless).")
 
     def projected(self) -> float:
         """Bytes the images still to write will take, at the bytes per image written so far (all processes)."""
@@ -59,4 +59,5 @@ class SpaceCheck:
         """For the progress line: what this process wrote, and the projected size of its whole share."""
         if not self.images:
             return ""
-        return f"{human_bytes(self.bytes)} written, ~{human_bytes(self.bytes + self.projected() / self.sharing)} at the end"
+        mine = self.bytes + self.projected() / self.sharing
+        return f"{human_bytes(self.bytes)} written, ~{human_bytes(mine)} at the end"

@@ -21,18 +21,20 @@ from rankshard.preprocess.progress import human_bytes
 from rankshard.preprocess.spec import ShardSpec
 
 
-@dataclass
 class _Sample:
-    """The source restricted to ``indices`` (in this order): a Source for the pipeline."""
+    """The source restricted to ``indices`` (in this order): a Source for the pipeline.
 
-    source: object
-    indices: np.ndarray
+    It names no ``listing``: the pipeline would look this sample's positions up in the whole split's.
+    """
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+        self.classes, self.info, self.image_size = source.classes, source.info, source.image_size
+        self.class_names = getattr(source, "class_names", None)
+        self.decode_in_workers = getattr(source, "decode_in_workers", False)
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    def __getattr__(self, name):  # classes, class_names, info, image_size, decode_in_workers
-        return getattr(self.source, name)
 
     def load_job(self, indices: np.ndarray, positions: np.ndarray):
         return self.source.load_job(self.indices[indices], positions)
@@ -113,7 +115,8 @@ def print_estimate(e: Estimate) -> None:
         print(f"  {name:<{width}}  {human_bytes(b):>9}/image  {human_bytes(b * e.images):>9}")
     free = "object storage" if e.free_bytes is None else f"{human_bytes(e.free_bytes)} free at --out"
     fits = "" if e.free_bytes is None or e.total_bytes <= e.free_bytes else "  -- WILL NOT FIT"
-    print(f"  {'all':<{width}}  {human_bytes(e.total_bytes / e.images):>9}/image  {human_bytes(e.total_bytes):>9}  ({free}){fits}")
+    total = f"{human_bytes(e.total_bytes / e.images):>9}/image  {human_bytes(e.total_bytes):>9}"
+    print(f"  {'all':<{width}}  {total}  ({free}){fits}")
     s = e.seconds_per_image
     print(f"  time per image in one process: decode {1e3 * s['decode']:.1f} ms, SVD + quantize "
           f"{1e3 * s['svd']:.1f} ms, encode + write {1e3 * s['encode_write']:.1f} ms ({e.device})")
