@@ -1,4 +1,4 @@
-"""``rankshard-preprocess verify | preview | demo``: check, look at, and try out materialized shards."""
+"""``rankshard-preprocess verify | ls | preview | demo``: check, list, look at and try out materialized shards."""
 from __future__ import annotations
 
 import sys
@@ -25,6 +25,22 @@ def verify_command(root, samples, quiet):
     report = verify_tree(root, reference_samples=samples, show_progress=not quiet)
     print_report(report)
     sys.exit(0 if report.ok else 1)
+
+
+@click.command("ls")
+@config_option
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON (a list, one object per split).")
+@friendly_errors
+def ls_command(root, as_json):
+    """List the splits below ROOT: complete or how far a run got, sizes, configuration, variants."""
+    from rankshard.preprocess.inventory import inventory, inventory_json, print_inventory
+
+    splits = inventory(root)
+    if as_json:
+        click.echo(inventory_json(splits))
+    else:
+        print_inventory(root, splits)
 
 
 @click.command("preview")

@@ -115,3 +115,31 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The run writing ``folder`` now (its group id, as recorded), or None when no run holds its lock.
+
+    The probe takes the gate first, as a starting run does, so it never makes a starting run find the lock
+    taken; a folder whose lock files cannot be opened (a read-only mount) reports None.
+    """
+    folder = Path(folder)
+    try:
+        gate = os.open(folder / ".lock.gate", os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        main = os.open(folder / ".lock", os.O_RDWR)
+        try:
+            fcntl.flock(main, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None  # closing the descriptor releases the probe
+        except BlockingIOError:
+            group = folder / ".lock.group"
+            return (group.read_text().strip() if group.exists() else "") or "unknown"
+        finally:
+            os.close(main)
+    except OSError:
+        return None
+    finally:
+        os.close(gate)

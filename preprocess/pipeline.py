@@ -236,7 +236,9 @@ class Materializer:
                 index = stale.name[len(self.spec.split) + 2:].split(".")[0]
                 if index.isdigit() and self._mine(int(index)):  # other ranks may be writing theirs right now
                     stale.unlink(missing_ok=True)
-        write_json(self.layout.config_path, {"config": cfg, "config_hash": digest, "svd": self._svd(engine)})
+        plan = {"inputs": len(self.order), "shards": self.num_shards}  # for `ls`: how far an unfinished run got
+        write_json(self.layout.config_path, {"config": cfg, "config_hash": digest, "svd": self._svd(engine),
+                                             "plan": plan})
 
     def _svd(self, engine) -> dict:
         """The manifest's ``svd`` block: this engine's, or on a resumed ``auto`` run the first run's."""
