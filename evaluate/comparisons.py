@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rankshard.evaluate.results import safe_name
+from rankshard.evaluate.results import Skipped, safe_name
 from rankshard.evaluate.stats import ALPHA, cohens_d, compare_paired, mean_ci
 from rankshard.evaluate.tables import Table, pct
 
@@ -145,12 +145,18 @@ def bands(series: dict[str, dict[int, float]]) -> list[Band]:
     return out
 
 
-def samples_file(result: dict, name: str) -> Path | None:
-    """The per-sample CSV a result lists under ``name`` (relative to its JSON), if it exists."""
+def samples_file(result: dict, name: str, skipped: list[Skipped]) -> Path | None:
+    """The per-sample CSV a result lists under ``name`` (relative to its JSON), if it exists. One that is listed
+    but gone is noted in ``skipped``: its checkpoint silently missing from the paired tests would read as if
+    it had never been compared."""
     for rel in result.get("files", ()):
         if Path(rel).name == name:
             path = Path(result["path"]).parent / rel
-            return path if path.is_file() else None
+            if path.is_file():
+                return path
+            skipped.append(Skipped(str(path), f"per-sample file listed by {result['path']} is missing: that "
+                                              "checkpoint is left out of the paired tests"))
+            return None
     return None
 
 
