@@ -7,7 +7,8 @@ checkpoints that way. Groups with two or more seeds get mean ± 95% CI (Student 
 Pairs: two checkpoints evaluated on the same points (same keys, same PGD targets -- targets are drawn per key
 from the attack seed) are compared with McNemar's exact test and a paired bootstrap of the difference, read
 from the per-sample CSVs the results list as their files. With seed groups, group B is compared with the
-baseline group A seed by seed (same seed, same points); without, every checkpoint with the first.
+baseline group A seed by seed (same seed, same points); without, every checkpoint with the first. The pairs of
+one table are one family of tests: their McNemar p-values are Holm-adjusted before any is called significant.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from rankshard.evaluate.results import safe_name
-from rankshard.evaluate.stats import ALPHA, cohens_d, compare_paired, mean_ci
+from rankshard.evaluate.results import Skipped, safe_name
+from rankshard.evaluate.stats import ALPHA, PairedComparison, cohens_d, compare_paired, holm, mean_ci
 from rankshard.evaluate.tables import Table, pct
 
 _SEED = re.compile(r"^(?P<group>.+?)[-_@/]seed(?P<seed>\d+)$")
@@ -63,43 +64,51 @@ def read_outcomes(path: Path, outcome: Callable[[dict], bool]) -> dict[str, bool
         return {row["key"]: outcome(row) for row in csv.DictReader(fh)}
 
 
-def _paired_row(label: str, a: str, b: str, oa: dict[str, bool], ob: dict[str, bool], what: str) -> dict:
+def _compare(oa: dict[str, bool], ob: dict[str, bool]) -> tuple[PairedComparison, int]:
     keys = sorted(oa.keys() & ob.keys())
-    cmp = compare_paired([oa[k] for k in keys], [ob[k] for k in keys], BOOTSTRAP_RESAMPLES)
+    return compare_paired([oa[k] for k in keys], [ob[k] for k in keys], BOOTSTRAP_RESAMPLES), len(keys)
+
+
+def _paired_row(label: str, a: str, b: str, cmp: PairedComparison, n: int, p_holm: float, what: str) -> dict:
     boot, mc = cmp.bootstrap, cmp.mcnemar
     return {"data": label, "A": a, "B": b, f"{what} A": pct(cmp.rate_a), f"{what} B": pct(cmp.rate_b),
             "B - A (95% CI, points)": f"{100 * boot.diff:+.1f} [{100 * boot.low:+.1f}, {100 * boot.high:+.1f}]",
             "only A / only B": f"{mc.only_a} / {mc.only_b}", "McNemar p": f"{mc.p_value:.3g}",
-            "odds ratio": f"{mc.odds_ratio:.2f}", "n": len(keys),
-            "note": _note(cmp)}
+            "Holm p": f"{p_holm:.3g}", "odds ratio": f"{mc.odds_ratio:.2f}", "n": n, "note": _note(cmp, p_holm)}
 
 
-def _note(cmp) -> str:
-    """Both tests agree on noise, both agree on a difference, or they disagree (then say so: borderline)."""
-    significant = cmp.mcnemar.p_value < ALPHA
-    if cmp.within_noise:
+def _note(cmp: PairedComparison, p_holm: float) -> str:
+    """Both tests agree on noise, both agree on a difference, or they disagree (then say so: borderline).
+    McNemar's side is its Holm-adjusted p: a table of m pairs is m tests, and at the raw p one of them would
+    read "significant" by chance far more often than ALPHA."""
+    if p_holm >= ALPHA and cmp.bootstrap.includes_zero:
         return "within noise"
-    if significant and not cmp.bootstrap.includes_zero:
-        return f"significant (p < {ALPHA})"
-    return "borderline: McNemar and bootstrap CI disagree"
+    if p_holm < ALPHA and not cmp.bootstrap.includes_zero:
+        return f"significant (Holm p < {ALPHA})"
+    return "borderline: McNemar (Holm) and bootstrap CI disagree"
 
 
 def paired_table(label: str, outcomes: dict[str, dict[str, bool]], what: str) -> Table | None:
     """The paired-test table for checkpoints ``{name: {key: outcome}}`` evaluated on the same points."""
-    rows = [_paired_row(label, a, b, outcomes[a], outcomes[b], what) for a, b in pairs(list(outcomes))]
-    if not rows:
+    pairs_ = pairs(list(outcomes))
+    if not pairs_:
         return None
+    tests = [_compare(outcomes[a], outcomes[b]) for a, b in pairs_]
+    adjusted = holm([c.mcnemar.p_value for c, _ in tests])
+    rows = [_paired_row(label, a, b, c, n, p, what) for (a, b), (c, n), p in zip(pairs_, tests, adjusted)]
     return Table(rows, f"paired tests on the same points ({what}): McNemar exact on the discordant points, "
-                       f"paired bootstrap ({BOOTSTRAP_RESAMPLES} resamples, seed 0) for B - A; odds ratio = "
-                       "only B / only A")
+                       f"Holm-adjusted over the {len(rows)} pair(s) of this table; paired bootstrap "
+                       f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for B - A; odds ratio = only B / only A")
 
 
 def noise_notes(table: Table | None) -> list[str]:
-    """One sentence per pair whose difference is within noise (the report must say so, not just show it)."""
+    """One sentence per table naming the pairs whose difference is within noise (the report must say so, not
+    just show it), with the data they were compared on (a section may hold one table per data variant)."""
     if table is None:
         return []
     quiet = [f"{r['B']} vs {r['A']}" for r in table.rows if r["note"] == "within noise"]
-    return [f"Within noise (p >= {ALPHA} and the bootstrap CI covers 0): {', '.join(quiet)}."] if quiet else []
+    return [f"Within noise on {table.rows[0]['data']} (Holm p >= {ALPHA} and the bootstrap CI covers 0): "
+            f"{', '.join(quiet)}."] if quiet else []
 
 
 # -- across seeds --------------------------------------------------------------------------------------------
@@ -145,12 +154,18 @@ def bands(series: dict[str, dict[int, float]]) -> list[Band]:
     return out
 
 
-def samples_file(result: dict, name: str) -> Path | None:
-    """The per-sample CSV a result lists under ``name`` (relative to its JSON), if it exists."""
+def samples_file(result: dict, name: str, skipped: list[Skipped]) -> Path | None:
+    """The per-sample CSV a result lists under ``name`` (relative to its JSON), if it exists. One that is listed
+    but gone is noted in ``skipped``: its checkpoint silently missing from the paired tests would read as if
+    it had never been compared."""
     for rel in result.get("files", ()):
         if Path(rel).name == name:
             path = Path(result["path"]).parent / rel
-            return path if path.is_file() else None
+            if path.is_file():
+                return path
+            skipped.append(Skipped(str(path), f"per-sample file listed by {result['path']} is missing: that "
+                                              "checkpoint is left out of the paired tests"))
+            return None
     return None
 
 

@@ -96,6 +96,19 @@ def _first_samples(info, n: int):
     return replace(info, urls=info.urls[:keep], shard_sizes=info.shard_sizes[:keep], num_samples=total)
 
 
+def _key_bound(manifest: dict, n: int) -> int:
+    """One past the key of the n-th sample in manifest order. Keys are output positions, fixed before decoding,
+    so each input skipped at materialization (``errors``, by position) leaves a gap: the first n samples then
+    reach beyond key n - 1."""
+    gaps = sorted(e["index"] for e in manifest.get("errors", ()) if isinstance(e, dict) and isinstance(e.get("index"), int))
+    end = n
+    for gap in gaps:
+        if gap >= end:
+            break
+        end += 1
+    return end
+
+
 def _position(key: str) -> int:
     try:
         return int(key)
@@ -108,8 +121,8 @@ def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, 
                workers: int = 2, limit: int | None = None, verify_shards: bool = True) -> EvalData:
     """Materialized shards ``ROOT/<dataset>/<split>/<variant>`` through ``loaders.eval_loader`` (exactly once).
 
-    ``limit`` keeps the first N samples of the manifest order (keys 0..N-1: SPEC's keys are the global
-    output index), reading only the shards that hold them.
+    ``limit`` keeps the first N samples of the manifest order (keys 0..N-1, SPEC's global output index, or
+    beyond where inputs were skipped at materialization), reading only the shards that hold them.
     """
     from rankshard.loaders import LoaderConfig, eval_loader, open_variant
 
@@ -118,12 +131,13 @@ def shard_data(root: str | Path, dataset: str | None, split: str, variant: str, 
     check_layout(root, dataset, split, variant)
     info = open_variant(root, dataset, split, variant, verify_shards=verify_shards)
     n = info.num_samples if limit is None else min(limit, info.num_samples)
+    end = _key_bound(info.manifest, n)
     info = _first_samples(info, n) if n < info.num_samples else info
     cfg = LoaderConfig(batch_size=batch_size, workers=workers)
 
     def batches(rank: int = 0, world_size: int = 1) -> Iterator[EvalBatch]:
         for batch in eval_loader(info, cfg, rank=rank, world_size=world_size):
-            keep = [i for i, key in enumerate(batch.keys) if _position(key) < n]
+            keep = [i for i, key in enumerate(batch.keys) if _position(key) < end]
             if keep:
                 yield EvalBatch(batch.x[keep], batch.y[keep], [batch.keys[i] for i in keep])
 

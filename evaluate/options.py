@@ -15,8 +15,10 @@ import torch.distributed as dist
 from rankshard.evaluate.checkpoints import LoadedCheckpoint, load_checkpoints
 from rankshard.evaluate.data import EvalData, shard_data
 from rankshard.evaluate.distributed import DistContext, init_from_env
+from rankshard.evaluate.errors import EvaluationError
 from rankshard.preprocess.configfile import config_option
 from rankshard.preprocess.options import quiet_option
+from rankshard.preprocess.rank import BACKEND_NAMES
 
 SPLIT_DEFAULT = "test"  # CIFAR-10 has no val split; ImageNet users pass --split val
 
@@ -45,6 +47,22 @@ device_option = click.option("--device", default="auto", show_default=True,
 trust_option = click.option("--trust-checkpoint", is_flag=True,
                             help="Allow full unpickling of checkpoints that weights_only loading refuses "
                                  "(it runs code from the file: trusted files only).")
+
+
+svd_backend_option = click.option(
+    "--svd-backend", type=click.Choice(("auto", *BACKEND_NAMES)), default="auto", show_default=True,
+    help="Rank engine backend (auto: checked against float64 SVD; see rankshard-preprocess --backend).")
+
+
+def rank_engine(backend: str, device):
+    """The rank engine for ``--svd-backend``; a backend this device cannot run (cupy or torch-gesvdj on a CPU)
+    is a user error naming the option and what runs here, not a traceback."""
+    from rankshard.preprocess.rank.engine import RankEngine
+
+    try:
+        return RankEngine(backend, device)
+    except (ValueError, RuntimeError) as exc:
+        raise EvaluationError(f"--svd-backend {backend}: {exc}") from None
 
 
 def workers_option(help_text: str = "Loader worker processes per process."):
@@ -79,8 +97,8 @@ def data_options(variant: bool = True):
     """--data ROOT, --dataset, --split, [--variant], --limit, --batch-size, --workers, --verify-shards."""
     options = [
         data_root_options(),
-        click.option("--limit", type=int, default=None, help="Evaluate only the first N samples (keys 0..N-1)."),
-        click.option("--batch-size", type=int, default=128, show_default=True, help="Images per loader batch, per process."),
+        click.option("--limit", type=int, default=None, help="Evaluate only the first N samples of the manifest order."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per loader batch, per process."),
         workers_option(),
     ]
     if variant:

@@ -60,18 +60,18 @@ def accuracy_sections(results: list[dict], figs: Figures) -> list[Section]:
     sec = Section("Accuracy", [f"Top-1/top-5 from {len(results)} result file(s)."], [Table(accuracy_table_rows(rows))])
     for data in dict.fromkeys(row["data"] for row in rows):
         top1 = {row["checkpoint"]: row["top1"] for row in rows if row["data"] == data}
-        paired = cmp.paired_table(data, _accuracy_outcomes(results, data), "top-1")
+        paired = cmp.paired_table(data, _accuracy_outcomes(results, data, figs.skipped), "top-1")
         sec.tables += [t for t in (cmp.seed_table(top1, "top-1", data), paired) if t]
         sec.text += cmp.noise_notes(paired)
     return [sec]
 
 
-def _accuracy_outcomes(results: list[dict], data: str) -> dict[str, dict[str, bool]]:
+def _accuracy_outcomes(results: list[dict], data: str, skipped: list[Skipped]) -> dict[str, dict[str, bool]]:
     """``{checkpoint: {key: correct}}`` on ``data`` from the per-sample CSVs the results list."""
     out = {}
     for r in results:
         for row in (x for x in r["rows"] if x["data"] == data):
-            path = cmp.samples_file(r, cmp.accuracy_samples_name(row["checkpoint"], data))
+            path = cmp.samples_file(r, cmp.accuracy_samples_name(row["checkpoint"], data), skipped)
             if path is not None:
                 out[row["checkpoint"]] = cmp.read_outcomes(path, cmp.correct)
     return out
@@ -152,7 +152,7 @@ def pgd_comparison_sections(results: list[dict], figs: Figures) -> list[Section]
         rate = {row["checkpoint"]: row["attack_success"] for r in members for row in r["rows"]}
         success = cmp.attack_success(json.loads(attack)["targeted"])
         outcomes = {row["checkpoint"]: cmp.read_outcomes(p, success) for r in members for row in r["rows"]
-                    if (p := cmp.samples_file(r, cmp.pgd_samples_name(row["checkpoint"]))) is not None}
+                    if (p := cmp.samples_file(r, cmp.pgd_samples_name(row["checkpoint"]), figs.skipped)) is not None}
         paired = cmp.paired_table(data, outcomes, "attack success")
         tables = [t for t in (cmp.seed_table(rate, "attack success", data), paired) if t]
         if tables:

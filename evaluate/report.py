@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,14 +41,37 @@ def _by_kind(results: list[dict], skipped: list[Skipped]) -> dict[str, list[dict
     return groups
 
 
+# What a hand-edited, truncated or older result raises when a renderer reads a field it lacks or of another type.
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _malformed(kind: str, result: dict, exc: Exception) -> Skipped:
+    return Skipped(result["path"], f"malformed {kind} result ({type(exc).__name__}: {exc})")
+
+
 def _render(kind: str, results: list[dict], figs: Figures) -> list[Section]:
+    """The kind's sections; a malformed result is skipped by name without taking the others down with it."""
+    noted = len(figs.skipped)
     try:
         return RENDERERS[kind](results, figs)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        # A hand-edited or older result: name the files and the field instead of failing the whole report.
-        for r in results:
-            figs.skipped.append(Skipped(r["path"], f"malformed {kind} result ({type(exc).__name__}: {exc})"))
-        return []
+    except MALFORMED as exc:
+        group_error = exc
+        del figs.skipped[noted:]  # what the failed attempt noted is noted again by the next one
+    # Renderers merge every result of a kind (accuracy, spectrum, pgd), so one bad file fails the group: find
+    # the bad ones by rendering each alone (into a scratch folder), then render the rest together.
+    good = []
+    for r in results:
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                RENDERERS[kind]([r], Figures(Path(scratch)))
+                good.append(r)
+            except MALFORMED as exc:
+                figs.skipped.append(_malformed(kind, r, exc))
+    if good and len(good) < len(results):
+        return _render(kind, good, figs)
+    # every one failed alone, or each renders alone but not together: nothing here can be trusted
+    figs.skipped.extend(_malformed(kind, r, group_error) for r in good)
+    return []
 
 
 def _run_sections(runs: Sequence[str | os.PathLike], figs: Figures) -> list[Section]:

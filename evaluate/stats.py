@@ -6,7 +6,8 @@ same full-rank model scored 86.9% and 93.3% with two seeds), so every comparison
 * across seeds: mean ± 95% confidence interval, ``mean ± t_{0.975, n-1} · sd / sqrt(n)``;
 * between two checkpoints on the same points: McNemar's exact test on the discordant pairs (two-sided
   binomial with p = 1/2) and a paired bootstrap CI for the difference in accuracy (or attack success);
-* effect sizes: the difference itself, the discordant odds ratio, Cohen's d across seeds.
+* effect sizes: the difference itself, the discordant odds ratio, Cohen's d across seeds;
+* several pairs in one table: Holm-Bonferroni adjusted McNemar p-values (family-wise error at ALPHA).
 
 scipy is only a test dependency, so the t quantile is computed here: the Student-t CDF through the
 regularized incomplete beta function (continued fraction, Numerical Recipes 6.4), inverted by bisection.
@@ -166,6 +167,18 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> McNemar:
         raise ValueError(f"mcnemar_exact: paired outcomes differ in length ({a.size} vs {b.size})")
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
     return McNemar(only_a, only_b, binom_two_sided_half(only_a, only_a + only_b))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the input order: the i-th smallest p becomes
+    ``max_{j <= i} min(1, (m - j + 1) * p_(j))``. Rejecting where the adjusted p < ALPHA keeps the chance of any
+    false "significant" among the m tests at ALPHA (every pair of a report table is one such family)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from rankshard.train.attacks import parse_eps
-from rankshard.train.autoattack import AA_STANDARD, AttackBudget, expand, run_sequence
+from rankshard.train.autoattack import AA_STANDARD, ATTACKS, AttackBudget, expand, run_sequence
 
 from rankshard.evaluate.accuracy import predict
 from rankshard.evaluate.checkpoints import check_fits
@@ -33,6 +33,10 @@ from rankshard.evaluate.errors import EvaluationError
 from rankshard.evaluate.robustness import perturbation_size, sample_generators
 
 DEFAULT_EPS = "0,1/255,2/255,4/255,8/255,16/255"
+# The options that set each attack's budget (``AttackBudget`` fields), named in budget errors.
+BUDGET_OPTIONS = {"pgd": "--pgd-steps", "apgd-ce": "--apgd-steps, --target-classes",
+                  "apgd-dlr": "--apgd-steps, --target-classes", "apgd-t": "--apgd-steps, --target-classes",
+                  "square": "--square-queries", "fab-t": "--fab-steps, --target-classes"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,16 @@ class SweepConfig:
                 expand([group], self.norm)
         except ValueError as exc:
             raise EvaluationError(f"--attack: {exc}") from None
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Build every attack once, before any data is read: its config checks the budget (a negative
+        --apgd-steps would otherwise surface as a traceback at the first eps > 0, maybe hours in)."""
+        for name in dict.fromkeys(n for group in self.attacks for n in self.sequence(group)):
+            try:
+                ATTACKS[name](self.norm, self.eps[-1], self.budget)
+            except ValueError as exc:
+                raise EvaluationError(f"--attack {name}: check {BUDGET_OPTIONS[name]} ({exc})") from None
 
     def sequence(self, group: str) -> list[str]:
         return expand([group], self.norm)

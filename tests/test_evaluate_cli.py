@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from evaluate_demo import demo_shards, tiny_checkpoint
@@ -75,12 +76,35 @@ def test_accuracy_spectrum_pgd_report(setup, tmp_path):
     (["accuracy", "{a}", "--variant", "rank-099"], "rank-099"),
     (["accuracy", "missing.pt"], "missing.pt: no such file"),
     (["pgd", "{a}", "--limit", "0"], "--limit 0"),
+    (["spectrum", "{a}", "--svd-backend", "bogus"], "'bogus' is not one of 'auto', 'numpy'"),
+    # attack budgets are checked before any data is read, not at the first eps > 0 as a traceback
+    (["robustness", "{a}", "--attack", "pgd", "--pgd-steps", "-2"], "--attack pgd: check --pgd-steps"),
+    (["robustness", "{a}", "--attack", "aa", "--apgd-steps", "0"], "--attack apgd-ce: check --apgd-steps"),
+    (["robustness", "{a}", "--attack", "apgd-t", "--target-classes", "0"], "check --apgd-steps, --target-classes"),
+    (["robustness", "{a}", "--attack", "square", "--square-queries", "0"], "--attack square: check --square-queries"),
+    (["robustness", "{a}", "--attack", "fab-t", "--fab-steps", "0"], "--attack fab-t: check --fab-steps"),
 ])
 def test_bad_input_is_a_clean_error(setup, tmp_path, args, message):
     root, ck = setup
     args = [a.format(**ck) for a in args]
     code, out = _run(*args, *_common(root, tmp_path))
     assert code == 2 and message in out and "Traceback" not in out, out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the backend runs where CUDA is present")
+@pytest.mark.parametrize("command,extra", [("spectrum", ["--batch-size", "16", "--limit", "2"]),
+                                           ("rig", ["--index", "0:1"])])
+def test_a_backend_this_device_cannot_run_is_a_clean_error(setup, tmp_path, command, extra):
+    root, ck = setup
+    code, out = _run(command, ck["a"], "--data", root / "shards", "--out", tmp_path, "--device", "cpu",
+                     "--svd-backend", "torch-gesvdj", *extra)
+    assert code == 2 and "--svd-backend torch-gesvdj: " in out and "usable here" in out, out
+
+
+def test_batch_size_zero_names_the_option(setup, tmp_path):
+    root, ck = setup
+    code, out = _run("accuracy", ck["a"], "--data", root / "shards", "--out", tmp_path, "--batch-size", "0")
+    assert code == 2 and "'--batch-size': 0 is not in the range x>=1" in out, out
 
 
 def test_size_mismatch_can_be_allowed(setup, tmp_path):

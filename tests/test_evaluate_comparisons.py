@@ -48,7 +48,7 @@ def test_paired_table_flags_noise():
     same = dict(a)
     table = cmp.paired_table("full", {"x": a, "y": same}, "top-1")
     assert table.rows[0]["note"] == "within noise" and table.rows[0]["only A / only B"] == "0 / 0"
-    assert cmp.noise_notes(table) == ["Within noise (p >= 0.05 and the bootstrap CI covers 0): y vs x."]
+    assert cmp.noise_notes(table) == ["Within noise on full (Holm p >= 0.05 and the bootstrap CI covers 0): y vs x."]
     worse = {k: False for k in a}
     assert cmp.paired_table("full", {"x": a, "y": worse}, "top-1").rows[0]["note"].startswith("significant")
     # 1 vs 7 discordant of 300: McNemar p = 0.07 but the bootstrap CI excludes 0 -> said to be borderline
@@ -118,3 +118,25 @@ def test_seed_table_mean_ci_and_effect_size():
     assert rows[0]["Cohen's d vs first group"] == "+0.00"
     assert rows[1]["Cohen's d vs first group"] == f"{cohens_d([0.869, 0.933], [0.90, 0.91]):+.2f}"
     assert cmp.seed_table({"a": 0.5, "b": 0.6}, "top-1", "test") is None  # no seed groups, no table
+
+
+def test_paired_table_corrects_for_several_pairs():
+    # three checkpoints each get 12 points the baseline misses and miss 3 it gets (of 300): McNemar p = 0.035
+    # apiece, below 0.05 alone; but three tests at once: Holm p = 0.106, so none may be called significant
+    from rankshard.evaluate.stats import binom_two_sided_half, holm
+
+    base = np.zeros(300, bool)
+    base[200:203] = True
+    outcomes = {"base": dict(enumerate(base))}
+    for i in range(3):
+        y = np.zeros(300, bool)
+        y[20 * i:20 * i + 12] = True
+        outcomes[f"m{i}"] = dict(enumerate(y))
+    table = cmp.paired_table("t", outcomes, "top-1")
+    assert [r["only A / only B"] for r in table.rows] == ["3 / 12"] * 3
+    raw = binom_two_sided_half(3, 15)
+    assert raw < 0.05 and [float(r["McNemar p"]) for r in table.rows] == pytest.approx([raw] * 3, rel=1e-2)
+    assert [float(r["Holm p"]) for r in table.rows] == pytest.approx(holm([raw] * 3), rel=1e-2)
+    assert holm([raw] * 3)[0] >= 0.05
+    assert not any(r["note"].startswith("significant") for r in table.rows)
+    assert "Holm-adjusted over the 3 pair(s)" in table.caption

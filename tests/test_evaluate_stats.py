@@ -104,3 +104,26 @@ def test_cohens_d_matches_formula():
     pooled = math.sqrt((np.var(a, ddof=1) * 2 + np.var(b, ddof=1) * 2) / 4)
     assert stats.cohens_d(a, b) == pytest.approx((np.mean(b) - np.mean(a)) / pooled)
     assert math.isnan(stats.cohens_d([1.0], b))
+
+
+def _holm_rejects(p: list[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure, literally: walk the p-values up from the smallest, reject while
+    p_(j) <= alpha / (m - j + 1), stop at the first that is not."""
+    m, rejected = len(p), [False] * len(p)
+    for j, i in enumerate(sorted(range(m), key=lambda i: p[i])):
+        if p[i] > alpha / (m - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def test_holm_adjusted_p_values():
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.3]) == [0.3] and stats.holm([]) == []
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        p = list(rng.random(int(rng.integers(1, 8))) ** 3)
+        adjusted = stats.holm(p)
+        assert all(a >= q for a, q in zip(adjusted, p)) and max(adjusted) <= 1
+        for alpha in (0.01, 0.05, 0.1):  # adjusted p < alpha exactly where the procedure rejects at alpha
+            assert [a <= alpha for a in adjusted] == _holm_rejects(p, alpha)

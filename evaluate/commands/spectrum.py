@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import click
 
-from rankshard.preprocess.rank.engine import RankEngine
-
 from rankshard.evaluate.errors import friendly_errors
-from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
+from rankshard.evaluate.options import (checkpoint_options, data_options, finish, open_data, rank_engine, setup,
+                                        svd_backend_option)
 from rankshard.evaluate.runs import run_spectrum
 from rankshard.evaluate.spectrum import SpectrumConfig, parse_ranks
 from rankshard.evaluate.tables import markdown_table, spectrum_table
@@ -23,7 +22,7 @@ from rankshard.evaluate.tables import markdown_table, spectrum_table
                    "holds the measured rank of the low-pass images (the paper's rank <= k hypothesis).")
 @click.option("--forward-batch", type=int, default=256, show_default=True,
               help="Rank-k images per forward pass (several ranks of one batch stacked).")
-@click.option("--svd-backend", default="auto", show_default=True, help="Rank engine backend (see rankshard-preprocess).")
+@svd_backend_option
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, root, dataset, split, variant, limit,
             batch_size, workers, verify_shards, quiet, ranks, mode, forward_batch, svd_backend):
@@ -32,7 +31,7 @@ def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, roo
     data = open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards)
     cfg = SpectrumConfig(parse_ranks(ranks, min(data.image_size)), mode, forward_batch)
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
-    engine = RankEngine(svd_backend, ctx.device)
+    engine = rank_engine(svd_backend, ctx.device)
     results = run_spectrum(ckpts, data, cfg, engine, ctx, out, allow_size_mismatch, quiet)
     table = spectrum_table(results) if results else None
     summary = f"{table.caption}\n\n{markdown_table(table.rows)}" if table else ""

@@ -11,7 +11,7 @@ from rankshard.preprocess.errors import RankshardError, friendly_errors
 
 from rankshard.evaluate.checkpoints import common_input_size, load_checkpoints
 from rankshard.evaluate.options import (checkpoints_argument, data_root_options, device_option, out_option,
-                                        quiet_option, trust_option)
+                                        quiet_option, trust_option, svd_backend_option)
 from rankshard.evaluate.rig.attribution import OUTPUTS, REDUCTIONS, RULES, IGConfig, SmoothGradConfig
 from rankshard.evaluate.rig.rank_ig import RIGConfig
 from rankshard.evaluate.rig.check import RANDOMIZATIONS
@@ -98,7 +98,7 @@ def _report(summary: dict) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="SmoothGrad noise and randomization test")
 @click.option("--clip", type=float, default=99.0, show_default=True, help="colour scale percentile of |map|")
 @device_option
-@click.option("--svd-backend", default="auto", show_default=True, help="rank engine backend")
+@svd_backend_option
 @click.option("--check", is_flag=True, help="also run the randomization test and report rank-path deltas")
 @click.option("--randomization", type=click.Choice(sorted(RANDOMIZATIONS)), default="cascade", show_default=True,
               help="cascade: re-initialize from the top layer down, cumulatively; all: everything at once")

@@ -32,6 +32,7 @@ from rankshard.evaluate.rig.check import randomization_table, randomized_models
 from rankshard.evaluate.rig.figures import Column, save_rows_figure
 from rankshard.evaluate.rig.inputs import InputBatch
 from rankshard.evaluate.rig.maps import RANK_METHODS, TITLES, MapConfig, MapSet, compute_maps
+from rankshard.evaluate.options import rank_engine
 from rankshard.evaluate.results import write_result
 
 
@@ -135,7 +136,7 @@ def run_rig(loaded: list[LoadedCheckpoint], batch: InputBatch, cfg: RunConfig, s
     device = resolve_device(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
     np.save(cfg.out / "images.npy", batch.images)
-    engine = RankEngine(cfg.svd_backend, device=device)
+    engine = rank_engine(cfg.svd_backend, device)
     images = torch.from_numpy(batch.images).to(device)
     # one decomposition per image for every checkpoint and randomization stage (--check needs the rank path)
     decs = engine.decompose(images) if RANK_METHODS & set(cfg.maps.methods) or cfg.check else None

@@ -85,8 +85,9 @@ def eval_stages(study: Study, trains: list[Stage]) -> list[Stage]:
                    "checkpoint": str(Path(tr.job["out"]) / cfg.train.checkpoint), "out": str(out),
                    "data_root": str(shards), "dataset": cfg.data.dataset, "device": study.device,
                    "workers": study.workers}
+            # the run's digest says which training, the file name which of its checkpoints (best.pt, last.pt)
             body = {"command": ev.command, "split": ev.split, "options": options, "checkpoint": tr.digest,
-                    "inputs": inputs}
+                    "checkpoint_file": cfg.train.checkpoint, "inputs": inputs}
             stages.append(Stage(f"eval/{ev.name}/{name}", "evaluate", job, digest(body), (str(out),)))
     return stages
 

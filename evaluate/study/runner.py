@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -179,8 +179,18 @@ class Study:
             for i, stage in enumerate(todo):
                 job = _on_device(stage, self._device_for(i))
                 started[pool.submit(_timed, stage.kind, job)] = stage
-            for future, stage in started.items():
-                self._finish(stage, future.result(), progress, outcome)
+            # Record every stage that finished, whichever failed: a rerun must not redo hours of training
+            # because another stage of the same level failed. The first failure is raised after that.
+            failures = []
+            for future in as_completed(started):
+                try:
+                    seconds = future.result()
+                except Exception as exc:  # noqa: BLE001 - re-raised below, once the others are recorded
+                    failures.append(exc)
+                    continue
+                self._finish(started[future], seconds, progress, outcome)
+        if failures:
+            raise failures[0]
 
 
 def _on_device(stage: Stage, device: str) -> dict:
