@@ -110,12 +110,23 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32).contiguous()
 
 
+def open_shard(url: str, checks: dict[str, tuple[str | None, int]], cache: ShardCache | None = None) -> ShardReader:
+    """Shard ``url``: a local file is seeked in place (its sha256 was checked by ``open_variant``); a remote one
+    is fetched whole and checked against ``checks[url]`` (``VariantInfo.shard_checks``: sha256, bytes) before a
+    sample is read, into ``cache`` when given. Every reader of a variant opens its shards here."""
+    if url not in checks:
+        return ShardReader(url)
+    sha256, nbytes = checks[url]
+    return ShardReader(url, sha256, nbytes, cache)
+
+
 def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,
                    positions: np.ndarray, bad_shards: dict[str, str] | None = None,
                    open_reader=None) -> dict[int, tuple]:
     """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order; samples
     of ``bad_shards`` (rejected by their sha256) come back with the shard's reason and no members.
-    ``open_reader(s)`` opens shard ``s`` (default: ``ShardReader(urls[s])``; remote shards need their checks)."""
+    ``open_reader(s)`` opens shard ``s`` (default: ``ShardReader(urls[s])``, for local shards only: remote ones
+    need their checks, see ``open_shard``)."""
     open_reader = open_reader or (lambda s: ShardReader(urls[s]))
     shards, within = stream.locate(positions)
     out = {}
@@ -199,12 +210,9 @@ class ShardStream(IterableDataset):
         """Shard ``s``: a local file is seeked in place; a remote one is fetched whole (each worker fetches the
         shards its batches touch; with ``cache_dir`` the first fetch serves every worker and later epochs)."""
         url = self.urls[s]
-        if url not in self.checks:
-            return ShardReader(url)
-        if self.cfg.cache_dir is not None and self._cache is None:
+        if url in self.checks and self.cfg.cache_dir is not None and self._cache is None:
             self._cache = ShardCache(self.cfg.cache_dir, self.cfg.cache_bytes)
-        sha256, nbytes = self.checks[url]
-        return ShardReader(url, sha256, nbytes, self._cache)
+        return open_shard(url, self.checks, self._cache)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()

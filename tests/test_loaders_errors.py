@@ -191,3 +191,16 @@ def test_configuration_errors_name_the_fix():
         eval_loader(info, LoaderConfig(), rank=2, world_size=2)
     with pytest.raises(LoaderError, match="start_step 99"):
         train_loader(info, LoaderConfig(batch_size=16), start_step=99)
+
+
+def test_join_variants_refuses_a_shard_open_variant_rejected(tmp_path):
+    """A variant opened with on_error='skip' keeps its sha256-rejected shards in ``bad_shards``; the join
+    (which reads with on_error='raise') must not read their samples as if they were whole."""
+    from rankshard.loaders import join_variants
+    folder = copy_variant(tmp_path)
+    full = open_variant(copy_variant(tmp_path, variant="full"))
+    path, _ = _corrupt_png(folder, shard_index=0, sample=3)
+    low = open_variant(folder, on_error="skip")
+    assert list(low.bad_shards) == [str(path)]
+    with pytest.raises(ShardReadError, match=f"{path}: sample 00000000: shard rejected: sha256"):
+        list(join_variants(low, full, batch_size=16, rank=0, world_size=1))

@@ -178,3 +178,24 @@ def test_a_slow_server_times_out_and_the_error_names_the_url(ranged_http, monkey
 def test_unknown_scheme_and_missing_manifest_are_refused(ranged_http):
     with pytest.raises(LoaderError, match="no manifest.json"):
         open_variant(ranged_http[0], "cifar10", "train", "nothing-here")
+
+
+def test_join_variants_checks_remote_shards_against_the_manifest(tmp_path):
+    """join_variants reads remote shards through the same checks as the loaders: a shard replaced on the
+    server after the variant was opened (same size, a changed image byte) is refused, naming the URL."""
+    import shutil
+    from rankshard.loaders import join_variants
+    from rankshard.preprocess.format.tarindex import scan_shard
+
+    root = tmp_path / "served"
+    for variant in ("rank-005", "full"):
+        shutil.copytree(built_root() / "cifar10" / "train" / variant, root / "cifar10" / "train" / variant)
+    with http_server(root) as (url, _):
+        low, full = (open_variant(url, "cifar10", "train", v) for v in ("rank-005", "full"))
+        shard = root / "cifar10" / "train" / "rank-005" / low.manifest["shards"][1]["name"]
+        offset, size = scan_shard(shard).members[0]["png"]
+        data = bytearray(shard.read_bytes())
+        data[offset + size // 2] ^= 0x01  # the tar still scans; only the sha256 tells
+        shard.write_bytes(bytes(data))
+        with pytest.raises(ShardReadError, match=f"{url}/cifar10/train/rank-005/{shard.name}.*sha256 .* differs"):
+            list(join_variants(low, full, batch_size=16, rank=0, world_size=1))
