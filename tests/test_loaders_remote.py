@@ -199,3 +199,57 @@ def test_join_variants_checks_remote_shards_against_the_manifest(tmp_path):
         shard.write_bytes(bytes(data))
         with pytest.raises(ShardReadError, match=f"{url}/cifar10/train/rank-005/{shard.name}.*sha256 .* differs"):
             list(join_variants(low, full, batch_size=16, rank=0, world_size=1))
+
+
+def _returns(fn, *args):
+    """fn(*args)'s result or exception, run in a thread so that a hang fails the test instead of the session."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)  # a guard against hanging the session, not a timing: the call must return at all
+    assert not thread.is_alive(), f"{fn.__name__}{args} never returned"
+    return out
+
+
+def test_a_silent_pipe_command_times_out_and_is_killed(tmp_path, monkeypatch):
+    """pipe: honours the transport timeout like a server does; the command and its children are killed."""
+    monkeypatch.setattr(transport, "RETRY", transport.Retry(attempts=2, backoff_s=0.01, timeout_s=0.3))
+    pids = tmp_path / "pids"
+    url = f"pipe:sleep 600 & echo $! >> {pids}; wait"
+    out = _returns(transport.fetch, url)
+    assert isinstance(out.get("error"), transport.TransportError)
+    assert f"{url}: failed 2 times" in str(out["error"]) and "wrote nothing for 0.3 s" in str(out["error"])
+    for pid in pids.read_text().split():  # killed with its shell: gone, or a zombie until reaped
+        assert _ends(int(pid)), f"pipe child {pid} still running"
+
+
+def _ends(pid: int) -> bool:
+    """Whether process ``pid`` ends (or is a zombie), polled: a SIGKILL is delivered asynchronously."""
+    import os
+    import time
+    stat = f"/proc/{pid}/stat"
+    for _ in range(600):  # up to a minute: a guard, the kill has been sent already
+        try:
+            state = open(stat).read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_pipe_command_that_writes_much_to_stderr_does_not_block():
+    """A command's stderr (a progress meter) can exceed a pipe's buffer: the shard still arrives."""
+    folder = built_root().joinpath(*EVAL)
+    shard = json.loads((folder / "manifest.json").read_text())["shards"][0]
+    url = f"pipe:head -c 300000 /dev/zero >&2; cat {folder / shard['name']}"
+    out = _returns(transport.fetch, url, shard["sha256"], shard["bytes"])
+    assert "error" not in out and len(out["value"]) == shard["bytes"]

@@ -27,8 +27,11 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import select
 import shlex
+import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -214,21 +217,51 @@ class HttpTransport(Transport):
 
 
 class PipeTransport(Transport):
-    """``pipe:CMD``: the shard is CMD's standard output (webdataset's convention), read once, in full."""
+    """``pipe:CMD``: the shard is CMD's standard output (webdataset's convention), read once, in full.
+
+    ``timeout`` applies as to a server: a command silent that long (a stalled ``curl``) counts as a failed
+    attempt and is killed with everything it started (its own process group). Its stderr goes to a temporary
+    file, not a pipe: a command that writes more than a pipe holds there (a progress meter) would otherwise
+    block forever while we wait for its stdout.
+    """
 
     def stream(self, url, start, timeout):
         command = url[len("pipe:"):]
-        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            while data := proc.stdout.read(CHUNK):
-                yield data
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-            code = proc.wait()
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True)
+            done = False
+            try:
+                while data := self._read(proc, command, timeout):
+                    yield data
+                done = True
+            finally:
+                proc.stdout.close()
+                code = self._end(proc, command, timeout, kill=not done)
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()
         if code:
-            raise _Transient(f"command {shlex.quote(command)} exited with {code}: {err[-300:] or 'no message'}")
+            raise _Transient(f"command {shlex.quote(command)} exited with {code}: {message[-300:] or 'no message'}")
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, command: str, timeout: float) -> bytes:
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            raise _Transient(f"command {shlex.quote(command)} wrote nothing for {timeout:g} s")
+        return os.read(proc.stdout.fileno(), CHUNK)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen, command: str, timeout: float, kill: bool) -> int:
+        """Its exit status, once it has ended: at once when ``kill`` (we stopped reading), else within
+        ``timeout`` of closing its stdout."""
+        if not kill:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+        if not kill:
+            raise _Transient(f"command {shlex.quote(command)} did not exit {timeout:g} s after its output ended")
+        return code
 
 
 class FsspecTransport(Transport):
