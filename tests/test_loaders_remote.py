@@ -253,3 +253,21 @@ def test_a_pipe_command_that_writes_much_to_stderr_does_not_block():
     url = f"pipe:head -c 300000 /dev/zero >&2; cat {folder / shard['name']}"
     out = _returns(transport.fetch, url, shard["sha256"], shard["bytes"])
     assert "error" not in out and len(out["value"]) == shard["bytes"]
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped"])
+def test_a_damaged_cache_file_is_fetched_again(tmp_path, ranged_http, damage):
+    """A cached shard cut short (a crash before its bytes reached the disk) or changed since (same size) is
+    not read as the shard: the cache fetches it again, and the batches are the local ones."""
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    cache = tmp_path / "cache"
+    _run(info, "eval", 0, 1, 0, cache_dir=str(cache))
+    cached = cache / f"{info.manifest['shards'][1]['sha256']}.tar"
+    data = cached.read_bytes()
+    if damage == "torn":
+        cached.write_bytes(data[:len(data) // 3])
+    else:
+        cached.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])
+    _same(_run(info, "eval", 0, 1, 2, cache_dir=str(cache)), _local("eval", 0, 1))
+    assert cached.read_bytes() == data

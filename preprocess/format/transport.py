@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.tar import sha256_file
 
 CHUNK = 1 << 20  # bytes per read from a stream (and per hashing step)
 
@@ -432,12 +433,19 @@ class ShardCache:
         path = self.folder / self._name(url, sha256)
         with _flocked(self.folder / f".{path.name}.lock"):
             if path.exists():
-                os.utime(path)  # mark as recently used
-                return path
+                if _intact(path, sha256, nbytes):
+                    os.utime(path)  # mark as recently used
+                    _INTACT.add(_stamp(path))
+                    return path
+                path.unlink()  # torn by a crash before it reached the disk, or damaged since: fetch it again
             data = fetch(url, sha256, nbytes)
             tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
-            tmp.write_bytes(data)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it look complete
             os.replace(tmp, path)
+            _INTACT.add(_stamp(path))
         self._evict(keep=path)
         return path
 
@@ -454,6 +462,22 @@ class ShardCache:
             if p != keep:
                 p.unlink(missing_ok=True)  # an open reader keeps its data (POSIX unlink semantics)
                 total -= size
+
+
+_INTACT: set[tuple] = set()  # _stamp()s of cache files this process verified (or wrote) as they are now
+
+
+def _stamp(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _intact(path: Path, sha256: str | None, nbytes: int | None) -> bool:
+    """Whether a cached file still holds what the manifest says: its size on every use, its sha256 unless this
+    process verified the file unchanged since (as ``open_variant`` hashes a local shard once per process)."""
+    if nbytes is not None and path.stat().st_size != nbytes:
+        return False
+    return sha256 is None or _stamp(path) in _INTACT or sha256_file(path) == sha256
 
 
 @contextlib.contextmanager
