@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -79,14 +80,31 @@ def is_url(location) -> bool:
     return text.startswith("pipe:") or ("://" in text and not text.startswith("file://"))
 
 
+def _split_query(url) -> tuple[str, str]:
+    """``(url without its query, "?query" or "")``: an http(s) query (an access token) belongs after the path,
+    and stays with every URL built from this one; other locations keep every character as path."""
+    text = str(url)
+    if scheme(text) in ("http", "https") and "?" in text:
+        base, _, query = text.partition("?")
+        return base, f"?{query}"
+    return text, ""
+
+
 def join(base: str, *parts: str) -> str:
     """``base/part/...`` for local paths and URLs alike (a URL is never passed through ``Path``, which would
-    fold ``s3://`` into ``s3:/``)."""
-    return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts if p]])
+    fold ``s3://`` into ``s3:/``); an http(s) query stays at the end."""
+    base, query = _split_query(base)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]]) + query
 
 
 def parent(url: str) -> str:
-    return str(url).rstrip("/").rsplit("/", 1)[0]
+    base, query = _split_query(url)
+    return base.rstrip("/").rsplit("/", 1)[0] + query
+
+
+def basename(url: str) -> str:
+    """The last path segment of a path or URL (an http(s) query is not part of the name)."""
+    return _split_query(url)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 class Transport(abc.ABC):
@@ -174,8 +192,11 @@ class HttpTransport(Transport):
 
     def _open(self, url: str, timeout: float, method: str = "GET", start: int = 0):
         headers = {"Range": f"bytes={start}-"} if start else {}
+        # spaces and non-ASCII characters percent-encoded (http.client refuses them); %XX and every character
+        # a URL may hold stay as they are, so an encoded URL is sent unchanged
+        quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
         try:
-            return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
+            return urllib.request.urlopen(urllib.request.Request(quoted, headers=headers, method=method),
                                           timeout=timeout)
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
