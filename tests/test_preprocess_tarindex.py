@@ -194,3 +194,11 @@ def test_hostile_pax_record_lengths_are_damage_not_a_hang(record):
         list(iter_tar(BytesBlob(blob_bytes)))
     good = _pax_tar_with_record(b"17 path=good.png\n").getvalue()
     assert [m.name for m in iter_tar(BytesBlob(good))] == ["good.png"]
+
+
+@pytest.mark.parametrize("cls", [b"cat", b"\xff\xfe", b""])
+def test_foreign_wds_cls_that_is_not_an_integer_is_named(tmp_path, cls):
+    path = tmp_path / "in-000000.tar"
+    _write(path, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": cls}, extras=False)
+    with pytest.raises(SourceError, match=f"{path}: sample 'b' has .cls .*not an integer class index"):
+        list_wds([str(path)])
