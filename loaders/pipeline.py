@@ -273,7 +273,7 @@ class Loader:
         workers = self.cfg.workers
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
                             pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None)
-        for batch in loader:
+        for batch in _worker_deaths_named(loader):
             if batch.errors:
                 self.skipped += len(batch.errors)
                 self.skip_reasons.extend(batch.errors)
@@ -292,6 +292,18 @@ class Loader:
                        f"{self.skip_reasons[0]}")
             log.warning(message)
             warnings.warn(message, LoaderWarning, stacklevel=3)
+
+
+def _worker_deaths_named(loader: DataLoader) -> Iterator[Batch]:
+    """``loader``'s batches; a worker process that died (OOM killer, segfault, ``kill -9``) ends the epoch with a
+    LoaderError saying what to change, not torch's bare RuntimeError (which the CLIs would show as a traceback)."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise LoaderError(f"a loader worker process died ({exc}); if the system ran out of memory (the kernel log "
+                          "says so), lower workers, prefetch_factor or shuffle_buffer, then rerun") from None
 
 
 def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -204,3 +204,19 @@ def test_join_variants_refuses_a_shard_open_variant_rejected(tmp_path):
     assert list(low.bad_shards) == [str(path)]
     with pytest.raises(ShardReadError, match=f"{path}: sample 00000000: shard rejected: sha256"):
         list(join_variants(low, full, batch_size=16, rank=0, world_size=1))
+
+
+def test_a_killed_loader_worker_is_a_loader_error_naming_the_fix():
+    """A DataLoader worker killed mid-epoch (the OOM killer) stops the epoch with a RankshardError the CLIs
+    report without a traceback, not torch's bare RuntimeError."""
+    import multiprocessing
+    import os
+    import signal
+    info = open_variant(built_root(), "cifar10", "train", "rank-005")
+    loader = train_loader(info, LoaderConfig(batch_size=4, workers=2, shuffle_buffer=8, prefetch_factor=1))
+    others = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(LoaderError, match=r"a loader worker process died \(DataLoader worker .*lower workers"):
+        for step, _ in enumerate(loader):
+            if step == 1:  # the killed worker owns every other one of the ~50 steps left: one must be missing
+                workers = [p.pid for p in multiprocessing.active_children() if p.pid not in others]
+                os.kill(workers[0], signal.SIGKILL)
