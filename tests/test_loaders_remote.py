@@ -290,3 +290,27 @@ def test_http_urls_with_a_query_or_unencoded_characters(tmp_path):
             for rank in range(2):
                 _same(_run(info, "eval", rank, 2, 0), _local("eval", rank, 2))
         assert all(path.endswith("?token=s3cr3t") for _, path, _ in handler.log)
+
+
+def test_a_cached_shard_handed_out_survives_another_process_evicting_it(tmp_path, ranged_http, monkeypatch):
+    """Workers and ranks share one cache folder: another process may evict a shard the moment this one got it
+    (a small cache_bytes). What this process was handed must still read whole."""
+    from rankshard.preprocess.format.tarindex import open_blob
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    cache = transport.ShardCache(tmp_path / "cache")
+    evict = transport.ShardCache._evict
+
+    def evicted_by_another_process_too(self, keep):
+        evict(self, keep)
+        for p in self.folder.glob("*.tar"):  # what a concurrent process with a smaller limit would do
+            p.unlink()
+    monkeypatch.setattr(transport.ShardCache, "_evict", evicted_by_another_process_too)
+    shard = info.manifest["shards"][0]
+    want = built_root().joinpath(*EVAL, shard["name"]).read_bytes()
+    for _ in range(2):  # a download, then (after the file was taken away) a download again
+        blob = open_blob(info.urls[0], shard["sha256"], shard["bytes"], cache)
+        try:
+            assert blob.pread(len(want) + 1, 0) == want
+        finally:
+            blob.close()

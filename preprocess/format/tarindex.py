@@ -237,7 +237,7 @@ def open_blob(url: str | os.PathLike, sha256: str | None = None, nbytes: int | N
         path = str(url)[len("file://"):] if str(url).startswith("file://") else url
         return FileBlob(open(path, "rb"), owned=True)
     if cache is not None:
-        return FileBlob(open(cache.path(str(url), sha256, nbytes), "rb"), owned=True)
+        return FileBlob(cache.open(str(url), sha256, nbytes), owned=True)
     return BytesBlob(fetch(str(url), sha256, nbytes))
 
 

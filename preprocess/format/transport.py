@@ -39,10 +39,9 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from rankshard.preprocess.errors import RankshardError
-from rankshard.preprocess.format.tar import sha256_file
 
 CHUNK = 1 << 20  # bytes per read from a stream (and per hashing step)
 
@@ -449,26 +448,25 @@ class ShardCache:
         # content-addressed when the manifest gives a hash: a changed object can never hit a stale entry
         return f"{sha256}.tar" if sha256 else f"url-{hashlib.sha256(url.encode()).hexdigest()[:32]}.tar"
 
-    def path(self, url: str, sha256: str | None = None, nbytes: int | None = None) -> Path:
-        """The local file of ``url``, downloaded (and verified) first if the cache does not hold it."""
+    def open(self, url: str, sha256: str | None = None, nbytes: int | None = None) -> BinaryIO:
+        """The local copy of ``url``, open for reading; downloaded (and verified) first if the cache does not
+        hold it intact. Opened under the shard's lock: another process evicting it afterwards cannot take it
+        away (an open file keeps its data), as it could between handing out a path and opening it."""
         path = self.folder / self._name(url, sha256)
         with _flocked(self.folder / f".{path.name}.lock"):
-            if path.exists():
-                if _intact(path, sha256, nbytes):
-                    os.utime(path)  # mark as recently used
-                    _INTACT.add(_stamp(path))
-                    return path
-                path.unlink()  # torn by a crash before it reached the disk, or damaged since: fetch it again
-            data = fetch(url, sha256, nbytes)
-            tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it look complete
-            os.replace(tmp, path)
-            _INTACT.add(_stamp(path))
+            f = _open_intact(path, sha256, nbytes)
+            if f is None:
+                data = fetch(url, sha256, nbytes)
+                tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())  # on disk before the rename makes it look complete
+                os.replace(tmp, path)
+                f = open(path, "rb")
+                _INTACT.add(_stamp(path, f))
         self._evict(keep=path)
-        return path
+        return f
 
     def _evict(self, keep: Path) -> None:
         entries = []
@@ -488,17 +486,32 @@ class ShardCache:
 _INTACT: set[tuple] = set()  # _stamp()s of cache files this process verified (or wrote) as they are now
 
 
-def _stamp(path: Path) -> tuple:
-    st = path.stat()
+def _stamp(path: Path, f: BinaryIO) -> tuple:
+    st = os.fstat(f.fileno())
     return str(path), st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _intact(path: Path, sha256: str | None, nbytes: int | None) -> bool:
-    """Whether a cached file still holds what the manifest says: its size on every use, its sha256 unless this
-    process verified the file unchanged since (as ``open_variant`` hashes a local shard once per process)."""
-    if nbytes is not None and path.stat().st_size != nbytes:
-        return False
-    return sha256 is None or _stamp(path) in _INTACT or sha256_file(path) == sha256
+def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO | None:
+    """The cached file, open, if it still holds what the manifest says: its size checked on every use, its
+    sha256 unless this process verified the file unchanged since (as ``open_variant`` hashes a local shard
+    once per process). A file torn by a crash before it reached the disk, or damaged since, is removed."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    intact = nbytes is None or os.fstat(f.fileno()).st_size == nbytes
+    if intact and sha256 is not None and _stamp(path, f) not in _INTACT:
+        digest = hashlib.sha256()
+        while data := f.read(CHUNK):
+            digest.update(data)
+        intact = digest.hexdigest() == sha256
+    if not intact:
+        f.close()
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(f.fileno())  # mark as recently used
+    _INTACT.add(_stamp(path, f))
+    return f
 
 
 @contextlib.contextmanager
