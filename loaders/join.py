@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from rankshard.loaders.errors import LoaderError
-from rankshard.loaders.pipeline import BatchTransform, collate, distributed_rank, read_positions
+from rankshard.loaders.pipeline import BatchTransform, collate, distributed_rank, open_shard, read_positions
 from rankshard.loaders.plan import EvalPlan
 from rankshard.loaders.variant import VariantInfo
 
@@ -52,7 +52,10 @@ def join_variants(*infos: VariantInfo, batch_size: int = 64, rank: int | None = 
             positions = plan.batch_positions(j)
             xs, keys, y = [], None, None
             for n, info in enumerate(infos):
-                raw = read_positions(readers[n], info.urls, plan.stream, positions)
+                # the variant's own checks: remote shards verified as fetched, shards open_variant rejected
+                # (on_error="skip") refused; the join reads every sample with on_error="raise"
+                raw = read_positions(readers[n], info.urls, plan.stream, positions, info.bad_shards,
+                                     lambda s, info=info: open_shard(info.urls[s], info.shard_checks))
                 k = (info.rank if factors_k is None else factors_k) if info.encoding == "factors" else None
                 x, labels, got, _ = collate([raw[int(p)] for p in positions], info.encoding, k, "raise",
                                             tuple(info.image_size))

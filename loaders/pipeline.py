@@ -112,12 +112,23 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32).contiguous()
 
 
+def open_shard(url: str, checks: dict[str, tuple[str | None, int]], cache: ShardCache | None = None) -> ShardReader:
+    """Shard ``url``: a local file is seeked in place (its sha256 was checked by ``open_variant``); a remote one
+    is fetched whole and checked against ``checks[url]`` (``VariantInfo.shard_checks``: sha256, bytes) before a
+    sample is read, into ``cache`` when given. Every reader of a variant opens its shards here."""
+    if url not in checks:
+        return ShardReader(url)
+    sha256, nbytes = checks[url]
+    return ShardReader(url, sha256, nbytes, cache)
+
+
 def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Stream,
                    positions: np.ndarray, bad_shards: dict[str, str] | None = None,
                    open_reader=None) -> dict[int, tuple]:
     """``{position: (shard url, key, members or None, reason or None)}``, reading in stream order; samples
     of ``bad_shards`` (rejected by their sha256) come back with the shard's reason and no members.
-    ``open_reader(s)`` opens shard ``s`` (default: ``ShardReader(urls[s])``; remote shards need their checks)."""
+    ``open_reader(s)`` opens shard ``s`` (default: ``ShardReader(urls[s])``, for local shards only: remote ones
+    need their checks, see ``open_shard``)."""
     open_reader = open_reader or (lambda s: ShardReader(urls[s]))
     shards, within = stream.locate(positions)
     out = {}
@@ -201,12 +212,9 @@ class ShardStream(IterableDataset):
         """Shard ``s``: a local file is seeked in place; a remote one is fetched whole (each worker fetches the
         shards its batches touch; with ``cache_dir`` the first fetch serves every worker and later epochs)."""
         url = self.urls[s]
-        if url not in self.checks:
-            return ShardReader(url)
-        if self.cfg.cache_dir is not None and self._cache is None:
+        if url in self.checks and self.cfg.cache_dir is not None and self._cache is None:
             self._cache = ShardCache(self.cfg.cache_dir, self.cfg.cache_bytes)
-        sha256, nbytes = self.checks[url]
-        return ShardReader(url, sha256, nbytes, self._cache)
+        return open_shard(url, self.checks, self._cache)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -284,7 +292,7 @@ class Loader:
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
                             pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None,
                             worker_init_fn=functools.partial(_ignore_signals, handled) if handled and workers else None)
-        for batch in loader:
+        for batch in _worker_deaths_named(loader):
             if batch.errors:
                 self.skipped += len(batch.errors)
                 self.skip_reasons.extend(batch.errors)
@@ -303,6 +311,18 @@ class Loader:
                        f"{self.skip_reasons[0]}")
             log.warning(message)
             warnings.warn(message, LoaderWarning, stacklevel=3)
+
+
+def _worker_deaths_named(loader: DataLoader) -> Iterator[Batch]:
+    """``loader``'s batches; a worker process that died (OOM killer, segfault, ``kill -9``) ends the epoch with a
+    LoaderError saying what to change, not torch's bare RuntimeError (which the CLIs would show as a traceback)."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise LoaderError(f"a loader worker process died ({exc}); if the system ran out of memory (the kernel log "
+                          "says so), lower workers, prefetch_factor or shuffle_buffer, then rerun") from None
 
 
 def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

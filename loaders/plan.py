@@ -73,6 +73,9 @@ class TrainPlan:
     def __post_init__(self):
         n, wb = sum(self.sizes), self.world_size * self.batch_size
         steps = n // wb if self.drop_last else -(-n // wb)
+        if n == 0:  # e.g. a materialization that skipped every input: no batch size or drop_last helps
+            raise LoaderError("the variant holds no samples, so there is nothing to train on; check the "
+                              "manifest's errors for why its inputs were skipped")
         if steps == 0:
             raise LoaderError(f"{n} samples cannot fill one batch of {self.batch_size} on each of "
                               f"{self.world_size} ranks; lower batch_size or pass drop_last=False")

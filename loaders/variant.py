@@ -23,7 +23,7 @@ from braceexpand import braceexpand
 
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.transport import (
-    MissingError, TransportError, is_url, join, parent, read_text, scheme, transport_for,
+    MissingError, TransportError, basename, is_url, join, parent, read_text, scheme, transport_for,
 )
 
 from rankshard.loaders.errors import LoaderError
@@ -87,7 +87,7 @@ def shard_name(url: str) -> str:
         if not words:
             raise LoaderError(f"{url}: a pipe: command must name the shard file (e.g. pipe:curl -s URL/train-000000.tar)")
         return words[-1]
-    return str(url).rstrip("/").rsplit("/", 1)[-1]
+    return basename(url)
 
 
 def manifest_location(url: str) -> str:
@@ -204,7 +204,7 @@ def _verify_shards(folder: Path, selected: list[dict], on_error: str) -> dict[st
 def _locate(root, dataset, split, variant) -> tuple[Path | str, str | None, dict[str, str] | None]:
     """The variant folder, its manifest's location (None: in the folder), and ``{name: url}`` of the selected
     shards when ``root`` was a shard URL pattern or list."""
-    if not isinstance(root, (str, os.PathLike)) or str(root).endswith(".tar") or "{" in str(root) \
+    if not isinstance(root, (str, os.PathLike)) or basename(root).endswith(".tar") or "{" in str(root) \
             or scheme(root) == "pipe":
         urls = _expand(root)
         manifests = {manifest_location(u) for u in urls}

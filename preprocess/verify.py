@@ -15,6 +15,7 @@ from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
+from rankshard.preprocess.spec import FORMAT
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
 TOLERANCE = {"png": 0.5 / 255 + 2e-4, "raw": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "factors": 1e-2}
@@ -76,6 +77,7 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: P
 def _check_sample(path: Path, key: str, members: dict, previous: int | None, check: VariantCheck) -> int:
     try:
         record = json.loads(members["json"])
+        index, number = record["index"], int(key)  # a key that is no number, a json without index: findings too
         int(members["cls"])
         if "s.npy" in members and "u.npy" not in members:
             decode_npy(members["s.npy"])
@@ -84,9 +86,9 @@ def _check_sample(path: Path, key: str, members: dict, previous: int | None, che
     except Exception as exc:  # any decode failure is a finding, not a crash
         check.problems.append(f"{path}: sample {key} does not decode ({type(exc).__name__}: {exc})")
         return previous or 0
-    if record["index"] != int(key) or (previous is not None and int(key) <= previous):
-        check.problems.append(f"{path}: sample {key} out of order or mislabelled (index {record['index']})")
-    return int(key)
+    if index != number or (previous is not None and number <= previous):
+        check.problems.append(f"{path}: sample {key} out of order or mislabelled (index {index})")
+    return number
 
 
 def _frequency_reference(x: np.ndarray, mode: str, k: int) -> np.ndarray:
@@ -125,6 +127,26 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
                               f"reference exceeds {tol:.1e}")
 
 
+# what verify reads from a manifest; a manifest.json without them (another tool's, or a hand-edited one) is
+# reported as a problem of its folder instead of ending the whole run with a KeyError
+MANIFEST_KEYS = ("shards", "num_samples", "mode", "rank", "encoding", "config")
+
+
+def _manifest_problem(folder: Path, manifest) -> str | None:
+    path = folder / "manifest.json"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        return (f"{path}: not a rankshard manifest (format {found!r}, expected {FORMAT!r}); move it out of the "
+                "tree or rerun the preprocess command that made this folder")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    shards_ok = isinstance(manifest.get("shards"), list) and all(
+        isinstance(s, dict) and {"name", "num_samples", "sha256"} <= s.keys() for s in manifest["shards"])
+    if missing or not shards_ok:
+        what = f"no {', '.join(missing)}" if missing else "a shard entry without name, num_samples or sha256"
+        return f"{path}: incomplete manifest ({what}); delete it and rerun the preprocess command that made it"
+    return None
+
+
 def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:
     """Verify every variant folder (one holding ``manifest.json``) below ``root``; ``show_progress`` draws a
     bar with rate and ETA on stderr (samples of all variants)."""
@@ -132,19 +154,24 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
     if not folders:
         raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
     manifests = {folder: read_json(folder / "manifest.json") for folder in folders}
+    unusable = {folder: _manifest_problem(folder, m) for folder, m in manifests.items()}
+    checks = [VariantCheck(folder, problems=[problem]) for folder, problem in unusable.items() if problem]
+    manifests = {folder: m for folder, m in manifests.items() if not unusable[folder]}
     progress = Progress(sum(m["num_samples"] for m in manifests.values()), "verify", enabled=show_progress)
-    checks, heads = [], {}
-    for folder in folders:
+    heads = {}
+    for folder in manifests:
         check = VariantCheck(folder)
         heads[folder] = _check_shards(folder, manifests[folder], check, progress)
         checks.append(check)
     progress.close()
     for check in checks:
-        manifest = manifests[check.folder]
+        manifest = manifests.get(check.folder)
+        if manifest is None:  # an unusable manifest, already reported
+            continue
         full = heads.get(check.folder.parent / "full")
         if manifest["mode"] in ("low", "high", "spectra", "factors", "lowpass", "highpass") and full and reference_samples:
             _reference_check(manifest, heads[check.folder], full, reference_samples, check)
-    return VerifyReport(checks)
+    return VerifyReport(sorted(checks, key=lambda c: c.folder))
 
 
 def print_report(report: VerifyReport) -> None:

@@ -3,7 +3,8 @@
 ``http_server(root, ranged)``: the standard library's HTTP server over a folder, with or without
 ``Range`` support, plus fault injection per path (``faults``): ``"drop"`` (close the connection half-way
 through the body, once), ``"slow"`` (send nothing for longer than the client's timeout), ``"404"``,
-``"changed"`` (serve other bytes of the same length: an object replaced after materialization).
+``"changed"`` (serve other bytes of the same length: an object replaced after materialization); with
+``token``, every request must end in ``?token=<token>`` (403 otherwise).
 ``s3_server()``: moto's S3-compatible server (PyPI ``moto[server]``), with fsspec pointed at it.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ LOCALHOST = "127.0.0.1"
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     ranged = True
+    token: str | None = None
     faults: dict = {}
     log: list = []
 
@@ -28,16 +30,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def _fault(self) -> str | None:
-        name = self.path.rsplit("/", 1)[-1]
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         return self.faults.get(name)
 
+    def _refused(self) -> bool:
+        """With a ``token``, a request without ``?token=<it>`` is refused (403), like a signed-URL store."""
+        if self.token and not self.path.endswith(f"?token={self.token}"):
+            self.send_error(403)
+            return True
+        return False
+
     def do_HEAD(self):
+        if self._refused():
+            return None
         if self._fault() == "404":
             return self.send_error(404)
         return super().do_HEAD()
 
     def do_GET(self):
         self.log.append((self.command, self.path, self.headers.get("Range")))
+        if self._refused():
+            return None
         fault = self._fault()
         if fault == "404":
             return self.send_error(404)
@@ -62,7 +75,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return int(text[len("bytes="):].split("-", 1)[0])
 
     def _send(self, body: bytes, fault: str | None) -> None:
-        name = self.path.rsplit("/", 1)[-1]
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         if fault == "drop":
             self.faults.pop(name, None)  # only once: the retry succeeds
             self.wfile.write(body[:len(body) // 2])
@@ -75,9 +88,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(root: Path, ranged: bool = True):
+def http_server(root: Path, ranged: bool = True, token: str | None = None):
     """Serve ``root`` on 127.0.0.1 (a free port); yields ``(base_url, handler_class)``."""
-    handler = type("Handler", (_Handler,), {"ranged": ranged, "faults": {}, "log": []})
+    handler = type("Handler", (_Handler,), {"ranged": ranged, "token": token, "faults": {}, "log": []})
     server = http.server.ThreadingHTTPServer((LOCALHOST, 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

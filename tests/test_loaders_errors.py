@@ -191,3 +191,32 @@ def test_configuration_errors_name_the_fix():
         eval_loader(info, LoaderConfig(), rank=2, world_size=2)
     with pytest.raises(LoaderError, match="start_step 99"):
         train_loader(info, LoaderConfig(batch_size=16), start_step=99)
+
+
+def test_join_variants_refuses_a_shard_open_variant_rejected(tmp_path):
+    """A variant opened with on_error='skip' keeps its sha256-rejected shards in ``bad_shards``; the join
+    (which reads with on_error='raise') must not read their samples as if they were whole."""
+    from rankshard.loaders import join_variants
+    folder = copy_variant(tmp_path)
+    full = open_variant(copy_variant(tmp_path, variant="full"))
+    path, _ = _corrupt_png(folder, shard_index=0, sample=3)
+    low = open_variant(folder, on_error="skip")
+    assert list(low.bad_shards) == [str(path)]
+    with pytest.raises(ShardReadError, match=f"{path}: sample 00000000: shard rejected: sha256"):
+        list(join_variants(low, full, batch_size=16, rank=0, world_size=1))
+
+
+def test_a_killed_loader_worker_is_a_loader_error_naming_the_fix():
+    """A DataLoader worker killed mid-epoch (the OOM killer) stops the epoch with a RankshardError the CLIs
+    report without a traceback, not torch's bare RuntimeError."""
+    import multiprocessing
+    import os
+    import signal
+    info = open_variant(built_root(), "cifar10", "train", "rank-005")
+    loader = train_loader(info, LoaderConfig(batch_size=4, workers=2, shuffle_buffer=8, prefetch_factor=1))
+    others = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(LoaderError, match=r"a loader worker process died \(DataLoader worker .*lower workers"):
+        for step, _ in enumerate(loader):
+            if step == 1:  # the killed worker owns every other one of the ~50 steps left: one must be missing
+                workers = [p.pid for p in multiprocessing.active_children() if p.pid not in others]
+                os.kill(workers[0], signal.SIGKILL)

@@ -63,6 +63,15 @@ def test_too_small_for_one_step_is_refused():
         TrainPlan((5,), 4, 0, 2)
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_an_empty_variant_says_it_is_empty(drop_last):
+    """Advice to lower batch_size or pass drop_last=False cannot help a variant with no samples."""
+    for sizes in ((), (0, 0)):
+        with pytest.raises(LoaderError, match="holds no samples") as err:
+            TrainPlan(sizes, 4, 0, 1, drop_last=drop_last)
+        assert "drop_last" not in str(err.value)
+
+
 @pytest.mark.parametrize("steps,start,workers", [(10, 0, 1), (10, 3, 2), (7, 0, 3), (5, 4, 4)])
 def test_worker_batches_cover_the_remaining_steps_round_robin(steps, start, workers):
     per_worker = [worker_batches(steps, start, w, workers) for w in range(workers)]

@@ -178,3 +178,139 @@ def test_a_slow_server_times_out_and_the_error_names_the_url(ranged_http, monkey
 def test_unknown_scheme_and_missing_manifest_are_refused(ranged_http):
     with pytest.raises(LoaderError, match="no manifest.json"):
         open_variant(ranged_http[0], "cifar10", "train", "nothing-here")
+
+
+def test_join_variants_checks_remote_shards_against_the_manifest(tmp_path):
+    """join_variants reads remote shards through the same checks as the loaders: a shard replaced on the
+    server after the variant was opened (same size, a changed image byte) is refused, naming the URL."""
+    import shutil
+    from rankshard.loaders import join_variants
+    from rankshard.preprocess.format.tarindex import scan_shard
+
+    root = tmp_path / "served"
+    for variant in ("rank-005", "full"):
+        shutil.copytree(built_root() / "cifar10" / "train" / variant, root / "cifar10" / "train" / variant)
+    with http_server(root) as (url, _):
+        low, full = (open_variant(url, "cifar10", "train", v) for v in ("rank-005", "full"))
+        shard = root / "cifar10" / "train" / "rank-005" / low.manifest["shards"][1]["name"]
+        offset, size = scan_shard(shard).members[0]["png"]
+        data = bytearray(shard.read_bytes())
+        data[offset + size // 2] ^= 0x01  # the tar still scans; only the sha256 tells
+        shard.write_bytes(bytes(data))
+        with pytest.raises(ShardReadError, match=f"{url}/cifar10/train/rank-005/{shard.name}.*sha256 .* differs"):
+            list(join_variants(low, full, batch_size=16, rank=0, world_size=1))
+
+
+def _returns(fn, *args):
+    """fn(*args)'s result or exception, run in a thread so that a hang fails the test instead of the session."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)  # a guard against hanging the session, not a timing: the call must return at all
+    assert not thread.is_alive(), f"{fn.__name__}{args} never returned"
+    return out
+
+
+def test_a_silent_pipe_command_times_out_and_is_killed(tmp_path, monkeypatch):
+    """pipe: honours the transport timeout like a server does; the command and its children are killed."""
+    monkeypatch.setattr(transport, "RETRY", transport.Retry(attempts=2, backoff_s=0.01, timeout_s=0.3))
+    pids = tmp_path / "pids"
+    url = f"pipe:sleep 600 & echo $! >> {pids}; wait"
+    out = _returns(transport.fetch, url)
+    assert isinstance(out.get("error"), transport.TransportError)
+    assert f"{url}: failed 2 times" in str(out["error"]) and "wrote nothing for 0.3 s" in str(out["error"])
+    for pid in pids.read_text().split():  # killed with its shell: gone, or a zombie until reaped
+        assert _ends(int(pid)), f"pipe child {pid} still running"
+
+
+def _ends(pid: int) -> bool:
+    """Whether process ``pid`` ends (or is a zombie), polled: a SIGKILL is delivered asynchronously."""
+    import os
+    import time
+    stat = f"/proc/{pid}/stat"
+    for _ in range(600):  # up to a minute: a guard, the kill has been sent already
+        try:
+            state = open(stat).read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_pipe_command_that_writes_much_to_stderr_does_not_block():
+    """A command's stderr (a progress meter) can exceed a pipe's buffer: the shard still arrives."""
+    folder = built_root().joinpath(*EVAL)
+    shard = json.loads((folder / "manifest.json").read_text())["shards"][0]
+    url = f"pipe:head -c 300000 /dev/zero >&2; cat {folder / shard['name']}"
+    out = _returns(transport.fetch, url, shard["sha256"], shard["bytes"])
+    assert "error" not in out and len(out["value"]) == shard["bytes"]
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped"])
+def test_a_damaged_cache_file_is_fetched_again(tmp_path, ranged_http, damage):
+    """A cached shard cut short (a crash before its bytes reached the disk) or changed since (same size) is
+    not read as the shard: the cache fetches it again, and the batches are the local ones."""
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    cache = tmp_path / "cache"
+    _run(info, "eval", 0, 1, 0, cache_dir=str(cache))
+    cached = cache / f"{info.manifest['shards'][1]['sha256']}.tar"
+    data = cached.read_bytes()
+    if damage == "torn":
+        cached.write_bytes(data[:len(data) // 3])
+    else:
+        cached.write_bytes(data[:600] + bytes([data[600] ^ 1]) + data[601:])
+    _same(_run(info, "eval", 0, 1, 2, cache_dir=str(cache)), _local("eval", 0, 1))
+    assert cached.read_bytes() == data
+
+
+def test_http_urls_with_a_query_or_unencoded_characters(tmp_path):
+    """A query (an access token) stays on every URL built from the folder's (manifest, shards); a path with a
+    space or non-ASCII characters is percent-encoded on the wire. Batches are the local ones either way."""
+    import shutil
+    folder = tmp_path / "données v1" / "cifar10" / "test" / "rank-003"
+    shutil.copytree(built_root().joinpath(*EVAL), folder)
+    names = [s["name"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+    pattern = f"{names[0][:-10]}{{000000..{len(names) - 1:06d}}}.tar"
+    with http_server(tmp_path, token="s3cr3t") as (url, handler):
+        for root, parts in ((f"{url}/données v1?token=s3cr3t", EVAL),
+                            (f"{url}/donn%C3%A9es%20v1/cifar10/test/rank-003?token=s3cr3t", ()),
+                            (f"{url}/données v1/cifar10/test/rank-003/{pattern}?token=s3cr3t", ())):
+            info = open_variant(root, *parts)
+            assert [u.rsplit("/", 1)[-1] for u in info.urls] == [f"{n}?token=s3cr3t" for n in names]
+            for rank in range(2):
+                _same(_run(info, "eval", rank, 2, 0), _local("eval", rank, 2))
+        assert all(path.endswith("?token=s3cr3t") for _, path, _ in handler.log)
+
+
+def test_a_cached_shard_handed_out_survives_another_process_evicting_it(tmp_path, ranged_http, monkeypatch):
+    """Workers and ranks share one cache folder: another process may evict a shard the moment this one got it
+    (a small cache_bytes). What this process was handed must still read whole."""
+    from rankshard.preprocess.format.tarindex import open_blob
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    cache = transport.ShardCache(tmp_path / "cache")
+    evict = transport.ShardCache._evict
+
+    def evicted_by_another_process_too(self, keep):
+        evict(self, keep)
+        for p in self.folder.glob("*.tar"):  # what a concurrent process with a smaller limit would do
+            p.unlink()
+    monkeypatch.setattr(transport.ShardCache, "_evict", evicted_by_another_process_too)
+    shard = info.manifest["shards"][0]
+    want = built_root().joinpath(*EVAL, shard["name"]).read_bytes()
+    for _ in range(2):  # a download, then (after the file was taken away) a download again
+        blob = open_blob(info.urls[0], shard["sha256"], shard["bytes"], cache)
+        try:
+            assert blob.pread(len(want) + 1, 0) == want
+        finally:
+            blob.close()

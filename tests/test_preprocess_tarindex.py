@@ -8,7 +8,7 @@ import pytest
 
 from rankshard.preprocess.errors import SourceError
 from rankshard.preprocess.format.tar import write_shard
-from rankshard.preprocess.format.tarindex import (TarDamage, _parse_header, iter_tar, read_shard, scan_shard,
+from rankshard.preprocess.format.tarindex import (BytesBlob, TarDamage, _parse_header, iter_tar, read_shard, scan_shard,
                                                   split_name)
 from rankshard.preprocess.sources.folders import list_wds, tar_members
 
@@ -166,3 +166,39 @@ def test_header_checksums_summed_as_signed_chars_are_accepted():
         else:
             with pytest.raises(ValueError, match="checksum"):
                 _parse_header(bytes(block[:512]))
+
+
+def _pax_tar_with_record(record: bytes) -> io.BytesIO:
+    """A tar whose one member carries a pax header holding ``record`` verbatim (lengths not recomputed)."""
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    out = io.BytesIO()
+    out.write(header.tobuf(tarfile.USTAR_FORMAT))
+    out.write(record + b"\0" * (-len(record) % 512))
+    member = _info("a.png", 3)
+    out.write(member.tobuf(tarfile.USTAR_FORMAT) + b"abc" + b"\0" * 509 + b"\0" * 1024)
+    out.seek(0)
+    return out
+
+
+@pytest.mark.parametrize("record", [
+    b"0 path=x\n",            # length 0: the scan never advanced (an endless loop on a hostile shard)
+    b"3 path=x\n",            # shorter than its own length field
+    b"99 path=evil\n",        # past the end of the header's data: was accepted as path "evil\n"
+    b"12 path=abc!",          # not ended by a newline
+])
+def test_hostile_pax_record_lengths_are_damage_not_a_hang(record):
+    f = _pax_tar_with_record(record)
+    blob_bytes = f.getvalue()
+    with pytest.raises(TarDamage, match="corrupt extended header"):
+        list(iter_tar(BytesBlob(blob_bytes)))
+    good = _pax_tar_with_record(b"17 path=good.png\n").getvalue()
+    assert [m.name for m in iter_tar(BytesBlob(good))] == ["good.png"]
+
+
+@pytest.mark.parametrize("cls", [b"cat", b"\xff\xfe", b""])
+def test_foreign_wds_cls_that_is_not_an_integer_is_named(tmp_path, cls):
+    path = tmp_path / "in-000000.tar"
+    _write(path, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": cls}, extras=False)
+    with pytest.raises(SourceError, match=f"{path}: sample 'b' has .cls .*not an integer class index"):
+        list_wds([str(path)])

@@ -89,8 +89,13 @@ def _pax_records(data: bytes) -> dict[str, str]:
     """``"%d key=value\\n"`` records of a pax extended header (the length counts the whole record)."""
     records, pos = {}, 0
     while pos < len(data) and data[pos:pos + 1] not in (b"\0", b""):
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        # a record must cover its own length field and end in a newline inside the data: a hostile length
+        # (0, negative, too short, past the end) would otherwise loop forever or read past the header
+        if length <= space - pos + 1 or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise ValueError(f"pax record at {pos} has a bad length {length}")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
@@ -232,7 +237,7 @@ def open_blob(url: str | os.PathLike, sha256: str | None = None, nbytes: int | N
         path = str(url)[len("file://"):] if str(url).startswith("file://") else url
         return FileBlob(open(path, "rb"), owned=True)
     if cache is not None:
-        return FileBlob(open(cache.path(str(url), sha256, nbytes), "rb"), owned=True)
+        return FileBlob(cache.open(str(url), sha256, nbytes), owned=True)
     return BytesBlob(fetch(str(url), sha256, nbytes))
 
 

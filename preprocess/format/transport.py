@@ -27,15 +27,19 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import select
 import shlex
+import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from rankshard.preprocess.errors import RankshardError
 
@@ -75,14 +79,31 @@ def is_url(location) -> bool:
     return text.startswith("pipe:") or ("://" in text and not text.startswith("file://"))
 
 
+def _split_query(url) -> tuple[str, str]:
+    """``(url without its query, "?query" or "")``: an http(s) query (an access token) belongs after the path,
+    and stays with every URL built from this one; other locations keep every character as path."""
+    text = str(url)
+    if scheme(text) in ("http", "https") and "?" in text:
+        base, _, query = text.partition("?")
+        return base, f"?{query}"
+    return text, ""
+
+
 def join(base: str, *parts: str) -> str:
     """``base/part/...`` for local paths and URLs alike (a URL is never passed through ``Path``, which would
-    fold ``s3://`` into ``s3:/``)."""
-    return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts if p]])
+    fold ``s3://`` into ``s3:/``); an http(s) query stays at the end."""
+    base, query = _split_query(base)
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]]) + query
 
 
 def parent(url: str) -> str:
-    return str(url).rstrip("/").rsplit("/", 1)[0]
+    base, query = _split_query(url)
+    return base.rstrip("/").rsplit("/", 1)[0] + query
+
+
+def basename(url: str) -> str:
+    """The last path segment of a path or URL (an http(s) query is not part of the name)."""
+    return _split_query(url)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 class Transport(abc.ABC):
@@ -170,8 +191,11 @@ class HttpTransport(Transport):
 
     def _open(self, url: str, timeout: float, method: str = "GET", start: int = 0):
         headers = {"Range": f"bytes={start}-"} if start else {}
+        # spaces and non-ASCII characters percent-encoded (http.client refuses them); %XX and every character
+        # a URL may hold stay as they are, so an encoded URL is sent unchanged
+        quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
         try:
-            return urllib.request.urlopen(urllib.request.Request(url, headers=headers, method=method),
+            return urllib.request.urlopen(urllib.request.Request(quoted, headers=headers, method=method),
                                           timeout=timeout)
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
@@ -214,21 +238,51 @@ class HttpTransport(Transport):
 
 
 class PipeTransport(Transport):
-    """``pipe:CMD``: the shard is CMD's standard output (webdataset's convention), read once, in full."""
+    """``pipe:CMD``: the shard is CMD's standard output (webdataset's convention), read once, in full.
+
+    ``timeout`` applies as to a server: a command silent that long (a stalled ``curl``) counts as a failed
+    attempt and is killed with everything it started (its own process group). Its stderr goes to a temporary
+    file, not a pipe: a command that writes more than a pipe holds there (a progress meter) would otherwise
+    block forever while we wait for its stdout.
+    """
 
     def stream(self, url, start, timeout):
         command = url[len("pipe:"):]
-        proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            while data := proc.stdout.read(CHUNK):
-                yield data
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-            code = proc.wait()
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=err,
+                                    start_new_session=True)
+            done = False
+            try:
+                while data := self._read(proc, command, timeout):
+                    yield data
+                done = True
+            finally:
+                proc.stdout.close()
+                code = self._end(proc, command, timeout, kill=not done)
+            err.seek(0)
+            message = err.read().decode(errors="replace").strip()
         if code:
-            raise _Transient(f"command {shlex.quote(command)} exited with {code}: {err[-300:] or 'no message'}")
+            raise _Transient(f"command {shlex.quote(command)} exited with {code}: {message[-300:] or 'no message'}")
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, command: str, timeout: float) -> bytes:
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            raise _Transient(f"command {shlex.quote(command)} wrote nothing for {timeout:g} s")
+        return os.read(proc.stdout.fileno(), CHUNK)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen, command: str, timeout: float, kill: bool) -> int:
+        """Its exit status, once it has ended: at once when ``kill`` (we stopped reading), else within
+        ``timeout`` of closing its stdout."""
+        if not kill:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+        if not kill:
+            raise _Transient(f"command {shlex.quote(command)} did not exit {timeout:g} s after its output ended")
+        return code
 
 
 class FsspecTransport(Transport):
@@ -394,19 +448,25 @@ class ShardCache:
         # content-addressed when the manifest gives a hash: a changed object can never hit a stale entry
         return f"{sha256}.tar" if sha256 else f"url-{hashlib.sha256(url.encode()).hexdigest()[:32]}.tar"
 
-    def path(self, url: str, sha256: str | None = None, nbytes: int | None = None) -> Path:
-        """The local file of ``url``, downloaded (and verified) first if the cache does not hold it."""
+    def open(self, url: str, sha256: str | None = None, nbytes: int | None = None) -> BinaryIO:
+        """The local copy of ``url``, open for reading; downloaded (and verified) first if the cache does not
+        hold it intact. Opened under the shard's lock: another process evicting it afterwards cannot take it
+        away (an open file keeps its data), as it could between handing out a path and opening it."""
         path = self.folder / self._name(url, sha256)
         with _flocked(self.folder / f".{path.name}.lock"):
-            if path.exists():
-                os.utime(path)  # mark as recently used
-                return path
-            data = fetch(url, sha256, nbytes)
-            tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            f = _open_intact(path, sha256, nbytes)
+            if f is None:
+                data = fetch(url, sha256, nbytes)
+                tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())  # on disk before the rename makes it look complete
+                os.replace(tmp, path)
+                f = open(path, "rb")
+                _INTACT.add(_stamp(path, f))
         self._evict(keep=path)
-        return path
+        return f
 
     def _evict(self, keep: Path) -> None:
         entries = []
@@ -421,6 +481,37 @@ class ShardCache:
             if p != keep:
                 p.unlink(missing_ok=True)  # an open reader keeps its data (POSIX unlink semantics)
                 total -= size
+
+
+_INTACT: set[tuple] = set()  # _stamp()s of cache files this process verified (or wrote) as they are now
+
+
+def _stamp(path: Path, f: BinaryIO) -> tuple:
+    st = os.fstat(f.fileno())
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO | None:
+    """The cached file, open, if it still holds what the manifest says: its size checked on every use, its
+    sha256 unless this process verified the file unchanged since (as ``open_variant`` hashes a local shard
+    once per process). A file torn by a crash before it reached the disk, or damaged since, is removed."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    intact = nbytes is None or os.fstat(f.fileno()).st_size == nbytes
+    if intact and sha256 is not None and _stamp(path, f) not in _INTACT:
+        digest = hashlib.sha256()
+        while data := f.read(CHUNK):
+            digest.update(data)
+        intact = digest.hexdigest() == sha256
+    if not intact:
+        f.close()
+        path.unlink(missing_ok=True)
+        return None
+    os.utime(f.fileno())  # mark as recently used
+    _INTACT.add(_stamp(path, f))
+    return f
 
 
 @contextlib.contextmanager

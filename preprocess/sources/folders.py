@@ -116,6 +116,15 @@ def expand_urls(pattern: str) -> list[str]:
     return [url for part in pattern.split("::") for url in braceexpand.braceexpand(part)]
 
 
+def _class_index(data: bytes, path: str, key: str) -> int:
+    """A ``.cls`` member's integer class index; anything else names the shard and sample."""
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SourceError(f"{path}: sample {key!r} has .cls {data[:40]!r}, not an integer class index; the wds "
+                          "source needs labels 0..C-1 in .cls (map names to indices first)") from None
+
+
 def _wds_samples(path: str) -> list[tuple[str, int, int, int]]:
     """(key, image offset, image size, class) per sample of one WebDataset tar (members grouped by key)."""
     samples: dict[str, dict] = {}
@@ -126,7 +135,7 @@ def _wds_samples(path: str) -> list[tuple[str, int, int, int]]:
             if ext.lower() in WDS_IMAGE_EXTS and "image" not in sample:
                 sample["image"] = (offset, size)
             elif ext == "cls":
-                sample["cls"] = int(os.pread(f.fileno(), size, offset).decode().strip())
+                sample["cls"] = _class_index(os.pread(f.fileno(), size, offset), path, key)
     out = []
     for key, s in samples.items():
         if "image" not in s or "cls" not in s:
