@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rankshard.evaluate.study.config import StudyConfig
 from rankshard.evaluate.study.jobs import execute
+from rankshard.preprocess.progress import clock
 
 FORMAT = "rankshard-study/1"
 
@@ -54,11 +55,6 @@ class Outcome:
     report: Path | None = None
 
 
-def _fmt(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class StudyProgress:
     """One line per stage with position, elapsed time and an ETA for the whole study.
 
@@ -81,7 +77,7 @@ class StudyProgress:
             times = self.history.get(kind) or measured
             rough |= bool(count) and not self.history.get(kind)
             seconds += count * sum(times) / len(times)
-        return ("~" if rough else "") + _fmt(seconds)
+        return ("~" if rough else "") + clock(seconds)
 
     def finished(self, stage: Stage, seconds: float | None) -> None:
         self.done += 1
@@ -89,7 +85,7 @@ class StudyProgress:
         if seconds is not None:
             self.history.setdefault(stage.kind, []).append(seconds)
         what = "up to date" if seconds is None else f"done in {seconds:.1f} s"
-        self.log(f"[{self.done}/{self.total}] {stage.id}: {what} | elapsed {_fmt(time.perf_counter() - self.start)}"
+        self.log(f"[{self.done}/{self.total}] {stage.id}: {what} | elapsed {clock(time.perf_counter() - self.start)}"
                  f" | ETA {self.eta()}")
 
 
