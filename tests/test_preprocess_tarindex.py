@@ -202,3 +202,17 @@ def test_foreign_wds_cls_that_is_not_an_integer_is_named(tmp_path, cls):
     _write(path, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": cls}, extras=False)
     with pytest.raises(SourceError, match=f"{path}: sample 'b' has .cls .*not an integer class index"):
         list_wds([str(path)])
+
+
+def test_foreign_wds_with_a_huge_class_index_is_refused_naming_the_fix(tmp_path):
+    from rankshard.preprocess.sources.folders import MAX_WDS_CLASSES
+
+    path = tmp_path / "in-000000.tar"
+    huge = str(10**9).encode()
+    _write(path, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": huge}, extras=False)
+    with pytest.raises(SourceError, match=r"1,000,000,000 makes 1,000,000,001 classes .*2 of them used.*remap"):
+        list_wds([str(path)])
+    ok = tmp_path / "ok-000000.tar"
+    top = str(MAX_WDS_CLASSES - 1).encode()
+    _write(ok, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": top}, extras=False)
+    assert len(list_wds([str(ok)]).classes) == MAX_WDS_CLASSES

@@ -145,6 +145,10 @@ def _wds_samples(path: str) -> list[tuple[str, int, int, int]]:
     return out
 
 
+# Classes are 0..max(.cls); ImageNet-21k has 21,841. A stray huge label would make millions of empty classes.
+MAX_WDS_CLASSES = 100_000
+
+
 def list_wds(urls: list[str]) -> Listing:
     """Listing of existing shards, in shard then member order; classes are the integers seen (0..max)."""
     rows, containers = [], []
@@ -159,6 +163,11 @@ def list_wds(urls: list[str]) -> Listing:
     num_classes = max(r[3] for r in rows) + 1
     if min(r[3] for r in rows) < 0:
         raise SourceError("wds source: negative .cls values; classes must be 0..C-1")
+    if num_classes > MAX_WDS_CLASSES:
+        seen = len({r[3] for r in rows})
+        raise SourceError(f"wds source: a .cls of {num_classes - 1:,} makes {num_classes:,} classes (0..max), "
+                          f"{seen:,} of them used; more than {MAX_WDS_CLASSES:,} is refused (every shard record and "
+                          "manifest counts every class): remap the labels to 0..C-1 first")
     return _listing("wds", rows, containers, [str(c) for c in range(num_classes)])
 
 
