@@ -16,12 +16,22 @@ class ShardReadError(LoaderError):
     """
 
 
+class Unfetched(str):
+    """A reason a sample could not be read that lies in the way to the shard (its server, the network, a
+    missing local file), not in the shard's bytes: rewriting the shard would not help."""
+
+
 def shard_error(shard: str, key: str | None, reason: str) -> ShardReadError:
-    """The error for a bad sample, naming the shard, the key and the fix."""
+    """The error for a bad sample, naming the shard, the key and the fix (which depends on the reason)."""
     where = f"sample {key}" if key else "a sample"
-    return ShardReadError(f"{shard}: {where}: {reason}. Check the shards with `rankshard-preprocess verify "
-                          f"<root>` and rewrite this one (delete it and rerun the preprocess command), or "
-                          f"pass on_error='skip' to skip and count such samples.")
+    if isinstance(reason, Unfetched):
+        fix = ("Check that the path or URL is reachable from this machine (server up, credentials, network), "
+               "then rerun")
+    else:
+        fix = ("Check the shards with `rankshard-preprocess verify <root>` and rewrite this one (delete it and "
+               "rerun the preprocess command)")
+    return ShardReadError(f"{shard}: {where}: {reason}. {fix}, or pass on_error='skip' to skip and count such "
+                          "samples.")
 
 
 class LoaderWarning(UserWarning):

@@ -32,10 +32,10 @@ from rankshard.preprocess.rank.factors import Factors, reconstruct
 from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
 from rankshard.loaders.config import LoaderConfig
 from rankshard.loaders.decode import LabelMismatch, decode_sample
-from rankshard.loaders.errors import LoaderError, LoaderWarning, shard_error
+from rankshard.loaders.errors import LoaderError, LoaderWarning, Unfetched, shard_error
 from rankshard.loaders.plan import EvalPlan, Stream, TrainPlan, worker_batches
 from rankshard.preprocess.format.tarindex import ShardReader
-from rankshard.preprocess.format.transport import ShardCache, TransportError
+from rankshard.preprocess.format.transport import IntegrityError, ShardCache, TransportError
 from rankshard.loaders.variant import VariantInfo
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,11 @@ def read_positions(readers: dict[int, ShardReader], urls: list[str], stream: Str
         try:
             reader = readers.get(s) or readers.setdefault(s, open_reader(s))
         except (OSError, TransportError) as exc:  # a missing file, or a remote shard that failed its retries/checks
-            out[int(positions[p])] = (url, None, None, f"cannot be opened ({getattr(exc, 'strerror', None) or exc})")
+            reason = f"cannot be opened ({getattr(exc, 'strerror', None) or exc})"
+            # the server or network failing is not the shard's fault; a local file gone or remote bytes that
+            # differ from the manifest are, and rewriting the shard is the fix
+            unfetched = isinstance(exc, TransportError) and not isinstance(exc, IntegrityError)
+            out[int(positions[p])] = (url, None, None, Unfetched(reason) if unfetched else reason)
             continue
         if i >= len(reader.index):
             last = reader.index.keys[-1] if reader.index.keys else "none"

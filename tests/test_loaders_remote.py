@@ -151,7 +151,7 @@ def test_404_and_changed_objects_are_named(ranged_http, tmp_path):
     info = open_variant(url, *EVAL)
     handler.faults[name] = "changed"  # replaced after the variant was opened: caught when fetched
     try:
-        with pytest.raises(ShardReadError, match=f"{url}/.*{name}: sha256 .* differs"):
+        with pytest.raises(ShardReadError, match=f"{url}/.*{name}: sha256 .* differs.*rewrite this one"):
             _run(info, "eval", 0, 1, 0, cache_dir=str(tmp_path / "c"))
         cfg = LoaderConfig(workers=0, batch_size=16, on_error="skip", cache_dir=str(tmp_path / "c"))
         loader = eval_loader(info, cfg, 0, 1)
@@ -173,6 +173,22 @@ def test_a_slow_server_times_out_and_the_error_names_the_url(ranged_http, monkey
             transport.fetch(f"{url}/cifar10/test/rank-003/{name}")
     finally:
         handler.faults.clear()
+
+
+def test_a_server_that_fails_mid_epoch_is_named_as_the_way_to_the_shard_not_the_shard(ranged_http, monkeypatch):
+    """Retries spent on a timing-out server: the advice is to check the server and network, not to rewrite a
+    shard whose bytes never arrived."""
+    url, handler = ranged_http
+    info = open_variant(url, *EVAL)
+    monkeypatch.setattr(transport, "RETRY", transport.Retry(attempts=2, backoff_s=0.01, timeout_s=0.3))
+    name = info.manifest["shards"][0]["name"]
+    handler.faults[name] = "slow"
+    try:
+        with pytest.raises(ShardReadError, match=f"{name}.*failed 2 times.*reachable from this machine") as caught:
+            _run(info, "eval", 0, 1, 0)
+    finally:
+        handler.faults.clear()
+    assert "rewrite" not in str(caught.value)
 
 
 def test_unknown_scheme_and_missing_manifest_are_refused(ranged_http):
