@@ -3,7 +3,9 @@
 ``http_server(root, ranged)``: the standard library's HTTP server over a folder, with or without
 ``Range`` support, plus fault injection per path (``faults``): ``"drop"`` (close the connection half-way
 through the body, once), ``"slow"`` (send nothing for longer than the client's timeout), ``"404"``,
-``"changed"`` (serve other bytes of the same length: an object replaced after materialization); with
+``"changed"`` (serve other bytes of the same length: an object replaced after materialization),
+``"endless"`` (a body that keeps coming, no length given: up to ``ENDLESS_BYTES``, or until the client hangs
+up); with
 ``token``, every request must end in ``?token=<token>`` (403 otherwise).
 ``s3_server()``: moto's S3-compatible server (PyPI ``moto[server]``), with fsspec pointed at it.
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1"
+ENDLESS_BYTES = 512 << 20  # what an "endless" body sends at most: the test ends by itself whatever the client does
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -57,6 +60,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         path = Path(self.translate_path(self.path))
         if not path.is_file():
             return super().do_GET()
+        if fault == "endless":
+            return self._endless()
         data = path.read_bytes()
         if fault == "changed":
             data = bytes(b ^ 0xFF for b in data[:1024]) + data[1024:]
@@ -67,6 +72,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         self._send(data[start:], fault)
+
+    def _endless(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.close_connection = True
+        chunk = b"\0" * (1 << 20)
+        with contextlib.suppress(OSError):  # the client hanging up is the expected end
+            for _ in range(ENDLESS_BYTES // len(chunk)):
+                self.wfile.write(chunk)
 
     def _range_start(self) -> int:
         text = self.headers.get("Range") if self.ranged else None

@@ -5,6 +5,7 @@ Every server runs on 127.0.0.1, started and stopped by a fixture (tests/remote_s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -189,6 +190,37 @@ def test_a_server_that_fails_mid_epoch_is_named_as_the_way_to_the_shard_not_the_
     finally:
         handler.faults.clear()
     assert "rewrite" not in str(caught.value)
+
+
+def test_a_body_that_never_ends_is_cut_off_not_held_in_memory(ranged_http, monkeypatch):
+    """A shard is read up to its manifest size (+ one chunk), a manifest up to TEXT_LIMIT: a server that
+    keeps sending is refused by name instead of filling this process's memory."""
+    url, handler = ranged_http
+    info = open_variant(url, *EVAL)
+    name, nbytes = info.manifest["shards"][0]["name"], info.manifest["shards"][0]["bytes"]
+    monkeypatch.setattr(transport, "TEXT_LIMIT", 4 << 20)
+    handler.faults.update({name: "endless", "manifest.json": "endless"})
+    try:
+        with pytest.raises(transport.IntegrityError, match=f"more than {nbytes} bytes, the manifest says {nbytes}"):
+            transport.fetch(f"{url}/cifar10/test/rank-003/{name}", nbytes=nbytes)
+        with pytest.raises(LoaderError, match="more than 4,194,304 bytes"):
+            open_variant(url, *EVAL)
+    finally:
+        handler.faults.clear()
+
+
+def test_stale_partial_downloads_in_the_cache_are_removed(tmp_path, ranged_http):
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    cache = transport.ShardCache(tmp_path)
+    old, fresh = tmp_path / ".abc.tar.partial.123", tmp_path / ".def.tar.partial.456"
+    for p in (old, fresh):
+        p.write_bytes(b"x")
+    hours_ago = old.stat().st_mtime - 2 * transport.STALE_PARTIAL_S
+    os.utime(old, (hours_ago, hours_ago))
+    shard = info.manifest["shards"][0]
+    cache.open(f"{url}/cifar10/test/rank-003/{shard['name']}", shard["sha256"], shard["bytes"]).close()
+    assert not old.exists() and fresh.exists()  # a download being written now is left alone
 
 
 def test_unknown_scheme_and_missing_manifest_are_refused(ranged_http):

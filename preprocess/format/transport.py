@@ -386,8 +386,9 @@ def _pause(attempt: int, url: str, exc: Exception, retry: Retry = RETRY) -> None
     time.sleep(retry.backoff_s * 2 ** attempt)
 
 
-def _download(url: str, retry: Retry) -> tuple[bytes, str]:
-    """All bytes at ``url`` and their sha256, resuming where a ranged transport broke off."""
+def _download(url: str, retry: Retry, limit: int | None = None) -> tuple[bytes, str]:
+    """All bytes at ``url`` and their sha256, resuming where a ranged transport broke off; past ``limit``
+    bytes it stops reading (a server that never stops sending must not fill this process's memory)."""
     transport = transport_for(url)
     buf, digest = bytearray(), hashlib.sha256()
     for attempt in range(retry.attempts):
@@ -397,21 +398,29 @@ def _download(url: str, retry: Retry) -> tuple[bytes, str]:
             for data in transport.stream(url, len(buf), retry.timeout_s):
                 buf += data
                 digest.update(data)
+                if limit is not None and len(buf) > limit:
+                    break  # the caller names the overflow
             return bytes(buf), digest.hexdigest()
         except _Transient as exc:
             _pause(attempt, url, exc, retry)
     raise AssertionError("unreachable")
 
 
-def fetch(url: str, sha256: str | None = None, nbytes: int | None = None, retry: Retry | None = None) -> bytes:
-    """Every byte at ``url``, checked against the manifest's ``nbytes`` and ``sha256`` where given.
+def fetch(url: str, sha256: str | None = None, nbytes: int | None = None, retry: Retry | None = None,
+          limit: int | None = None) -> bytes:
+    """Every byte at ``url``, checked against the manifest's ``nbytes`` and ``sha256`` where given; reading
+    stops past ``nbytes`` (or ``limit``) bytes.
 
     A mismatch is downloaded once more (a resumed download may have spliced two versions of a changed
     object); a second mismatch raises IntegrityError naming the URL: nothing unverified is returned.
     """
     retry = retry or RETRY
+    limit = nbytes if limit is None else limit  # one byte past the manifest's size is already a mismatch
     for attempt in range(2):
-        data, digest = _download(url, retry)
+        data, digest = _download(url, retry, limit)
+        if nbytes is None and limit is not None and len(data) > limit:
+            raise TransportError(f"{url}: more than {limit:,} bytes, far more than a file of this kind holds; "
+                                 "check that the URL names what it should")
         problem = _mismatch(data, digest, sha256, nbytes)
         if problem is None:
             return data
@@ -422,14 +431,20 @@ def fetch(url: str, sha256: str | None = None, nbytes: int | None = None, retry:
 
 def _mismatch(data: bytes, digest: str, sha256: str | None, nbytes: int | None) -> str | None:
     if nbytes is not None and len(data) != nbytes:
-        return f"{len(data)} bytes, the manifest says {nbytes}"
+        size = f"more than {nbytes}" if len(data) > nbytes else str(len(data))  # reading stops past nbytes
+        return f"{size} bytes, the manifest says {nbytes}"
     if sha256 is not None and digest != sha256:
         return f"sha256 {digest[:16]}... differs from the manifest's {sha256[:16]}..."
     return None
 
 
+# A manifest of ImageNet train (2,563 shards, errors listed) is about 1 MB; nothing we read as text comes close.
+TEXT_LIMIT = 256 << 20
+
+
 def read_text(url: str) -> str:
-    return fetch(url).decode("utf-8")
+    """A small text object (manifest, config): UTF-8, at most ``TEXT_LIMIT`` bytes."""
+    return fetch(url, limit=TEXT_LIMIT).decode("utf-8")
 
 
 class ShardCache:
@@ -469,6 +484,11 @@ class ShardCache:
         return f
 
     def _evict(self, keep: Path) -> None:
+        now = time.time()
+        for tmp in self.folder.glob(".*.partial.*"):  # left by a process killed while writing its download
+            with contextlib.suppress(FileNotFoundError):
+                if now - tmp.stat().st_mtime > STALE_PARTIAL_S:
+                    tmp.unlink()
         entries = []
         for p in self.folder.glob("*.tar"):
             with contextlib.suppress(FileNotFoundError):  # another process may evict at the same time
@@ -482,6 +502,9 @@ class ShardCache:
                 p.unlink(missing_ok=True)  # an open reader keeps its data (POSIX unlink semantics)
                 total -= size
 
+
+# A download is written from memory in seconds: a temporary file this old belongs to a process that died.
+STALE_PARTIAL_S = 3600
 
 _INTACT: set[tuple] = set()  # _stamp()s of cache files this process verified (or wrote) as they are now
 
