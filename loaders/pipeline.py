@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -266,13 +268,24 @@ def _stop_signals_handled_here() -> tuple[int, ...]:
     return tuple(getattr(signal, n) for n in names if hasattr(signal, n) and callable(signal.getsignal(getattr(signal, n))))
 
 
+# How long a loader worker outlives a stop signal: the main process reaches its next check and saves well
+# within it; a worker that torch's shutdown signals (one stuck in a task) still ends, at the latest then.
+STOP_GRACE_S = 120.0
+
+
 def _ignore_signals(signums: tuple[int, ...], _worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: ignore the stop signals the main process handles. A cluster's preemption
-    (SLURM, torchrun's agent) signals the whole process group; torch's workers would die at once and the main
-    process crash before it saved. Ignoring them, workers keep serving until the main process has saved and
-    shuts them down (or dies: torch's worker watchdog then ends them)."""
+    """DataLoader ``worker_init_fn``: outlive the stop signals the main process handles, for a while. A cluster's
+    preemption (SLURM, torchrun's agent) signals the whole process group; torch's workers would die at once and
+    the main process crash before it saved. Deferred, workers keep serving until the main process has saved and
+    shuts them down (or dies: torch's worker watchdog then ends them); a signal that was meant for the worker
+    alone (torch's ``terminate()`` of a stuck one at shutdown) ends it after ``STOP_GRACE_S``."""
+    def deferred(signum, frame):
+        timer = threading.Timer(STOP_GRACE_S, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
+
     for signum in signums:
-        signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signum, deferred)
 
 
 class Loader:
@@ -323,7 +336,10 @@ def _worker_deaths_named(loader: DataLoader) -> Iterator[Batch]:
     try:
         yield from loader
     except RuntimeError as exc:
-        if "DataLoader worker" not in str(exc):
+        # torch's words for a death: "DataLoader worker (pid 123) is killed by signal" / "(pid(s) ...) exited
+        # unexpectedly"; an exception raised inside a worker comes back as "Caught X in DataLoader worker
+        # process 0" and stays what it is
+        if "DataLoader worker (pid" not in str(exc):
             raise
         raise LoaderError(f"a loader worker process died ({exc}); if the system ran out of memory (the kernel log "
                           "says so), lower workers, prefetch_factor or shuffle_buffer, then rerun") from None

@@ -220,3 +220,47 @@ def test_a_killed_loader_worker_is_a_loader_error_naming_the_fix():
             if step == 1:  # the killed worker owns every other one of the ~50 steps left: one must be missing
                 workers = [p.pid for p in multiprocessing.active_children() if p.pid not in others]
                 os.kill(workers[0], signal.SIGKILL)
+
+
+def _raise_in_worker(*args, **kwargs):
+    raise RuntimeError("a bug in decoding")
+
+
+def test_an_error_raised_inside_a_worker_is_not_called_a_death(monkeypatch):
+    """torch re-raises a worker's own exception as "Caught RuntimeError in DataLoader worker process 0": that
+    is the error itself, not a dead process, and must not be dressed up as "lower workers"."""
+    from rankshard.loaders import pipeline
+
+    monkeypatch.setattr(pipeline, "collate", _raise_in_worker)
+    info = open_variant(built_root(), "cifar10", "train", "rank-005")
+    loader = train_loader(info, LoaderConfig(batch_size=4, workers=1, shuffle_buffer=8, prefetch_factor=1))
+    with pytest.raises(RuntimeError, match="a bug in decoding") as caught:
+        next(iter(loader))
+    assert not isinstance(caught.value, LoaderError)
+
+
+_DEFERRED_STOP = """
+import signal, sys, time
+from rankshard.loaders import pipeline
+pipeline.STOP_GRACE_S = 3.0
+pipeline._ignore_signals((signal.SIGTERM,), 0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_loader_worker_outlives_a_stop_signal_for_the_grace_period_then_ends():
+    """The group-wide SIGTERM of a preemption must not kill the workers before the trainer saves; one meant
+    for the worker alone (torch terminating a stuck worker at shutdown) must still end it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _DEFERRED_STOP], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.poll() is None  # still serving: the grace period has not passed
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # and then it ends
+    finally:
+        proc.kill()
