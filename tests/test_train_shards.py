@@ -132,8 +132,12 @@ def test_sigterm_to_the_whole_process_group_saves_and_resumes_exactly(shards, tm
     assert proc.returncode == 75 and "Traceback" not in err, err[-3000:]
     assert "stopped in epoch 1" in out and "error: stopped by a signal in epoch 1" in err
     assert f"continue with --resume {tmp_path / 'b'}" in err
-    assert 2 <= load_checkpoint(tmp_path / "b" / "last.pt")["step"] < 6
+    step = load_checkpoint(tmp_path / "b" / "last.pt")["step"]
+    assert 2 <= step < 6
+    stopped = json.loads((tmp_path / "b" / "stopped.json").read_text())  # what a script under torchrun tests
+    assert (stopped["epoch"], stopped["step"]) == (0, step)
     resumed = CliRunner().invoke(main, ["--resume", str(tmp_path / "b"), "--workers", "0"])
     assert resumed.exit_code == 0, resumed.output
+    assert not (tmp_path / "b" / "stopped.json").exists()
     a, b = (load_checkpoint(tmp_path / d / "last.pt")["state_dict"] for d in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)

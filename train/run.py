@@ -58,8 +58,12 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
             trainer.resume(resume_from)
         if handle_signals:
             trainer.install_signal_handlers()
+        if env.is_main:
+            rundir.clear_stopped(run_dir)  # this call carries the run on: an earlier stop is over
         records = trainer.fit(stop_after_epochs=stop_after_epochs)
         if trainer.stopped:
+            if env.is_main:
+                rundir.mark_stopped(run_dir, trainer.epoch, trainer.step)
             raise TrainingStopped(f"stopped by a signal in epoch {trainer.epoch + 1} at step {trainer.step}, "
                                   f"{run_dir / 'last.pt'} saved; continue with --resume {run_dir}")
         if env.is_main and trainer.epoch >= cfg.epochs:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from rankshard.train.config import ConfigError, TrainConfig, config_hash, differences, from_json
 
 ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "last.prev.pt", "best.pt")
+STOPPED = "stopped.json"  # present while the run is stopped by a signal (what torchrun's exit status cannot say)
 PREVIOUS = "last.prev.pt"  # the last.pt before the newest one: what --resume-from offers when last.pt is damaged
 
 
@@ -182,3 +183,14 @@ def resume_candidates(run_dir: Path) -> list[str]:
     """Whole-run checkpoints that can stand in for a damaged last.pt, newest state first."""
     epochs = sorted((p.name for p in run_dir.glob("epoch-*.pt")), reverse=True)
     return [name for name in (PREVIOUS, *epochs) if (run_dir / name).is_file()]
+
+
+def mark_stopped(run_dir: Path, epoch: int, step: int) -> None:
+    """Record that a stop signal ended the run at (epoch, step) with last.pt saved. Under torchrun the launcher
+    turns every worker's exit 75 into its own failure (exit 1), so scripts test for this file instead."""
+    body = {"epoch": epoch, "step": step, "last_pt": "last.pt", "resume": f"rankshard-train --resume {run_dir}"}
+    atomic_write_text(Path(run_dir) / STOPPED, json.dumps(body, indent=2, sort_keys=True) + "\n")
+
+
+def clear_stopped(run_dir: Path) -> None:
+    (Path(run_dir) / STOPPED).unlink(missing_ok=True)
