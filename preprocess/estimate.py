@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rankshard.preprocess.devices import torch_threads
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.pipeline import materialize_split, sample_order
 from rankshard.preprocess.progress import human_bytes
@@ -74,13 +75,17 @@ class Estimate:
 
 
 def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> Estimate:
-    """Materialize one SVD batch of ``source`` (evenly spaced over the output order) and scale it up."""
+    """Materialize one SVD batch of ``source`` (evenly spaced over the output order) and scale it up.
+
+    Timed as one CPU worker runs (one torch thread), after a few images have warmed every stage up (the
+    first calls of the decomposition, the encoders and the decoders cost more than the rest).
+    """
     order = sample_order(len(source), spec)
     take = min(len(order), spec.batch_size)
     picked = order[np.linspace(0, len(order) - 1, take).round().astype(int)]
-    one = replace(spec, shard_size=take, batch_size=take, workers=0, shuffle=False)
-    with tempfile.TemporaryDirectory(prefix="rankshard-estimate-") as tmp:
-        result = materialize_split(_Sample(source, picked), one, tmp, show_progress=False, space_check=False)
+    with torch_threads(1):
+        _materialize(source, picked[:WARM_UP], spec)
+        result = _materialize(source, picked, spec)
     manifests, stats = result["manifests"], result["stats"]
     skipped = len(next(iter(manifests.values()))["errors"])
     seconds = {"decode": stats["read"], "svd": stats["svd"], "encode_write": stats["encode_write"]}
@@ -89,6 +94,16 @@ def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> 
                     {k: v / take for k, v in seconds.items()}, _device_type(spec.device),
                     processes=spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
                     ranks=ranks, free_bytes=_free_bytes(out))
+
+
+WARM_UP = 8  # images made (and not timed) before the measured batch
+
+
+def _materialize(source, picked: np.ndarray, spec: ShardSpec) -> dict:
+    """``picked`` as one shard and one batch, in this process, into a temporary folder."""
+    one = replace(spec, shard_size=len(picked), batch_size=len(picked), workers=0, shuffle=False)
+    with tempfile.TemporaryDirectory(prefix="rankshard-estimate-") as tmp:
+        return materialize_split(_Sample(source, picked), one, tmp, show_progress=False, space_check=False)
 
 
 def _device_type(device: str) -> str:

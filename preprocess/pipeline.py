@@ -147,12 +147,13 @@ def sample_order(n: int, spec: ShardSpec) -> np.ndarray:
 
 @contextlib.contextmanager
 def _cpu_share(workers: int):
-    """Give the main process's torch only the cores the worker processes leave free.
+    """Give the main process's torch at most the cores the worker processes leave free (fewer if the caller
+    set fewer, as ``--estimate`` does to time one worker's share).
 
     Oversubscribed, torch's thread pool made the small per-batch tensor ops 2-3x slower (measured on 2
     cores: quantization 1.2 s -> 0.5 s per 3000 CIFAR images with one thread instead of two).
     """
-    with torch_threads(process_cores() - workers):
+    with torch_threads(min(torch.get_num_threads(), process_cores() - workers)):
         yield
 
 

@@ -78,3 +78,24 @@ def test_the_cli_prints_the_estimate_and_writes_no_shards(tmp_path):
     assert "cifar10/test: 20 images; measured on 8 of them" in result.output
     assert "rank-003" in result.output and "free at --out" in result.output and "at least" in result.output
     assert not out.exists()
+
+
+def test_the_measurement_runs_as_one_worker_does_on_one_thread_after_a_warm_up(tmp_path, monkeypatch):
+    """A CPU worker runs torch on one thread: timing the sample on every core would make the estimate too low."""
+    import torch
+
+    from rankshard.preprocess import pipeline
+
+    threads, sizes = [], []
+    real = pipeline.decompose
+
+    def spy(engine, ctx, positions, loaded):
+        threads.append(torch.get_num_threads())
+        sizes.append(len(positions))
+        return real(engine, ctx, positions, loaded)
+
+    monkeypatch.setattr(pipeline, "decompose", spy)
+    before = torch.get_num_threads()
+    estimate_split(_source(), _spec(batch_size=20), tmp_path)
+    assert threads == [1, 1] and sizes == [8, 20]  # the warm-up, then the measured batch
+    assert torch.get_num_threads() == before
