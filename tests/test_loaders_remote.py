@@ -362,3 +362,38 @@ def test_a_cached_shard_handed_out_survives_another_process_evicting_it(tmp_path
             assert blob.pread(len(want) + 1, 0) == want
         finally:
             blob.close()
+
+
+_USE_CACHED = """
+import sys
+from rankshard.preprocess.format import transport
+cache = transport.ShardCache(sys.argv[1])
+cache.open(sys.argv[2], sys.argv[3], int(sys.argv[4])).close()
+"""
+
+
+def test_another_process_using_a_cached_shard_does_not_make_this_one_hash_it_again(tmp_path, ranged_http,
+                                                                                  monkeypatch):
+    """The cache is shared by loader workers and ranks; each verifies a file once. A use elsewhere marks the
+    file recently used (its access time) without changing what this process's check remembers (its mtime)."""
+    import subprocess
+    import sys
+
+    url, _ = ranged_http
+    info = open_variant(url, *EVAL)
+    shard = info.manifest["shards"][0]
+    shard_url = f"{url}/cifar10/test/rank-003/{shard['name']}"
+    cache = transport.ShardCache(tmp_path)
+    cache.open(shard_url, shard["sha256"], shard["bytes"]).close()
+    cached = tmp_path / f"{shard['sha256']}.tar"
+    before = cached.stat()
+    subprocess.run([sys.executable, "-c", _USE_CACHED, str(tmp_path), shard_url, shard["sha256"], str(shard["bytes"])],
+                   check=True, timeout=120)
+    after = cached.stat()
+    assert after.st_mtime_ns == before.st_mtime_ns and after.st_atime_ns >= before.st_atime_ns
+
+    def no_hashing(*args):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(transport.hashlib, "sha256", no_hashing)
+    cache.open(shard_url, shard["sha256"], shard["bytes"]).close()

@@ -477,8 +477,8 @@ class ShardCache:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())  # on disk before the rename makes it look complete
+                f = open(tmp, "rb")  # open before the rename: an eviction right after cannot take it away
                 os.replace(tmp, path)
-                f = open(path, "rb")
                 _INTACT.add(_stamp(path, f))
         self._evict(keep=path)
         return f
@@ -493,7 +493,7 @@ class ShardCache:
         for p in self.folder.glob("*.tar"):
             with contextlib.suppress(FileNotFoundError):  # another process may evict at the same time
                 st = p.stat()
-                entries.append((st.st_mtime, st.st_size, p))
+                entries.append((st.st_atime, st.st_size, p))  # last use: see _open_intact
         total = sum(size for _, size, _ in entries)
         for _, size, p in sorted(entries):
             if total <= self.max_bytes:
@@ -532,7 +532,10 @@ def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO
         f.close()
         path.unlink(missing_ok=True)
         return None
-    os.utime(f.fileno())  # mark as recently used
+    # mark as recently used in the access time alone: the modification time is part of the stamp that spares
+    # other processes sharing the cache from hashing the file again, and a use must not look like a change
+    st = os.fstat(f.fileno())
+    os.utime(f.fileno(), ns=(time.time_ns(), st.st_mtime_ns))
     _INTACT.add(_stamp(path, f))
     return f
 
