@@ -109,3 +109,38 @@ def test_a_ground_truth_that_is_not_ids_is_refused(tmp_path):
     (data / "ILSVRC2012_validation_ground_truth.txt").write_text("n01440764\n" * 6)
     with pytest.raises(SourceError, match="one integer ILSVRC2012_ID per line"):
         imagenet_source(tmp_path, "val", GEOMETRY, None)
+
+
+def _meta_mat_bytes(compressed: bool) -> bytes:
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((3, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    for i in range(3):
+        recs[i, 0] = (np.array([[i + 1.0]]), WNIDS[i], NAMES[i], np.array([[0.0]]))
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"synsets": recs}, do_compression=compressed)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_meta_mat_that_lies_about_sizes_is_refused_never_a_crash(compressed):
+    """Every truncation and every 4-byte word replaced by 0, 2^31-1 or 2^32-1: parsed or SourceError."""
+    import struct
+    import warnings
+
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    good = _meta_mat_bytes(compressed)
+    assert len(devkit_synsets(good)) == 3
+    damaged = [good[:n] for n in range(128, len(good))]
+    for pos in range(128, len(good) - 3, 4):
+        for value in (0, 0x7FFFFFFF, 0xFFFFFFFF):
+            data = bytearray(good)
+            struct.pack_into("<I", data, pos, value)
+            damaged.append(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float -> int casts of garbage
+        for data in damaged:
+            try:
+                devkit_synsets(data)
+            except SourceError as exc:
+                assert str(exc).startswith("meta.mat: ")

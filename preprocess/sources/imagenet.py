@@ -74,11 +74,18 @@ def devkit_synsets(meta_mat: bytes, what: str = META) -> dict[int, tuple[str, st
     if synsets is None or not synsets.fields or "WNID" not in synsets.fields:
         raise SourceError(f"{what}: no 'synsets' struct with a WNID field; is this the ILSVRC2012 devkit meta.mat?")
     out = {}
-    for rec in synsets.data:
-        children = rec.get("num_children")
-        if children is not None and children.scalar():
-            continue  # an inner node of the hierarchy, not one of the 1000 classes
-        out[int(rec["ILSVRC2012_ID"].scalar())] = (rec["WNID"].scalar(), rec["words"].scalar())
+    try:
+        for rec in synsets.data:
+            children = rec.get("num_children")
+            if children is not None and children.scalar():
+                continue  # an inner node of the hierarchy, not one of the 1000 classes
+            wnid, words = rec["WNID"].scalar(), rec["words"].scalar()
+            if not isinstance(wnid, str) or not isinstance(words, str):
+                raise TypeError("WNID and words must be text")
+            out[int(rec["ILSVRC2012_ID"].scalar())] = (wnid, words)
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:  # a field missing, empty or of another type
+        raise SourceError(f"{what}: a synsets record lacks a usable ILSVRC2012_ID, WNID or words ({type(exc).__name__}: "
+                          f"{exc}); is this the ILSVRC2012 devkit meta.mat?") from None
     return out
 
 
