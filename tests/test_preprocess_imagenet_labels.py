@@ -144,3 +144,14 @@ def test_a_meta_mat_that_lies_about_sizes_is_refused_never_a_crash(compressed):
                 devkit_synsets(data)
             except SourceError as exc:
                 assert str(exc).startswith("meta.mat: ")
+
+
+@pytest.mark.parametrize("extension", [".JPG", ".png"])
+def test_a_flat_val_folder_passed_itself_is_found_whatever_its_image_extension(tmp_path, extension):
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    for path in (tmp_path / "val").iterdir():  # e.g. val converted to PNG, or renamed on a case-folding disk
+        path.rename(path.with_suffix(extension))
+    _devkit_tar_gz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    src = imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)
+    assert {Path(i).stem: y for i, y in zip(src.listing.ids, src.listing.label.tolist())} == \
+        {Path(name).stem: y for name, y in _expected(labels).items()}

@@ -203,8 +203,9 @@ def _has_class_dirs(folder: Path) -> bool:
 
 
 def _looks_like_split(folder: Path) -> bool:
+    # the extensions the flat listing reads (any case), so a folder it would list is also recognised
     return folder.is_dir() and (_has_class_dirs(folder) or any(
-        e.name.endswith((".JPEG", ".jpeg", ".jpg")) for e in os.scandir(folder)))
+        e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(folder)))
 
 
 def signature(found: Found) -> dict:
