@@ -45,7 +45,7 @@ def _run(make_source, dataset: str, split: str, opts: dict) -> None:
               help="ImageNet root (holding train/, val/ or the ILSVRC2012 tars), a split folder, or an archive.")
 @click.option("--split", type=click.Choice(["train", "val"]), required=True)
 @click.option("--devkit", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Folder holding the devkit (tar.gz, folder, or meta.mat + ground truth) or Kaggle's LOC_*.")
+              help="The devkit tar.gz, or a folder holding it (or its data/, or meta.mat + ground truth) or Kaggle's LOC_*.")
 @click.option("--verify-md5", is_flag=True, help="Check the archives against their published md5 (cached).")
 @image_options
 @shard_options

@@ -174,3 +174,16 @@ def test_exif_orientation_is_ignored_by_default_and_applied_on_request():
     unrotated = io.BytesIO()
     Image.fromarray(image).save(unrotated, format="PNG")
     assert np.array_equal(decode(data, plain), decode(unrotated.getvalue(), plain))
+
+
+def test_damaged_exif_under_exif_transpose_is_a_bad_image_not_a_crash():
+    image = class_images(0, 1, size=(40, 64), seed=3)[0]
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "camera"
+    raw = bytearray(exif.tobytes())
+    raw[17] = 61  # the Make tag's type becomes an unknown one: PIL fails re-writing the EXIF it transposes
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", exif=bytes(raw))
+    assert decode(buf.getvalue(), Geometry(32, 32)).shape == (32, 32, 3)  # EXIF ignored: the pixels are fine
+    with pytest.raises(BadImage, match="damaged EXIF metadata .*drop --exif-transpose"):
+        decode(buf.getvalue(), Geometry(32, 32, exif_transpose=True))

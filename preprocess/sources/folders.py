@@ -44,12 +44,12 @@ def file_md5(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def _listing(kind: str, rows: list[tuple[str, int, int, int, str]], containers: list[str],
-             classes, class_names=None, extra=None) -> Listing:
+             classes, class_names=None, extra=None, watch=()) -> Listing:
     """Listing from rows ``(container index, offset, size, label, id)``."""
     cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
     return Listing(containers, np.asarray(cols[0], dtype=np.int32), np.asarray(cols[1], dtype=np.int64),
                    np.asarray(cols[2], dtype=np.int64), np.asarray(cols[3], dtype=np.int64), list(cols[4]),
-                   tuple(classes), tuple(class_names or classes), kind, dict(extra or {}))
+                   tuple(classes), tuple(class_names or classes), kind, dict(extra or {}), tuple(watch))
 
 
 # -- ImageFolder ------------------------------------------------------------------------------------------
@@ -65,8 +65,9 @@ def class_dirs(root: Path) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files below ``folder`` (recursive, symlinks followed), relative, sorted.
+def _image_files(folder: Path, nested: list | None = None) -> list[str]:
+    """Image files below ``folder`` (recursive, symlinks followed), relative, sorted; the folders read below
+    ``folder`` are appended to ``nested`` as (path, mtime_ns), for the listing cache to check.
 
     Symlinked folders are followed (datasets are often assembled from links) but each real folder is
     visited once: a link back up the tree would otherwise list every image again on every lap until
@@ -79,6 +80,8 @@ def _image_files(folder: Path) -> list[str]:
             dirnames.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
+        if nested is not None and dirpath != str(folder):
+            nested.append((os.path.abspath(dirpath), st.st_mtime_ns))
         dirnames.sort()
         rel = os.path.relpath(dirpath, folder)
         found += [os.path.normpath(os.path.join(rel, n)) for n in filenames
@@ -95,15 +98,15 @@ def list_folder(root: Path, kind: str = "folder", class_names: dict[str, str] | 
                 prefix: str = "") -> Listing:
     """ImageFolder listing: class index = position of the folder name in sorted order."""
     classes = class_dirs(root)
-    containers, rows = [], []
+    containers, rows, nested = [], [], []
     for label, cls in enumerate(classes):
-        for rel in _image_files(root / cls):
+        for rel in _image_files(root / cls, nested):
             rows.append((len(containers), 0, -1, label, f"{prefix}{cls}/{rel}"))
             containers.append(str(root / cls / rel))
     if not rows:
         raise SourceError(f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its class folders")
     names = [class_names.get(c, c) for c in classes] if class_names else None
-    return _listing(kind, rows, containers, classes, names)
+    return _listing(kind, rows, containers, classes, names, watch=nested)
 
 
 # -- existing WebDataset shards ------------------------------------------------------------------------

@@ -74,17 +74,28 @@ def devkit_synsets(meta_mat: bytes, what: str = META) -> dict[int, tuple[str, st
     if synsets is None or not synsets.fields or "WNID" not in synsets.fields:
         raise SourceError(f"{what}: no 'synsets' struct with a WNID field; is this the ILSVRC2012 devkit meta.mat?")
     out = {}
-    for rec in synsets.data:
-        children = rec.get("num_children")
-        if children is not None and children.scalar():
-            continue  # an inner node of the hierarchy, not one of the 1000 classes
-        out[int(rec["ILSVRC2012_ID"].scalar())] = (rec["WNID"].scalar(), rec["words"].scalar())
+    try:
+        for rec in synsets.data:
+            children = rec.get("num_children")
+            if children is not None and children.scalar():
+                continue  # an inner node of the hierarchy, not one of the 1000 classes
+            wnid, words = rec["WNID"].scalar(), rec["words"].scalar()
+            if not isinstance(wnid, str) or not isinstance(words, str):
+                raise TypeError("WNID and words must be text")
+            out[int(rec["ILSVRC2012_ID"].scalar())] = (wnid, words)
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:  # a field missing, empty or of another type
+        raise SourceError(f"{what}: a synsets record lacks a usable ILSVRC2012_ID, WNID or words ({type(exc).__name__}: "
+                          f"{exc}); is this the ILSVRC2012 devkit meta.mat?") from None
     return out
 
 
 def _devkit_labels(files: dict) -> ValLabels:
     synsets = devkit_synsets(files[META], f"{files['origin']}/{META}")
-    ids = [int(line) for line in files[GROUND_TRUTH].decode().split()]
+    try:  # utf-8-sig: a file re-saved on Windows starts with a BOM, which int() refuses
+        ids = [int(token) for token in files[GROUND_TRUTH].decode("utf-8-sig").split()]
+    except (UnicodeDecodeError, ValueError):
+        raise SourceError(f"{files['origin']}/{GROUND_TRUTH}: expected one integer ILSVRC2012_ID per line (the "
+                          "devkit's file); it holds something else. Use the file from the ILSVRC2012 devkit.") from None
     unknown = sorted(set(ids) - set(synsets))
     if unknown:
         raise SourceError(f"{files['origin']}: ground truth uses ILSVRC2012_IDs {unknown[:5]} that meta.mat does "
@@ -98,16 +109,31 @@ def _kaggle_labels(folder: Path) -> ValLabels | None:
     solution, mapping = folder / KAGGLE_SOLUTION, folder / KAGGLE_SYNSETS
     if not (solution.is_file() and mapping.is_file()):
         return None
+    # utf-8-sig throughout: a BOM (a file re-saved by a Windows editor) would otherwise glue itself to the
+    # first wnid or to the CSV header; it moved the first class to the end of the sorted wnids
     names = {}
-    for line in mapping.read_text().splitlines():
+    for number, line in enumerate(mapping.read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip():
             wnid, _, words = line.strip().partition(" ")
+            if not _WNID.fullmatch(wnid):
+                raise SourceError(f"{mapping}: line {number} starts with {wnid[:20]!r}, not a wnid; expected "
+                                  "'n01440764 tench, Tinca tinca' per line (Kaggle's file)")
             names[wnid] = words
     by_stem = {}
-    with open(solution, newline="") as f:
-        for row in csv.DictReader(f):
-            # PredictionString: "wnid x0 y0 x1 y1 wnid ..." (boxes); every box of an image has its class
-            by_stem[row["ImageId"]] = row["PredictionString"].split()[0]
+    with open(solution, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
+            raise SourceError(f"{solution}: expected the header 'ImageId,PredictionString' (Kaggle's file), found "
+                              f"{reader.fieldnames}")
+        for row in reader:
+            # PredictionString: "wnid x0 y0 x1 y1 wnid ..." (5 tokens per box); every box of an image has its
+            # class, so anything but one known wnid at every box start is a damaged or foreign file
+            wnids = set((row["PredictionString"] or "").split()[::5])
+            if len(wnids) != 1 or not wnids <= names.keys():
+                raise SourceError(f"{solution}: line {reader.line_num} ({row['ImageId']}) has PredictionString "
+                                  f"{(row['PredictionString'] or '')[:60]!r}; expected boxes 'wnid x0 y0 x1 y1' of "
+                                  f"one wnid listed in {KAGGLE_SYNSETS}. Are the two files from the same download?")
+            by_stem[row["ImageId"].strip()] = wnids.pop()
     return ValLabels(by_stem, tuple(sorted(names)), names, "kaggle", (solution, mapping))
 
 
@@ -144,10 +170,13 @@ class Found:
     archives: tuple[Path, ...]     # files --verify-md5 checks
 
 
-def _places(path: Path, devkit: Path | None) -> tuple[Path, ...]:
+def _places(path: Path, devkit: Path | None, source: Path) -> tuple[Path, ...]:
     base = path if path.is_dir() else path.parent
-    found = [devkit] if devkit else []
-    return tuple(found + [base, base.parent, base.parent.parent, base.parent.parent.parent])
+    # --devkit may name the devkit archive or a label file itself: its folder holds the labels
+    found = [devkit if devkit.is_dir() else devkit.parent] if devkit else []
+    # and the folder the user passed: Kaggle keeps LOC_* at its root, 4 levels above ILSVRC/Data/CLS-LOC/val
+    root = source if source.is_dir() else source.parent
+    return tuple(dict.fromkeys(found + [base, base.parent, base.parent.parent, base.parent.parent.parent, root]))
 
 
 def detect(source: Path, split: str, devkit: Path | None = None) -> Found:
@@ -158,10 +187,10 @@ def detect(source: Path, split: str, devkit: Path | None = None) -> Found:
                                                    source]
     for c in candidates:
         if c.is_file() and c.name.endswith(".tar"):
-            return Found(f"imagenet-{split}-tar", c, _places(c, devkit), (c,))
+            return Found(f"imagenet-{split}-tar", c, _places(c, devkit, source), (c,))
         if c.is_dir() and c != source or (c == source and _looks_like_split(c)):
             kind = "folder" if _has_class_dirs(c) else "flat"
-            return Found(f"imagenet-{split}-{kind}", c, _places(c, devkit), ())
+            return Found(f"imagenet-{split}-{kind}", c, _places(c, devkit, source), ())
     raise SourceError(f"{source}: no ImageNet {split} split found. Expected {archive}, {split}/<wnid>/*.JPEG, "
                       f"a flat {split}/ folder with devkit or Kaggle labels, or {KAGGLE_DATA}/{split}/.")
 
@@ -174,8 +203,9 @@ def _has_class_dirs(folder: Path) -> bool:
 
 
 def _looks_like_split(folder: Path) -> bool:
+    # the extensions the flat listing reads (any case), so a folder it would list is also recognised
     return folder.is_dir() and (_has_class_dirs(folder) or any(
-        e.name.endswith((".JPEG", ".jpeg", ".jpg")) for e in os.scandir(folder)))
+        e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(folder)))
 
 
 def signature(found: Found) -> dict:

@@ -196,7 +196,11 @@ def decode(data: bytes, geometry: Geometry) -> np.ndarray:
     """
     im = open_image(data, geometry=geometry)
     if geometry.exif_transpose:
-        im = ImageOps.exif_transpose(im)
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception as exc:  # it parses and re-writes every EXIF tag: a damaged one fails in many ways
+            raise BadImage(f"damaged EXIF metadata ({type(exc).__name__}: {exc}); --exif-transpose cannot apply its "
+                           "orientation (drop --exif-transpose to ignore EXIF, as torchvision does)") from None
     try:
         return transform(im, geometry)
     except MemoryError:  # a safety net: the size rules should make this unreachable

@@ -22,7 +22,9 @@ import numpy as np
 from rankshard.preprocess.errors import RankshardError, SourceError
 from rankshard.preprocess.sources.images import BadImage, Geometry, decode
 
-LISTING_VERSION = 1
+# 2: listings record the folders below the class level they read (``watch``); a version-1 cache of a nested
+# tree could be stale, so it is rebuilt once
+LISTING_VERSION = 2
 
 
 @dataclass
@@ -39,6 +41,9 @@ class Listing:
     class_names: tuple[str, ...]   # readable names in index order (= classes when none are known)
     kind: str
     extra: dict = field(default_factory=dict)   # layout details for the manifest (label source, ...)
+    # (path, mtime_ns) of the folders read below the level the cache signature covers (nested folders of a
+    # class): adding or removing a file there changes only their mtime, so a cached listing checks them
+    watch: tuple = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +56,13 @@ class Listing:
         h.update(np.ascontiguousarray(self.size, dtype="<i8").tobytes())
         h.update(np.ascontiguousarray(self.label, dtype="<i8").tobytes())
         return h.hexdigest()
+
+    def is_current(self) -> bool:
+        """Whether every watched folder is unchanged (a stat each; ImageNet's flat class folders have none)."""
+        try:
+            return all(os.stat(path).st_mtime_ns == mtime for path, mtime in self.watch)
+        except OSError:  # a watched folder vanished
+            return False
 
     def entry(self, i: int) -> tuple[str, int, int]:
         return self.containers[int(self.container[i])], int(self.offset[i]), int(self.size[i])
@@ -69,7 +81,7 @@ def _unblob(array: np.ndarray) -> list[str]:
 def save_listing(listing: Listing, path: Path) -> None:
     """Write the listing atomically (a concurrent reader sees the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    meta = {"kind": listing.kind, "extra": listing.extra, "version": LISTING_VERSION}
+    meta = {"kind": listing.kind, "extra": listing.extra, "version": LISTING_VERSION, "watch": listing.watch}
     with open(tmp, "wb") as f:
         np.savez(f, containers=_blob(listing.containers), container=listing.container, offset=listing.offset,
                  size=listing.size, label=listing.label, ids=_blob(listing.ids), classes=_blob(listing.classes),
@@ -86,7 +98,7 @@ def load_listing(path: Path) -> Listing | None:
                 return None
             return Listing(_unblob(z["containers"]), z["container"], z["offset"], z["size"], z["label"],
                            _unblob(z["ids"]), tuple(_unblob(z["classes"])), tuple(_unblob(z["class_names"])),
-                           meta["kind"], meta["extra"])
+                           meta["kind"], meta["extra"], tuple(tuple(w) for w in meta["watch"]))
     except (OSError, ValueError, KeyError):
         return None
 
@@ -110,7 +122,7 @@ def cached_listing(cache_dir: Path | None, signature: dict, build: Callable[[], 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         listing = load_listing(path) if path.exists() else None
-        if listing is not None:
+        if listing is not None and listing.is_current():
             return listing, True
         listing = build()
         save_listing(listing, path)

@@ -142,8 +142,14 @@ def read_mat(data: bytes, what: str = "MAT-file") -> dict[str, MatArray]:
     order = "<" if data[126:128] == b"IM" else ">"
     reader = _Reader(data, order, what)
     out, pos = {}, 128
-    while pos < len(data):
-        name, array, pos = _element(reader, pos)
-        if name:
-            out[name] = array
+    try:
+        while pos < len(data):
+            name, array, pos = _element(reader, pos)
+            if name:
+                out[name] = array
+    except SourceError:
+        raise
+    except Exception as exc:  # sizes and counts that lie make numpy, struct, str and recursion fail in many ways
+        raise SourceError(f"{what}: not a readable MAT-file, damaged ({type(exc).__name__}: {exc}); use the file "
+                          "from the original archive") from None
     return out

@@ -1,0 +1,157 @@
+"""ImageNet label files as people have them: Kaggle's download as it unpacks, files re-saved on Windows,
+damaged or foreign files (refused naming the line, never a traceback), and --devkit naming a file."""
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rankshard.preprocess.cli import main
+from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.imagejob import imagenet_source
+from rankshard.preprocess.sources.images import Geometry
+from rankshard.preprocess.sources.synthtree import WNIDS, write_flat_val, write_train_tree
+
+GEOMETRY = Geometry(24, 24)
+NAMES = ("tench, Tinca tinca", "goldfish", "great white shark")
+
+
+def _kaggle_root(root: Path) -> list[int]:
+    """Kaggle's imagenet-object-localization-challenge as it unpacks: LOC_* at the root, images under ILSVRC/."""
+    labels = write_flat_val(root / "ILSVRC/Data/CLS-LOC/val", classes=3, count=6)
+    write_train_tree(root / "ILSVRC/Data/CLS-LOC/train", classes=3, per_class=1, odd=False)
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} {n}\n" for w, n in zip(WNIDS, NAMES)))
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i + 1:08d},{WNIDS[y]} 1 2 3 4 {WNIDS[y]} 5 6 7 8 \n" for i, y in enumerate(labels)))
+    return labels
+
+
+def _labels_by_name(src) -> dict[str, int]:
+    return dict(zip((Path(i).name for i in src.listing.ids), src.listing.label.tolist()))
+
+
+def _expected(labels) -> dict[str, int]:
+    return {f"ILSVRC2012_val_{i + 1:08d}.JPEG": y for i, y in enumerate(labels)}
+
+
+def test_kaggle_download_root_finds_the_loc_files_at_its_top(tmp_path):
+    labels = _kaggle_root(tmp_path)
+    val = imagenet_source(tmp_path, "val", GEOMETRY, None)
+    assert _labels_by_name(val) == _expected(labels) and val.classes == WNIDS[:3]
+    train = imagenet_source(tmp_path, "train", GEOMETRY, None)
+    assert train.class_names == NAMES  # the readable names come from LOC_synset_mapping.txt too
+
+
+def test_kaggle_files_saved_with_bom_and_crlf_give_the_same_labels(tmp_path):
+    labels = _kaggle_root(tmp_path)
+    for name in ("LOC_synset_mapping.txt", "LOC_val_solution.csv"):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    val = imagenet_source(tmp_path, "val", GEOMETRY, None)
+    assert _labels_by_name(val) == _expected(labels)
+    assert val.classes == WNIDS[:3] and val.class_names == NAMES
+
+
+@pytest.mark.parametrize("damage, message", [
+    (("LOC_val_solution.csv", "n01443537 1 2 3 4 n01443537", "n09999999 1 2 3 4 n09999999"), "line 2 "),
+    (("LOC_val_solution.csv", "n01443537 1 2 3 4 n01443537 5 6 7 8 ", ""), "line 2 "),
+    (("LOC_val_solution.csv", "n01443537 1 2 3 4 n01443537", "n01443537 1 2 3 4 n01440764"), "of one wnid"),
+    (("LOC_val_solution.csv", "ImageId,PredictionString", "id,boxes"), "expected the header"),
+    (("LOC_synset_mapping.txt", "n01440764 tench", "tench"), "not a wnid"),
+])
+def test_damaged_kaggle_files_are_refused_naming_the_problem(tmp_path, damage, message):
+    _kaggle_root(tmp_path)
+    name, old, new = damage
+    text = (tmp_path / name).read_text()
+    assert old in text
+    (tmp_path / name).write_text(text.replace(old, new, 1))
+    with pytest.raises(SourceError, match=message):
+        imagenet_source(tmp_path, "val", GEOMETRY, None)
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(tmp_path), "--split", "val", "--out",
+                                       str(tmp_path / "out"), "--ranks", "3", "--crop", "24", "--workers", "0"])
+    assert result.exit_code == 2 and f"error: {tmp_path / name}" in result.output, result.output
+
+
+def _devkit_tar_gz(path: Path, labels: list[int]) -> None:
+    """ILSVRC2012_devkit_t12.tar.gz with meta.mat (IDs not in sorted-wnid order) and the ground truth."""
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((3, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    for i in range(3):  # wnid i has ILSVRC2012_ID 3 - i
+        recs[i, 0] = (np.array([[3.0 - i]]), WNIDS[i], NAMES[i], np.array([[0.0]]))
+    mat = io.BytesIO()
+    scipy_io.savemat(mat, {"synsets": recs})
+    truth = "".join(f"{3 - y}\n" for y in labels).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in (("meta.mat", mat.getvalue()), ("ILSVRC2012_validation_ground_truth.txt", truth)):
+            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/data/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_devkit_option_may_name_the_devkit_archive_itself(tmp_path):
+    labels = write_flat_val(tmp_path / "images" / "val", classes=3, count=6)
+    (tmp_path / "dl").mkdir()
+    _devkit_tar_gz(tmp_path / "dl" / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    src = imagenet_source(tmp_path / "images" / "val", "val", GEOMETRY, None,
+                          devkit=tmp_path / "dl" / "ILSVRC2012_devkit_t12.tar.gz")
+    assert _labels_by_name(src) == _expected(labels) and src.class_names == NAMES
+
+
+def test_a_ground_truth_that_is_not_ids_is_refused(tmp_path):
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    _devkit_tar_gz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    data = tmp_path / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    with tarfile.open(tmp_path / "ILSVRC2012_devkit_t12.tar.gz") as tar:
+        (data / "meta.mat").write_bytes(tar.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read())
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("n01440764\n" * 6)
+    with pytest.raises(SourceError, match="one integer ILSVRC2012_ID per line"):
+        imagenet_source(tmp_path, "val", GEOMETRY, None)
+
+
+def _meta_mat_bytes(compressed: bool) -> bytes:
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((3, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    for i in range(3):
+        recs[i, 0] = (np.array([[i + 1.0]]), WNIDS[i], NAMES[i], np.array([[0.0]]))
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"synsets": recs}, do_compression=compressed)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_meta_mat_that_lies_about_sizes_is_refused_never_a_crash(compressed):
+    """Every truncation and every 4-byte word replaced by 0, 2^31-1 or 2^32-1: parsed or SourceError."""
+    import struct
+    import warnings
+
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    good = _meta_mat_bytes(compressed)
+    assert len(devkit_synsets(good)) == 3
+    damaged = [good[:n] for n in range(128, len(good))]
+    for pos in range(128, len(good) - 3, 4):
+        for value in (0, 0x7FFFFFFF, 0xFFFFFFFF):
+            data = bytearray(good)
+            struct.pack_into("<I", data, pos, value)
+            damaged.append(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # float -> int casts of garbage
+        for data in damaged:
+            try:
+                devkit_synsets(data)
+            except SourceError as exc:
+                assert str(exc).startswith("meta.mat: ")
+
+
+@pytest.mark.parametrize("extension", [".JPG", ".png"])
+def test_a_flat_val_folder_passed_itself_is_found_whatever_its_image_extension(tmp_path, extension):
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    for path in (tmp_path / "val").iterdir():  # e.g. val converted to PNG, or renamed on a case-folding disk
+        path.rename(path.with_suffix(extension))
+    _devkit_tar_gz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    src = imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)
+    assert {Path(i).stem: y for i, y in zip(src.listing.ids, src.listing.label.tolist())} == \
+        {Path(name).stem: y for name, y in _expected(labels).items()}
