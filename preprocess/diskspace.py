@@ -7,6 +7,7 @@ the disk's free space, and the run stops at once when they do not fit, keeping e
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ class SpaceCheck:
         if not self.enforce:
             return
         need = self.projected()
-        free = shutil.disk_usage(self.folder).free
+        free = shutil.disk_usage(self.folder).free + self.in_flight()
         if need > free:
             raise OutOfSpaceError(
                 f"{self.folder}: the rest of this run will not fit on its disk. The shards written so far hold "
@@ -50,6 +51,15 @@ class SpaceCheck:
                 f"images left need about {human_bytes(need)}, and {human_bytes(free)} are free. Every finished "
                 "shard is kept: free space, store fewer variants, or pass another --out, then rerun the same "
                 "command to resume (--no-space-check carries on regardless).")
+
+    def in_flight(self) -> int:
+        """Bytes of the shards being written now (by workers, other ranks): their images are still in ``left``
+        while their bytes are already off the disk's free space, so they are counted back."""
+        total = 0
+        for tmp in self.folder.glob("*/.*.partial"):
+            with contextlib.suppress(FileNotFoundError):  # renamed into place meanwhile
+                total += tmp.stat().st_size
+        return total
 
     def projected(self) -> float:
         """Bytes the images still to write will take, at the bytes per image written so far (all processes)."""

@@ -50,6 +50,21 @@ def test_projection_is_bytes_per_image_so_far_times_images_left(tmp_path, monkey
         check.shard_done(0, 0)
 
 
+def test_shards_being_written_count_back_into_the_free_space(tmp_path, monkeypatch):
+    """A worker's half-written shard already took its bytes off the free space while its images are still
+    counted as left: without counting them back a run that fits would be stopped."""
+    check = SpaceCheck(tmp_path, left=300)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / ".train-000001.tar.partial").write_bytes(b"x" * 4000)
+    (tmp_path / "full" / "train-000000.tar").write_bytes(b"x" * 100)  # finished: not in flight
+    _free(monkeypatch, 16_000)  # 100 images x 100 bytes written; 200 left need 20,000 = 16,000 free + 4,000
+    check.shard_done(100, 10_000)
+    assert check.in_flight() == 4000
+    (tmp_path / "full" / ".train-000001.tar.partial").write_bytes(b"x" * 3999)
+    with pytest.raises(OutOfSpaceError):
+        check.shard_done(0, 0)
+
+
 def test_a_run_that_will_not_fit_stops_after_one_shard_and_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     materialize_split(_source(), _spec(), whole, show_progress=False)
