@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 
 from rankshard.preprocess.errors import LockedError
@@ -117,11 +118,16 @@ class RunLock:
         self.release()
 
 
-def lock_holder(folder: Path) -> str | None:
+GATE_BUSY = "a run that is starting or finishing (it holds the folder's gate)"
+
+
+def lock_holder(folder: Path, patience_s: float = 2.0) -> str | None:
     """The run writing ``folder`` now (its group id, as recorded), or None when no run holds its lock.
 
     The probe takes the gate first, as a starting run does, so it never makes a starting run find the lock
-    taken; a folder whose lock files cannot be opened (a read-only mount) reports None.
+    taken. A run holds the gate for seconds (calibrating, finalizing): after ``patience_s`` the probe stops
+    waiting and answers ``GATE_BUSY`` (a stopped or stuck holder must not hang the caller). A folder whose
+    lock files cannot be opened (a read-only mount) reports None.
     """
     folder = Path(folder)
     try:
@@ -129,7 +135,15 @@ def lock_holder(folder: Path) -> str | None:
     except OSError:
         return None
     try:
-        fcntl.flock(gate, fcntl.LOCK_EX)
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return GATE_BUSY
+                time.sleep(0.05)
         main = os.open(folder / ".lock", os.O_RDWR)
         try:
             fcntl.flock(main, fcntl.LOCK_EX | fcntl.LOCK_NB)

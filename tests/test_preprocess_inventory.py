@@ -78,3 +78,48 @@ def test_several_splits_and_an_empty_root(tmp_path):
     (tmp_path / "empty").mkdir()
     out = CliRunner().invoke(main, ["ls", str(tmp_path / "empty")])
     assert out.exit_code == 0 and "no rankshard splits below it" in out.output
+
+
+def test_a_damaged_split_is_listed_as_unreadable_and_the_others_still_are(tmp_path):
+    for split in ("train", "test"):
+        materialize_split(_source(), _spec(split), tmp_path, show_progress=False)
+    (tmp_path / "cifar10" / "test" / ".rankshard-config.json").write_text('{"config": {}}')
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"files": []}')  # another tool's: not a split
+    listed = {s["path"]: s for s in _ls(tmp_path)}
+    assert set(listed) == {"cifar10/test", "cifar10/train"}
+    assert listed["cifar10/test"]["status"] == "unreadable" and "config_hash" in listed["cifar10/test"]["problem"]
+    assert listed["cifar10/train"]["status"] == "complete"
+    text = CliRunner().invoke(main, ["ls", str(tmp_path)])
+    assert text.exit_code == 0 and "cifar10/test  unreadable: KeyError" in text.output
+
+
+def test_a_copy_without_hidden_files_is_found_by_its_manifests(tmp_path):
+    import shutil
+
+    materialize_split(_source(), _spec(), tmp_path / "made", show_progress=False)
+    shutil.copytree(tmp_path / "made", tmp_path / "copy", ignore=shutil.ignore_patterns(".*"))  # rsync w/o dotfiles
+    (split,) = _ls(tmp_path / "copy")
+    assert (split["status"], split["shards_done"], split["images"]) == ("complete", 3, N)
+    assert split["config_hash"] == _ls(tmp_path / "made")[0]["config_hash"]
+    (alone,) = _ls(tmp_path / "copy" / "cifar10" / "train")  # ROOT is the split itself
+    assert alone["path"] == "train"
+
+
+def test_a_held_gate_does_not_hang_the_listing(tmp_path, monkeypatch):
+    import fcntl
+    import os
+
+    from rankshard.preprocess import locking
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda path: usage(2, 1, 1))
+    with pytest.raises(OutOfSpaceError):
+        materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    gate = os.open(tmp_path / "cifar10" / "train" / ".lock.gate", os.O_RDWR)
+    try:
+        fcntl.flock(gate, fcntl.LOCK_EX)  # a run calibrating, finalizing, or stopped with Ctrl-Z
+        (split,) = _ls(tmp_path)
+    finally:
+        os.close(gate)
+    assert split["status"] == "writing" and split["writer"] == locking.GATE_BUSY
