@@ -6,10 +6,8 @@ it and move on, or stop on it under ``--strict``.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,18 +133,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-@contextlib.contextmanager
-def _pil_pixel_limit(max_pixels: int | None) -> Iterator[None]:
-    """PIL's own bomb check (a module global, default ~89.5 M pixels; None turns it off) set for a moment.
+def _pil_allows(max_pixels: int) -> None:
+    """Raise PIL's own bomb check (a process-wide global, default ~89.5 M pixels) to at least ``max_pixels``.
 
-    PIL checks at open and again where a plugin picks its size while loading; left at its default it
-    refused every image over 89.5 M pixels whatever --max-pixels allowed.
+    Left at its default it refused every image over 89.5 M pixels whatever --max-pixels allowed. It is only
+    ever raised, never lowered or turned off, so threads decoding at once cannot leave it disabled; each
+    call's own limit is ours, checked on the declared size right after open.
     """
-    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS, geometry: Geometry | None = None) -> Image.Image:
@@ -158,16 +153,15 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, geometry: Geometry | N
         raise BadImage("empty file (0 bytes)")
     rules = geometry or Geometry(1, 1, max_pixels=max_pixels, max_aspect=float("inf"))
     try:
+        _pil_allows(rules.max_pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pil_pixel_limit(None):  # ours, naming the size, is the check at open
-                im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data))
             # check the declared size before decoding a single pixel: that is the point of the refusal
             reason = rules.refusal(*im.size)
             if reason:
                 raise BadImage(reason)
-            with _pil_pixel_limit(rules.max_pixels):  # a plugin that picks its size while loading (ICO, ICNS)
-                im.load()
+            im.load()
             return to_rgb(im)
     except BadImage:
         raise
