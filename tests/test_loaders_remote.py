@@ -325,14 +325,14 @@ def test_http_urls_with_a_query_or_unencoded_characters(tmp_path):
     """A query (an access token) stays on every URL built from the folder's (manifest, shards); a path with a
     space or non-ASCII characters is percent-encoded on the wire. Batches are the local ones either way."""
     import shutil
-    folder = tmp_path / "données v1" / "cifar10" / "test" / "rank-003"
+    folder = tmp_path / "données v1 100%" / "cifar10" / "test" / "rank-003"
     shutil.copytree(built_root().joinpath(*EVAL), folder)
     names = [s["name"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
     pattern = f"{names[0][:-10]}{{000000..{len(names) - 1:06d}}}.tar"
     with http_server(tmp_path, token="s3cr3t") as (url, handler):
-        for root, parts in ((f"{url}/données v1?token=s3cr3t", EVAL),
-                            (f"{url}/donn%C3%A9es%20v1/cifar10/test/rank-003?token=s3cr3t", ()),
-                            (f"{url}/données v1/cifar10/test/rank-003/{pattern}?token=s3cr3t", ())):
+        for root, parts in ((f"{url}/données v1 100%?token=s3cr3t", EVAL),  # a literal % that starts no escape
+                            (f"{url}/donn%C3%A9es%20v1%20100%25/cifar10/test/rank-003?token=s3cr3t", ()),
+                            (f"{url}/données v1 100%/cifar10/test/rank-003/{pattern}?token=s3cr3t", ())):
             info = open_variant(root, *parts)
             assert [u.rsplit("/", 1)[-1] for u in info.urls] == [f"{n}?token=s3cr3t" for n in names]
             for rank in range(2):

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import select
 import shlex
 import signal
@@ -191,9 +192,7 @@ class HttpTransport(Transport):
 
     def _open(self, url: str, timeout: float, method: str = "GET", start: int = 0):
         headers = {"Range": f"bytes={start}-"} if start else {}
-        # spaces and non-ASCII characters percent-encoded (http.client refuses them); %XX and every character
-        # a URL may hold stay as they are, so an encoded URL is sent unchanged
-        quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+        quoted = _encoded(url)
         try:
             return urllib.request.urlopen(urllib.request.Request(quoted, headers=headers, method=method),
                                           timeout=timeout)
@@ -376,6 +375,14 @@ def transport_for(url) -> Transport:
                                  "or a protocol of fsspec (pip install 'rankshard[remote]')")
         TRANSPORTS[name] = FsspecTransport(name)
     return TRANSPORTS[name]
+
+
+def _encoded(url: str) -> str:
+    """``url`` as http.client accepts it: spaces and non-ASCII characters percent-encoded, and a ``%`` that
+    starts no ``%XX`` escape too (``100%.tar``); an escape and every character a URL may hold stay as they
+    are, so an encoded URL is sent unchanged."""
+    parts = re.split(r"(%[0-9A-Fa-f]{2})", url)  # the escapes land at the odd indices
+    return "".join(p if i % 2 else urllib.parse.quote(p, safe=":/?#[]@!$&'()*+,;=~") for i, p in enumerate(parts))
 
 
 def _pause(attempt: int, url: str, exc: Exception, retry: Retry = RETRY) -> None:
