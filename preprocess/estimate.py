@@ -19,7 +19,7 @@ from rankshard.preprocess.devices import torch_threads
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.pipeline import materialize_split, sample_order
 from rankshard.preprocess.progress import human_bytes
-from rankshard.preprocess.spec import ShardSpec
+from rankshard.preprocess.spec import Layout, ShardSpec
 
 
 class _Sample:
@@ -56,10 +56,16 @@ class Estimate:
     processes: int = 1               # per rank in the real run: CPU workers + the main process; GPU: its workers
     ranks: int = 1                   # torchrun processes sharing the split (each with its own cores or GPU)
     free_bytes: int | None = None    # on the disk holding --out (None: object storage)
+    written_bytes: int = 0           # shards of this split already in --out (a run to resume)
 
     @property
     def total_bytes(self) -> float:
         return sum(self.bytes_per_image.values()) * self.images
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether what is still to write fits in the free space (None: object storage, nothing to compare)."""
+        return None if self.free_bytes is None else self.total_bytes - self.written_bytes <= self.free_bytes
 
     @property
     def wall_seconds(self) -> float:
@@ -93,7 +99,7 @@ def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> 
                     {name: sum(s["bytes"] for s in m["shards"]) / take for name, m in manifests.items()},
                     {k: v / take for k, v in seconds.items()}, _device_type(spec.device),
                     processes=spec.workers + 1 if _device_type(spec.device) == "cpu" else max(spec.workers, 1),
-                    ranks=ranks, free_bytes=_free_bytes(out))
+                    ranks=ranks, free_bytes=_free_bytes(out), written_bytes=_written_bytes(out, spec))
 
 
 WARM_UP = 8  # images made (and not timed) before the measured batch
@@ -120,6 +126,14 @@ def _free_bytes(out: Path | str) -> int | None:
     return shutil.disk_usage(folder).free
 
 
+def _written_bytes(out: Path | str, spec: ShardSpec) -> int:
+    """Bytes of this split's shards already in a local ``out`` (what a resumed run does not write again)."""
+    if is_url(out):
+        return 0
+    folder = Layout(Path(out), spec.dataset, spec.split).split_dir
+    return sum(p.stat().st_size for p in folder.glob("*/*.tar")) if folder.is_dir() else 0
+
+
 def print_estimate(e: Estimate) -> None:
     """The estimate as a table per variant, the total against the free space, and the time."""
     measured = "all of them" if e.sample == e.images else f"{e.sample:,} of them, spread over the split"
@@ -129,7 +143,9 @@ def print_estimate(e: Estimate) -> None:
     for name, b in e.bytes_per_image.items():
         print(f"  {name:<{width}}  {human_bytes(b):>9}/image  {human_bytes(b * e.images):>9}")
     free = "object storage" if e.free_bytes is None else f"{human_bytes(e.free_bytes)} free at --out"
-    fits = "" if e.free_bytes is None or e.total_bytes <= e.free_bytes else "  -- WILL NOT FIT"
+    if e.written_bytes:
+        free = f"{human_bytes(e.written_bytes)} already written, {free}"
+    fits = "  -- WILL NOT FIT" if e.fits is False else ""
     total = f"{human_bytes(e.total_bytes / e.images):>9}/image  {human_bytes(e.total_bytes):>9}"
     print(f"  {'all':<{width}}  {total}  ({free}){fits}")
     s = e.seconds_per_image

@@ -99,3 +99,22 @@ def test_the_measurement_runs_as_one_worker_does_on_one_thread_after_a_warm_up(t
     estimate_split(_source(), _spec(batch_size=20), tmp_path)
     assert threads == [1, 1] and sizes == [8, 20]  # the warm-up, then the measured batch
     assert torch.get_num_threads() == before
+
+
+def test_a_split_half_written_counts_what_is_there_against_the_free_space(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from rankshard.preprocess import estimate as module
+
+    materialize_split(_source(), _spec(shard_size=20), tmp_path, show_progress=False)
+    for tar in (tmp_path / "cifar10" / "train").glob("*/train-000002.tar"):
+        tar.unlink()  # as if the run stopped before its last shard
+    written = sum(p.stat().st_size for p in tmp_path.rglob("*.tar"))
+    est = estimate_split(_source(), _spec(), tmp_path)
+    assert est.written_bytes == written
+    usage = namedtuple("usage", "total used free")
+    rest = est.total_bytes - written
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: usage(0, 0, int(rest) + 1))
+    assert estimate_split(_source(), _spec(), tmp_path).fits is True   # the whole split would not fit, the rest does
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda path: usage(0, 0, int(rest) - 1))
+    assert estimate_split(_source(), _spec(), tmp_path).fits is False
