@@ -85,9 +85,13 @@ def eval_stages(study: Study, trains: list[Stage]) -> list[Stage]:
                    "checkpoint": str(Path(tr.job["out"]) / cfg.train.checkpoint), "out": str(out),
                    "data_root": str(shards), "dataset": cfg.data.dataset, "device": study.device,
                    "workers": study.workers}
-            # the run's digest says which training, the file name which of its checkpoints (best.pt, last.pt)
+            # the run's digest says which training, the file name which of its checkpoints (best.pt, last.pt);
+            # best.pt, the default, leaves the digest as studies made before the name counted have it, so an
+            # upgrade does not redo every evaluation
             body = {"command": ev.command, "split": ev.split, "options": options, "checkpoint": tr.digest,
-                    "checkpoint_file": cfg.train.checkpoint, "inputs": inputs}
+                    "inputs": inputs}
+            if cfg.train.checkpoint != "best.pt":
+                body["checkpoint_file"] = cfg.train.checkpoint
             stages.append(Stage(f"eval/{ev.name}/{name}", "evaluate", job, digest(body), (str(out),)))
     return stages
 

@@ -183,6 +183,7 @@ class Study:
                     seconds = future.result()
                 except Exception as exc:  # noqa: BLE001 - re-raised below, once the others are recorded
                     failures.append(exc)
+                    self.log(f"{started[future].id}: failed: {exc}")  # each one said; the first is raised
                     continue
                 self._finish(started[future], seconds, progress, outcome)
         if failures:
