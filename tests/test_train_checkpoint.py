@@ -284,3 +284,16 @@ def test_malformed_files_are_refused_naming_file_and_field(tmp_path, case):
     with pytest.raises(CheckpointError) as err:
         model_from_checkpoint(path)
     assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_resume_candidates_offer_the_newest_state_first(tmp_path):
+    """epoch-0004.pt written with the last last.pt is newer than last.prev.pt (the last.pt before it)."""
+    import os
+
+    from rankshard.train.rundir import resume_candidates
+
+    for age, name in ((300, "epoch-0003.pt"), (200, "last.prev.pt"), (100, "epoch-0004.pt")):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
+    (tmp_path / "last.pt").write_bytes(b"x")  # not a stand-in for itself
+    assert resume_candidates(tmp_path) == ["epoch-0004.pt", "last.prev.pt", "epoch-0003.pt"]

@@ -180,9 +180,13 @@ def plot_curves(run_dir: Path, records: list[dict[str, Any]], lr_at: Callable[[i
 
 
 def resume_candidates(run_dir: Path) -> list[str]:
-    """Whole-run checkpoints that can stand in for a damaged last.pt, newest state first."""
-    epochs = sorted((p.name for p in run_dir.glob("epoch-*.pt")), reverse=True)
-    return [name for name in (PREVIOUS, *epochs) if (run_dir / name).is_file()]
+    """Whole-run checkpoints that can stand in for a damaged last.pt, newest state first.
+
+    Newest by when they were written (a checkpoint is written once, by an atomic rename): an epoch-NNNN.pt
+    saved with the last last.pt holds a later state than last.prev.pt, the last.pt before it.
+    """
+    present = [n for n in (PREVIOUS, *(p.name for p in run_dir.glob("epoch-*.pt"))) if (run_dir / n).is_file()]
+    return sorted(present, key=lambda n: (run_dir / n).stat().st_mtime_ns, reverse=True)
 
 
 def mark_stopped(run_dir: Path, epoch: int, step: int) -> None:
