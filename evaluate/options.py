@@ -97,7 +97,7 @@ def data_options(variant: bool = True):
     """--data ROOT, --dataset, --split, [--variant], --limit, --batch-size, --workers, --verify-shards."""
     options = [
         data_root_options(),
-        click.option("--limit", type=int, default=None, help="Evaluate only the first N samples of the manifest order."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N samples of the manifest order."),
         click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Images per loader batch, per process."),
         workers_option(),
     ]

@@ -101,10 +101,11 @@ def test_a_backend_this_device_cannot_run_is_a_clean_error(setup, tmp_path, comm
     assert code == 2 and "--svd-backend torch-gesvdj: " in out and "usable here" in out, out
 
 
-def test_batch_size_zero_names_the_option(setup, tmp_path):
+@pytest.mark.parametrize("option", ["--batch-size", "--limit"])
+def test_zero_batch_size_or_limit_names_the_option(setup, tmp_path, option):
     root, ck = setup
-    code, out = _run("accuracy", ck["a"], "--data", root / "shards", "--out", tmp_path, "--batch-size", "0")
-    assert code == 2 and "'--batch-size': 0 is not in the range x>=1" in out, out
+    code, out = _run("accuracy", ck["a"], "--data", root / "shards", "--out", tmp_path, option, "0")
+    assert code == 2 and f"'{option}': 0 is not in the range x>=1" in out, out
 
 
 def test_size_mismatch_can_be_allowed(setup, tmp_path):
