@@ -51,12 +51,14 @@ def _malformed(kind: str, result: dict, exc: Exception) -> Skipped:
 
 def _render(kind: str, results: list[dict], figs: Figures) -> list[Section]:
     """The kind's sections; a malformed result is skipped by name without taking the others down with it."""
-    noted = len(figs.skipped)
+    noted, drawn = len(figs.skipped), set(figs.folder.iterdir())
     try:
         return RENDERERS[kind](results, figs)
     except MALFORMED as exc:
         group_error = exc
         del figs.skipped[noted:]  # what the failed attempt noted is noted again by the next one
+        for leftover in set(figs.folder.iterdir()) - drawn:  # and what it drew is drawn again
+            leftover.unlink()
     # Renderers merge every result of a kind (accuracy, spectrum, pgd), so one bad file fails the group: find
     # the bad ones by rendering each alone (into a scratch folder), then render the rest together.
     good = []

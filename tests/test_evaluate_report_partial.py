@@ -48,6 +48,25 @@ def test_one_malformed_result_skips_only_itself(tmp_path):
     assert "| 4 | 50.00% | 70.00% | 80.00% |" in md
 
 
+def test_figures_drawn_by_a_failed_attempt_are_not_left_in_the_report(tmp_path):
+    """The group drew the first data's figures, then failed on another data's malformed result: the report's
+    figures folder holds exactly the figures the report links."""
+    res = tmp_path / "results"
+    for i, name in enumerate(("a", "b")):
+        _spectrum(res, name, 0.5 + 0.1 * i)
+    bad = _spectrum(res, "z", 0.9)
+    body = json.loads(bad.read_text())
+    body["data"] = "zz/test/full"  # sorted after DATA: its section comes second
+    for row in body["rows"]:
+        del row["count"]
+    bad.write_text(json.dumps(body))
+    report = build_report([res], tmp_path / "report")
+    assert [s.path for s in report.skipped] == [str(bad)]
+    md = report.markdown.read_text()
+    figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert figures and all(name in md for name in figures)
+
+
 def test_a_missing_per_sample_file_is_listed_not_dropped(tmp_path):
     res = tmp_path / "results"
     rng = np.random.default_rng(0)
