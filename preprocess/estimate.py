@@ -149,7 +149,7 @@ def print_estimate(e: Estimate) -> None:
     total = f"{human_bytes(e.total_bytes / e.images):>9}/image  {human_bytes(e.total_bytes):>9}"
     print(f"  {'all':<{width}}  {total}  ({free}){fits}")
     s = e.seconds_per_image
-    print(f"  time per image in one process: decode {1e3 * s['decode']:.1f} ms, SVD + quantize "
+    print(f"  time per image in one process on one thread: decode {1e3 * s['decode']:.1f} ms, SVD + quantize "
           f"{1e3 * s['svd']:.1f} ms, encode + write {1e3 * s['encode_write']:.1f} ms ({e.device})")
     who = f"{e.processes} processes" if e.device == "cpu" else f"the GPU and {e.processes} encode workers"
     who += f" in each of {e.ranks} ranks" if e.ranks > 1 else ""
