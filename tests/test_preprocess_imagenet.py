@@ -98,6 +98,24 @@ def test_train_folder_and_nested_tar_list_the_same_images(tree, tmp_path):
         assert read_bytes(*tar.listing.entry(i)) == read_bytes(*folder.listing.entry(i))
 
 
+def test_hidden_members_of_a_train_tar_packed_on_a_mac_are_skipped_like_hidden_files(tmp_path):
+    """``._NAME`` resource forks and ``.DS_Store`` inside the class tars and the outer tar: the folder layout
+    skips such hidden files, so the tar lists the same images (and no ``._n01440764`` class)."""
+    tree = tmp_path / "tree"
+    write_train_tree(tree, classes=2, per_class=3, odd=False)
+    inner = {}
+    for d in sorted(tree.iterdir()):
+        files = {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+        inner[f"{d.name}.tar"] = tar_bytes({**files, **{f"._{n}": b"\0\5\26\7" for n in files}, ".DS_Store": b"x"})
+    inner.update({f"._{n}": b"\0\5\26\7" for n in list(inner)} | {".DS_Store": b"x"})
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(inner))
+    folder = imagenet_source(tree, "train", GEOMETRY, tmp_path / "c1")
+    tar = imagenet_source(tmp_path / "archive", "train", GEOMETRY, tmp_path / "c2")
+    assert tar.classes == folder.classes == WNIDS[:2]
+    assert tar.listing.ids == folder.listing.ids and len(tar) == 6
+
+
 @pytest.mark.parametrize("layout", ["devkit", "kaggle", "val_tar", "val_folders"])
 def test_val_layouts_agree_on_labels(tree, tmp_path, layout):
     root = tree["root"]

@@ -248,14 +248,20 @@ def _flat_rows(names_offsets, labels: ValLabels, what: str) -> list[tuple[int, i
     return sorted(rows, key=lambda r: r[4])
 
 
+def _visible(members: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Members whose file name is not hidden: tars packed on a Mac carry ``._NAME`` resource forks (and
+    ``.DS_Store``), which the folder layouts skip as hidden files too."""
+    return [m for m in members if not Path(m[0]).name.startswith(".")]
+
+
 def _list_train_tar(found: Found) -> Listing:
     names, _ = class_names(list(found.places))
     rows = []
     with open(found.path, "rb") as f:
-        inner = sorted(tar_members(f, what=str(found.path)))
+        inner = sorted(_visible(tar_members(f, what=str(found.path))))
         wnids = [Path(n).name[:-4] for n, _, _ in inner if n.endswith(".tar")]
         for label, (name, offset, size) in enumerate(m for m in inner if m[0].endswith(".tar")):
-            for member, moff, msize in sorted(tar_members(f, offset, size, f"{found.path}:{name}")):
+            for member, moff, msize in sorted(_visible(tar_members(f, offset, size, f"{found.path}:{name}"))):
                 rows.append((0, moff, msize, label, f"train/{wnids[label]}/{Path(member).name}"))
     return _listing(found.kind, rows, [str(found.path)], wnids, [names.get(w, w) for w in wnids])
 
@@ -263,7 +269,7 @@ def _list_train_tar(found: Found) -> Listing:
 def _list_val_tar(found: Found) -> Listing:
     labels = _need_labels(found)
     with open(found.path, "rb") as f:
-        members = [(0, n, o, s) for n, o, s in tar_members(f, what=str(found.path))]
+        members = [(0, n, o, s) for n, o, s in _visible(tar_members(f, what=str(found.path)))]
     rows = _flat_rows(members, labels, str(found.path))
     return _listing(found.kind, rows, [str(found.path)], labels.wnids, [labels.names[w] for w in labels.wnids],
                     {"labels": labels.origin})
