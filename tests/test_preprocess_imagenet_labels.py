@@ -155,3 +155,17 @@ def test_a_flat_val_folder_passed_itself_is_found_whatever_its_image_extension(t
     src = imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)
     assert {Path(i).stem: y for i, y in zip(src.listing.ids, src.listing.label.tolist())} == \
         {Path(name).stem: y for name, y in _expected(labels).items()}
+
+
+def test_a_meta_mat_zip_bomb_is_refused_without_inflating_it():
+    import struct
+    import zlib
+
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+    from rankshard.preprocess.sources.matfile import MAX_INFLATED
+
+    header = _meta_mat_bytes(True)[:128]
+    bomb = zlib.compress(b"\0" * (MAX_INFLATED + (1 << 20)), 9)  # ~65 kB that inflate past the cap
+    element = struct.pack("<II", 15, len(bomb)) + bomb
+    with pytest.raises(SourceError, match="inflates to more than"):
+        devkit_synsets(header + element)

@@ -15,6 +15,7 @@ import numpy as np
 from rankshard.preprocess.errors import SourceError
 
 MI_MATRIX, MI_COMPRESSED = 14, 15
+MAX_INFLATED = 64 << 20  # the devkit's meta.mat inflates to ~0.3 MB: anything past this is refused, not held
 # data element types -> numpy dtypes (little-endian; the file's endianness is applied on read)
 _MI_DTYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8",
               16: "u1", 17: "u2", 18: "u4"}
@@ -72,9 +73,12 @@ def _element(reader: _Reader, pos: int) -> tuple[str | None, MatArray | None, in
     mtype, nbytes, start, end = reader.tag(pos)
     if mtype == MI_COMPRESSED:
         try:
-            inner = zlib.decompress(reader.data[start:start + nbytes])
+            unpacker = zlib.decompressobj()
+            inner = unpacker.decompress(reader.data[start:start + nbytes], MAX_INFLATED)
         except zlib.error as exc:
             reader.fail(f"bad compressed element: {exc}")
+        if unpacker.unconsumed_tail:  # more to inflate than any devkit holds: a zip bomb, not metadata
+            reader.fail(f"a compressed element inflates to more than {MAX_INFLATED:,} bytes")
         name, array, _ = _element(_Reader(inner, reader.order, reader.what), 0)
         return name, array, end
     if mtype != MI_MATRIX:
