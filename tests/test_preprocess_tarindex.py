@@ -2,6 +2,7 @@
 foreign formats GNU tar and pax write (long and non-ASCII names, prefixes, links, sizes past octal)."""
 import gzip
 import io
+import os
 import tarfile
 
 import pytest
@@ -216,3 +217,26 @@ def test_foreign_wds_with_a_huge_class_index_is_refused_naming_the_fix(tmp_path)
     top = str(MAX_WDS_CLASSES - 1).encode()
     _write(ok, tarfile.USTAR_FORMAT, {"a.jpg": b"x", "a.cls": b"1", "b.jpg": b"y", "b.cls": top}, extras=False)
     assert len(list_wds([str(ok)]).classes) == MAX_WDS_CLASSES
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_hard_link_is_read_as_the_data_it_names(tmp_path, fmt):
+    """GNU tar stores a file linked twice once; the second name is a hard link. tarfile itself reads the
+    link's data as the target's: so must the index (a wds sample's .jpg as a link had 'no image')."""
+    path = tmp_path / "linked.tar"
+    target = "d" * (120 if fmt != tarfile.USTAR_FORMAT else 10) + "/a.jpg"  # past 100 chars: a long link
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_info(target, 5), io.BytesIO(b"image"))
+        tar.addfile(_info("a.cls", 1), io.BytesIO(b"3"))
+        link = tarfile.TarInfo("b.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, target
+        tar.addfile(link)
+        tar.addfile(_info("b.cls", 1), io.BytesIO(b"4"))
+        dangling = tarfile.TarInfo("c.jpg")
+        dangling.type, dangling.linkname = tarfile.LNKTYPE, "not-in-this-archive.jpg"
+        tar.addfile(dangling)
+    with open(path, "rb") as f:
+        got = {m.name: os.pread(f.fileno(), m.size, m.offset) for m in iter_tar(f)}
+    with tarfile.open(path) as tar:
+        assert tar.extractfile("b.jpg").read() == b"image"  # the reference
+    assert got == {target: b"image", "a.cls": b"3", "b.jpg": b"image", "b.cls": b"4"}

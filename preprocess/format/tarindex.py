@@ -24,6 +24,7 @@ from rankshard.preprocess.format.tar import BLOCK
 from rankshard.preprocess.format.transport import ShardCache, fetch, is_url
 
 REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files: their data follows the header verbatim
+HARDLINK = b"1"  # another name for an earlier member's data (GNU tar stores a file linked twice once)
 UNREADABLE = {b"S": "a GNU sparse file", b"M": "a multi-volume continuation"}
 # Headers that describe the next member rather than being one: GNU long name / long link, pax local / global.
 GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL = b"L", b"K", b"x", b"g"
@@ -49,6 +50,7 @@ class _Header:
     name: str
     size: int
     kind: bytes
+    link: str = ""  # a hard or symbolic link's target
 
 
 def _number(field_: bytes) -> int:
@@ -82,7 +84,7 @@ def _parse_header(block: bytes) -> _Header | None:
     kind = block[156:157]
     if kind == b"\0" and name.endswith("/"):
         kind = b"5"  # V7 archives mark directories by a trailing slash only (tarfile's rule)
-    return _Header(name, _number(block[124:136]), kind)
+    return _Header(name, _number(block[124:136]), kind, _text(block[157:257]))
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -132,8 +134,9 @@ class _Scan:
         return data_at
 
     def members(self) -> Iterator[TarMember]:
-        """Every regular file member, in archive order."""
+        """Every regular file member, in archive order; a hard link to an earlier one as a member of its own."""
         local: dict[str, str] = {}
+        stored: dict[str, tuple[int, int]] = {}  # regular member name -> (data offset, size)
         while (header := self._header()) is not None:
             if header.kind in (GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL):
                 self._extension(header, self._skip(header), local)
@@ -141,7 +144,8 @@ class _Scan:
             pax = {**self.pax_global, **local}
             local = {}
             try:  # pax values replace the header's: long or non-ASCII paths, sizes of 8 GiB and more
-                header = _Header(pax.get("path", header.name), int(pax.get("size", header.size)), header.kind)
+                header = _Header(pax.get("path", header.name), int(pax.get("size", header.size)), header.kind,
+                                 pax.get("linkpath", header.link))
             except ValueError:
                 raise TarDamage(f"member {header.name}: pax size {pax['size']!r} is not a number") from None
             if header.kind in UNREADABLE:
@@ -149,13 +153,18 @@ class _Scan:
                                 "re-create the archive without sparse files or volumes")
             data_at = self._skip(header)
             if header.kind in REGULAR:
+                stored[header.name] = (data_at, header.size)
                 yield TarMember(header.name, data_at, header.size)
+            elif header.kind == HARDLINK and header.link in stored:
+                yield TarMember(header.name, *stored[header.link])
 
     def _extension(self, header: _Header, data_at: int, local: dict[str, str]) -> None:
         data = self._read(data_at, header.size)
         try:
             if header.kind == GNU_LONGNAME:
                 local["path"] = _text(data)
+            elif header.kind == GNU_LONGLINK:
+                local["linkpath"] = _text(data)
             elif header.kind == PAX_LOCAL:
                 local.update(_pax_records(data))
             elif header.kind == PAX_GLOBAL:
