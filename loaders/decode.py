@@ -7,12 +7,11 @@ home; the loaders call it per batch, in the workers or on the device, see ``pipe
 """
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 import numpy as np
 
-from rankshard.preprocess.format.codec import decode_npy, decode_png
+from rankshard.preprocess.format.codec import decode_npy, decode_png, sample_label
 from rankshard.preprocess.rank.factors import check_factors, reconstruct_numpy
 
 
@@ -47,28 +46,13 @@ DECODERS: dict[str, Callable[[dict[str, bytes], int | None], np.ndarray]] = {
 }
 
 
-class LabelMismatch(ValueError):
-    """The sample's ``.cls`` and ``.json`` disagree: one of them was damaged after materialization."""
-
-
-def _label(members: dict[str, bytes]) -> int:
-    """The ``.cls`` label, cross-checked against the label in ``.json`` (both are written from one value, so
-    a difference means a flipped byte that would otherwise train on a wrong label without a word)."""
-    if "cls" not in members:
-        raise KeyError(f"no .cls member (found {sorted(members)})")
-    label = int(members["cls"])
-    if "json" in members:
-        recorded = json.loads(members["json"]).get("label")
-        if recorded is not None and recorded != label:
-            raise LabelMismatch(f"label mismatch: .cls says {label}, .json says {recorded} (a damaged member)")
-    return label
 
 
 def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None,
                   unreconstructed: bool = False) -> tuple[np.ndarray | tuple[np.ndarray, ...], int]:
     """The image (HWC; uint8 for png/raw, float32 otherwise) and the checked integer label of one sample;
     with ``unreconstructed``, a factors sample's stored ``(u, s, v)`` instead (see ``decode_factors``)."""
-    label = _label(members)
+    label = sample_label(members)
     if unreconstructed and encoding == "factors":
         return decode_factors(members, k), label
     return DECODERS[encoding](members, k), label

@@ -33,7 +33,8 @@ from rankshard.preprocess.rank.factors import Factors, reconstruct
 
 from rankshard.loaders.augment import AUGMENTS, UINT8_INPUT
 from rankshard.loaders.config import LoaderConfig
-from rankshard.loaders.decode import LabelMismatch, decode_sample
+from rankshard.loaders.decode import decode_sample
+from rankshard.preprocess.format.codec import LabelMismatch
 from rankshard.loaders.errors import LoaderError, LoaderWarning, Unfetched, shard_error
 from rankshard.loaders.plan import EvalPlan, Stream, TrainPlan, worker_batches
 from rankshard.preprocess.format.tarindex import ShardReader

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankshard.preprocess.format.codec import decode_image, decode_npy
+from rankshard.preprocess.format.codec import decode_image, decode_npy, sample_label
 from rankshard.preprocess.rank.engine import reference_low_rank
 from rankshard.preprocess.rank.lowpass import lowpass_matrix
 from rankshard.preprocess.errors import RankshardError
@@ -65,7 +65,7 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: P
         if len(samples) != shard["num_samples"]:
             check.problems.append(f"{path}: {len(samples)} samples, manifest says {shard['num_samples']}")
         for key, members in samples:
-            expected_index = _check_sample(path, key, members, expected_index, check)
+            expected_index = _check_sample(path, key, members, expected_index, len(manifest["classes"]), check)
             if len(head) < 64:
                 head[key] = members
         check.samples += len(samples)
@@ -74,11 +74,14 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: P
     return head
 
 
-def _check_sample(path: Path, key: str, members: dict, previous: int | None, check: VariantCheck) -> int:
+def _check_sample(path: Path, key: str, members: dict, previous: int | None, classes: int,
+                  check: VariantCheck) -> int:
     try:
         record = json.loads(members["json"])
         index, number = record["index"], int(key)  # a key that is no number, a json without index: findings too
-        int(members["cls"])
+        label = sample_label(members)  # the loaders' rule: .cls, cross-checked against the json's label
+        if not 0 <= label < classes:
+            raise ValueError(f"label {label} is not a class of the manifest (0..{classes - 1})")
         if "s.npy" in members and "u.npy" not in members:
             decode_npy(members["s.npy"])
         else:

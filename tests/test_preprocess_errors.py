@@ -15,7 +15,7 @@ from rankshard.train.trainer import TrainingDiverged
 
 # Control flow inside one module, never shown to a user: caught where raised and recorded with a reason.
 # caught inside their package and turned into a RankshardError that names the file (and sample)
-INTERNAL = {"rankshard.preprocess.sources.images.BadImage", "rankshard.loaders.decode.LabelMismatch",
+INTERNAL = {"rankshard.preprocess.sources.images.BadImage", "rankshard.preprocess.format.codec.LabelMismatch",
             "rankshard.preprocess.workers._RemoteTraceback"}  # the cause attached to a worker error, never raised alone
 
 

@@ -51,3 +51,24 @@ def test_a_sample_with_a_non_numeric_key_or_no_index_is_a_finding(tmp_path):
     result = _verify(root)
     assert result.exit_code == 1 and "sample not-a-number does not decode" in result.output
     assert "sample 99999999 does not decode (KeyError: 'index')" in result.output
+
+
+def test_a_label_that_disagrees_with_its_json_or_the_classes_is_a_finding(tmp_path):
+    """A shard rewritten with its manifest hash (so the sha256 matches): the loaders' label rule applies."""
+    root = _tree(tmp_path)
+    folder = root / "cifar10" / "test" / "full"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    samples = read_shard(folder / shard["name"])
+    (k0, m0), (k1, m1) = samples[:2]
+    label0 = json.loads(m0["json"])["label"]
+    flipped = {**m0, "cls": str((label0 + 1) % 10).encode()}  # .cls no longer the json's label
+    record1 = {**json.loads(m1["json"]), "label": 99}
+    beyond = {**m1, "cls": b"99", "json": json.dumps(record1).encode()}  # both agree, on no class
+    write_shard(folder / shard["name"], [(k0, flipped), (k1, beyond), *samples[2:]])
+    shard["sha256"], shard["bytes"] = sha256_file(folder / shard["name"]), (folder / shard["name"]).stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = _verify(root)
+    assert result.exit_code == 1
+    assert f"sample {k0} does not decode (LabelMismatch: label mismatch" in result.output
+    assert f"sample {k1} does not decode (ValueError: label 99 is not a class of the manifest (0..9))" in result.output

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -57,3 +58,21 @@ def decode_image(members: dict[str, bytes]) -> np.ndarray:
 
         return reconstruct_numpy(*(decode_npy(members[k]) for k in ("u.npy", "s.npy", "v.npy"))).transpose(1, 2, 0)
     raise KeyError(f"sample has no image member (found {sorted(members)})")
+
+
+class LabelMismatch(ValueError):
+    """The sample's ``.cls`` and ``.json`` disagree: one of them was damaged after materialization."""
+
+
+def sample_label(members: dict[str, bytes]) -> int:
+    """The ``.cls`` label, cross-checked against the label in ``.json`` (both are written from one value, so
+    a difference means a flipped byte that would otherwise train on a wrong label without a word). The one
+    label rule of the loaders and ``verify``."""
+    if "cls" not in members:
+        raise KeyError(f"no .cls member (found {sorted(members)})")
+    label = int(members["cls"])
+    if "json" in members:
+        recorded = json.loads(members["json"]).get("label")
+        if recorded is not None and recorded != label:
+            raise LabelMismatch(f"label mismatch: .cls says {label}, .json says {recorded} (a damaged member)")
+    return label
