@@ -75,7 +75,7 @@ def test_accuracy_spectrum_pgd_report(setup, tmp_path):
     (["accuracy", "{big}"], "built for 224x224 inputs but cifar10/test/full holds 32x32"),
     (["accuracy", "{a}", "--variant", "rank-099"], "rank-099"),
     (["accuracy", "missing.pt"], "missing.pt: no such file"),
-    (["pgd", "{a}", "--limit", "0"], "--limit 0"),
+    (["pgd", "{a}", "--limit", "0"], "'--limit': 0 is not in the range x>=1"),
     (["spectrum", "{a}", "--svd-backend", "bogus"], "'bogus' is not one of 'auto', 'numpy'"),
     # attack budgets are checked before any data is read, not at the first eps > 0 as a traceback
     (["robustness", "{a}", "--attack", "pgd", "--pgd-steps", "-2"], "--attack pgd: check --pgd-steps"),
