@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
 import os
 import signal
-import threading
 import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -269,24 +269,21 @@ def _stop_signals_handled_here() -> tuple[int, ...]:
     return tuple(getattr(signal, n) for n in names if hasattr(signal, n) and callable(signal.getsignal(getattr(signal, n))))
 
 
-# How long a loader worker outlives a stop signal: the main process reaches its next check and saves well
-# within it; a worker that torch's shutdown signals (one stuck in a task) still ends, at the latest then.
-STOP_GRACE_S = 120.0
+def _serve_through_stop_signals(signums: tuple[int, ...], released, _worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a stop signal the main process handles ends a worker only once the main
+    process has let its workers go (``released``, set when its epoch loop ends).
 
-
-def _ignore_signals(signums: tuple[int, ...], _worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: outlive the stop signals the main process handles, for a while. A cluster's
-    preemption (SLURM, torchrun's agent) signals the whole process group; torch's workers would die at once and
-    the main process crash before it saved. Deferred, workers keep serving until the main process has saved and
-    shuts them down (or dies: torch's worker watchdog then ends them); a signal that was meant for the worker
-    alone (torch's ``terminate()`` of a stuck one at shutdown) ends it after ``STOP_GRACE_S``."""
-    def deferred(signum, frame):
-        timer = threading.Timer(STOP_GRACE_S, os._exit, (128 + signum,))
-        timer.daemon = True
-        timer.start()
+    A cluster's preemption (SLURM, torchrun's agent) signals the whole process group: torch's workers died at
+    once and the main process crashed before it saved. Now they keep serving until the main process has saved
+    and shuts them down (or dies: torch's worker watchdog then ends them); the ``terminate()`` torch's shutdown
+    sends a stuck worker comes after the release and ends it at once.
+    """
+    def on_stop(signum, frame):
+        if released.is_set():
+            os._exit(0)  # as torch's own handler does for its parent's SIGTERM
 
     for signum in signums:
-        signal.signal(signum, deferred)
+        signal.signal(signum, on_stop)
 
 
 class Loader:
@@ -307,9 +304,22 @@ class Loader:
         self.skipped, self.skip_reasons = 0, []
         workers = self.cfg.workers
         handled = _stop_signals_handled_here()
+        released = multiprocessing.Event() if handled and workers else None
         loader = DataLoader(self.stream, batch_size=None, collate_fn=_identity, num_workers=workers,
                             pin_memory=self.cfg.pin, prefetch_factor=self.cfg.prefetch_factor if workers else None,
-                            worker_init_fn=functools.partial(_ignore_signals, handled) if handled and workers else None)
+                            worker_init_fn=functools.partial(_serve_through_stop_signals, handled, released)
+                            if released else None)
+        batches = self._batches(loader)
+        try:
+            for batch in batches:  # not ``yield from``: that would close (and shut the workers down) first
+                yield batch
+        finally:
+            if released is not None:
+                released.set()  # the epoch loop is over: torch's shutdown may now signal a stuck worker away
+            batches.close()
+        self._report()
+
+    def _batches(self, loader: DataLoader) -> Iterator[Batch]:
         for batch in _worker_deaths_named(loader):
             if batch.errors:
                 self.skipped += len(batch.errors)
@@ -321,7 +331,6 @@ class Loader:
             if self.main_transform is not None:
                 batch = replace(batch, x=self.main_transform(batch.x, batch.seed))
             yield batch
-        self._report()
 
     def _report(self) -> None:
         if self.skipped:
