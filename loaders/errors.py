@@ -17,8 +17,9 @@ class ShardReadError(LoaderError):
 
 
 class Unfetched(str):
-    """A reason a sample could not be read that lies in the way to the shard (its server, the network, a
-    missing local file), not in the shard's bytes: rewriting the shard would not help."""
+    """A reason a sample could not be read that lies in the way to the shard (its server, the network after
+    the retries), not in the shard: rewriting it would not help. A missing local file or bytes that differ
+    from the manifest are the shard's own problem and keep the plain reason."""
 
 
 def shard_error(shard: str, key: str | None, reason: str) -> ShardReadError:

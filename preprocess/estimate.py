@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rankshard.preprocess.devices import torch_threads
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.pipeline import materialize_split, sample_order
 from rankshard.preprocess.progress import human_bytes
@@ -89,9 +88,8 @@ def estimate_split(source, spec: ShardSpec, out: Path | str, ranks: int = 1) -> 
     order = sample_order(len(source), spec)
     take = min(len(order), spec.batch_size)
     picked = order[np.linspace(0, len(order) - 1, take).round().astype(int)]
-    with torch_threads(1):
-        _materialize(source, picked[:WARM_UP], spec)
-        result = _materialize(source, picked, spec)
+    _materialize(source, picked[:WARM_UP], spec)
+    result = _materialize(source, picked, spec)
     manifests, stats = result["manifests"], result["stats"]
     skipped = len(next(iter(manifests.values()))["errors"])
     seconds = {"decode": stats["read"], "svd": stats["svd"], "encode_write": stats["encode_write"]}
@@ -109,7 +107,8 @@ def _materialize(source, picked: np.ndarray, spec: ShardSpec) -> dict:
     """``picked`` as one shard and one batch, in this process, into a temporary folder."""
     one = replace(spec, shard_size=len(picked), batch_size=len(picked), workers=0, shuffle=False)
     with tempfile.TemporaryDirectory(prefix="rankshard-estimate-") as tmp:
-        return materialize_split(_Sample(source, picked), one, tmp, show_progress=False, space_check=False)
+        return materialize_split(_Sample(source, picked), one, tmp, show_progress=False, space_check=False,
+                                 threads=1)
 
 
 def _device_type(device: str) -> str:
@@ -127,11 +126,18 @@ def _free_bytes(out: Path | str) -> int | None:
 
 
 def _written_bytes(out: Path | str, spec: ShardSpec) -> int:
-    """Bytes of this split's shards already in a local ``out`` (what a resumed run does not write again)."""
+    """Bytes of this run's finished shards already in a local ``out``: its variants' shards that have their
+    record (a resumed run keeps those; other variants and unrecorded shards do not count)."""
     if is_url(out):
         return 0
-    folder = Layout(Path(out), spec.dataset, spec.split).split_dir
-    return sum(p.stat().st_size for p in folder.glob("*/*.tar")) if folder.is_dir() else 0
+    layout = Layout(Path(out), spec.dataset, spec.split)
+    total = 0
+    for variant in spec.variants():
+        folder = layout.variant_dir(variant)
+        for record in folder.glob(".progress/*.tar.json"):
+            shard = folder / record.name[: -len(".json")]
+            total += shard.stat().st_size if shard.is_file() else 0
+    return total
 
 
 def print_estimate(e: Estimate) -> None:

@@ -146,14 +146,15 @@ def sample_order(n: int, spec: ShardSpec) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _cpu_share(workers: int):
-    """Give the main process's torch at most the cores the worker processes leave free (fewer if the caller
-    set fewer, as ``--estimate`` does to time one worker's share).
+def _cpu_share(workers: int, cap: int | None = None):
+    """Give the main process's torch the cores the worker processes leave free (at most ``cap``: ``--estimate``
+    times one worker's share on one thread).
 
     Oversubscribed, torch's thread pool made the small per-batch tensor ops 2-3x slower (measured on 2
     cores: quantization 1.2 s -> 0.5 s per 3000 CIFAR images with one thread instead of two).
     """
-    with torch_threads(min(torch.get_num_threads(), process_cores() - workers)):
+    free = process_cores() - workers
+    with torch_threads(free if cap is None else min(cap, free)):
         yield
 
 
@@ -176,6 +177,7 @@ class Materializer:
     rank: int = 0
     world: int = 1
     space_check: bool = True
+    threads: int | None = None  # cap on this process's torch threads (None: the cores the workers leave)
     stats: RunStats = field(default_factory=RunStats)
     keeps_shards = True  # every shard stays in ``out`` (object storage: only those in flight)
 
@@ -258,7 +260,8 @@ class Materializer:
         """
         start = time.perf_counter()
         _make_dir(self.layout.split_dir)
-        with RunLock(self.layout.split_dir, self.rank, self.world) as lock, _cpu_share(self.spec.workers), \
+        with RunLock(self.layout.split_dir, self.rank, self.world) as lock, \
+                _cpu_share(self.spec.workers, self.threads), \
                 self._pool() as pool:  # opened first: the workers start up while this process sets up
             with lock.gate():  # one rank at a time resolves the backend and writes the config
                 engine, cfg, digest = self._engine_and_config()
@@ -508,11 +511,12 @@ def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,
                       show_progress: bool = True, on_error: str = "skip", rank: int = 0, world: int = 1,
-                      space_check: bool = True) -> dict:
+                      space_check: bool = True, threads: int | None = None) -> dict:
     """Materialize one split of a dataset into ``out``; resumes where a previous run stopped. ``out`` may be
     an object-storage URL such as ``s3://bucket/prefix`` (see ``preprocess.objectstore``), where shards leave
     the local staging folder as they are uploaded and ``space_check`` has nothing to check."""
     if is_url(out):
         from rankshard.preprocess.objectstore import materialize_to_store
         return materialize_to_store(source, spec, str(out), overwrite, show_progress, on_error, rank, world)
-    return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world, space_check).run()
+    return Materializer(source, spec, Path(out), overwrite, show_progress, on_error, rank, world, space_check,
+                        threads).run()

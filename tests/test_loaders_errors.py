@@ -229,8 +229,12 @@ def _raise_in_worker(*args, **kwargs):
 def test_an_error_raised_inside_a_worker_is_not_called_a_death(monkeypatch):
     """torch re-raises a worker's own exception as "Caught RuntimeError in DataLoader worker process 0": that
     is the error itself, not a dead process, and must not be dressed up as "lower workers"."""
+    import multiprocessing
+
     from rankshard.loaders import pipeline
 
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the patched collate reaches the workers only when they are forked")
     monkeypatch.setattr(pipeline, "collate", _raise_in_worker)
     info = open_variant(built_root(), "cifar10", "train", "rank-005")
     loader = train_loader(info, LoaderConfig(batch_size=4, workers=1, shuffle_buffer=8, prefetch_factor=1))

@@ -169,3 +169,15 @@ def test_a_meta_mat_zip_bomb_is_refused_without_inflating_it():
     element = struct.pack("<II", 15, len(bomb)) + bomb
     with pytest.raises(SourceError, match="inflates to more than"):
         devkit_synsets(header + element)
+
+
+def test_a_truncated_compressed_meta_mat_element_is_named_as_such():
+    import struct
+
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    good = _meta_mat_bytes(True)
+    size = struct.unpack_from("<I", good, 132)[0]  # the first element's tag: type 15, then its byte count
+    payload = good[136:136 + size][: size // 2]
+    with pytest.raises(SourceError, match="compressed element is truncated"):
+        devkit_synsets(good[:128] + struct.pack("<II", 15, len(payload)) + payload)

@@ -63,6 +63,8 @@ def test_max_pixels_above_pils_default_is_honoured(side):
     with pytest.raises(BadImage, match="decompression bomb.*--max-pixels"):
         open_image(bomb_png(side, side))
     assert Image.MAX_IMAGE_PIXELS >= 89_478_485  # PIL's own check raised, never lowered or turned off
+    with pytest.raises(BadImage, match=f"declares {side}x{side} = {side * side:,} pixels > limit 50,000,000"):
+        open_image(bomb_png(side, side), max_pixels=50_000_000)  # below PIL's own limit: our message, not PIL's
 
 
 @pytest.mark.parametrize("size", [(40, 56), (56, 40), (37, 37)])

@@ -297,3 +297,7 @@ def test_resume_candidates_offer_the_newest_state_first(tmp_path):
         os.utime(tmp_path / name, (1e9 - age, 1e9 - age))
     (tmp_path / "last.pt").write_bytes(b"x")  # not a stand-in for itself
     assert resume_candidates(tmp_path) == ["epoch-0004.pt", "last.prev.pt", "epoch-0003.pt"]
+    for name in ("epoch-0003.pt", "last.prev.pt", "epoch-0004.pt", "epoch-0010.pt"):  # copied without times
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (1e9, 1e9))
+    assert resume_candidates(tmp_path) == ["epoch-0010.pt", "epoch-0004.pt", "epoch-0003.pt", "last.prev.pt"]

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from rankshard.train.config import ConfigError, TrainConfig, config_hash, differences, from_json
 
-ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "last.prev.pt", "best.pt")
 STOPPED = "stopped.json"  # present while the run is stopped by a signal (what torchrun's exit status cannot say)
+ARTIFACTS = ("metrics.jsonl", "curves.png", "last.pt", "last.prev.pt", "best.pt", STOPPED)
 PREVIOUS = "last.prev.pt"  # the last.pt before the newest one: what --resume-from offers when last.pt is damaged
 
 
@@ -186,7 +186,12 @@ def resume_candidates(run_dir: Path) -> list[str]:
     saved with the last last.pt holds a later state than last.prev.pt, the last.pt before it.
     """
     present = [n for n in (PREVIOUS, *(p.name for p in run_dir.glob("epoch-*.pt"))) if (run_dir / n).is_file()]
-    return sorted(present, key=lambda n: (run_dir / n).stat().st_mtime_ns, reverse=True)
+
+    def newest(name: str) -> tuple[int, int]:  # equal times (a copy that kept none): the later epoch first
+        epoch = int(name[len("epoch-"):-len(".pt")]) if name.startswith("epoch-") else -1
+        return (run_dir / name).stat().st_mtime_ns, epoch
+
+    return sorted(present, key=newest, reverse=True)
 
 
 def mark_stopped(run_dir: Path, epoch: int, step: int) -> None:

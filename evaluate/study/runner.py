@@ -182,8 +182,9 @@ class Study:
                 try:
                     seconds = future.result()
                 except Exception as exc:  # noqa: BLE001 - re-raised below, once the others are recorded
+                    if failures:  # the first is raised below; the others are said here
+                        self.log(f"{started[future].id}: failed: {exc}")
                     failures.append(exc)
-                    self.log(f"{started[future].id}: failed: {exc}")  # each one said; the first is raised
                     continue
                 self._finish(started[future], seconds, progress, outcome)
         if failures:

@@ -478,16 +478,30 @@ class ShardCache:
         with _flocked(self.folder / f".{path.name}.lock"):
             f = _open_intact(path, sha256, nbytes)
             if f is None:
-                data = fetch(url, sha256, nbytes)
-                tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
-                with open(tmp, "wb") as out:
-                    out.write(data)
-                    out.flush()
-                    os.fsync(out.fileno())  # on disk before the rename makes it look complete
-                f = open(tmp, "rb")  # open before the rename: an eviction right after cannot take it away
-                os.replace(tmp, path)
-                _INTACT.add(_stamp(path, f))
+                f = self._store(path, fetch(url, sha256, nbytes))
         self._evict(keep=path)
+        return f
+
+    @staticmethod
+    def _store(path: Path, data: bytes) -> BinaryIO:
+        """Write a verified download into the cache (whole or not at all) and return it open for reading."""
+        tmp = path.with_name(f".{path.name}.partial.{os.getpid()}")
+        try:
+            with open(tmp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())  # on disk before the rename makes it look complete
+            f = open(tmp, "rb")  # open before the rename: an eviction right after cannot take it away
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+            raise
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        _INTACT.add(_stamp(path, f))
         return f
 
     def _evict(self, keep: Path) -> None:
@@ -542,7 +556,8 @@ def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO
     # mark as recently used in the access time alone: the modification time is part of the stamp that spares
     # other processes sharing the cache from hashing the file again, and a use must not look like a change
     st = os.fstat(f.fileno())
-    os.utime(f.fileno(), ns=(time.time_ns(), st.st_mtime_ns))
+    with contextlib.suppress(PermissionError):  # explicit times need the owner: in a shared cache, best effort
+        os.utime(f.fileno(), ns=(time.time_ns(), st.st_mtime_ns))
     _INTACT.add(_stamp(path, f))
     return f
 

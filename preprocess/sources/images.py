@@ -155,12 +155,14 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, geometry: Geometry | N
     try:
         _pil_allows(rules.max_pixels)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # ours, which names the size and the option, is the check at open; PIL's guards the load
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             # check the declared size before decoding a single pixel: that is the point of the refusal
             reason = rules.refusal(*im.size)
             if reason:
                 raise BadImage(reason)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
             return to_rgb(im)
     except BadImage:

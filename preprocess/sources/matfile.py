@@ -79,6 +79,8 @@ def _element(reader: _Reader, pos: int) -> tuple[str | None, MatArray | None, in
             reader.fail(f"bad compressed element: {exc}")
         if unpacker.unconsumed_tail:  # more to inflate than any devkit holds: a zip bomb, not metadata
             reader.fail(f"a compressed element inflates to more than {MAX_INFLATED:,} bytes")
+        if not unpacker.eof:  # zlib.decompress raised on this; a decompressobj just stops
+            reader.fail("a compressed element is truncated")
         name, array, _ = _element(_Reader(inner, reader.order, reader.what), 0)
         return name, array, end
     if mtype != MI_MATRIX:
