@@ -42,6 +42,8 @@ def test_kaggle_download_root_finds_the_loc_files_at_its_top(tmp_path):
     assert _labels_by_name(val) == _expected(labels) and val.classes == WNIDS[:3]
     train = imagenet_source(tmp_path, "train", GEOMETRY, None)
     assert train.class_names == NAMES  # the readable names come from LOC_synset_mapping.txt too
+    direct = imagenet_source(tmp_path / "ILSVRC" / "Data" / "CLS-LOC" / "val", "val", GEOMETRY, None)
+    assert _labels_by_name(direct) == _expected(labels)  # the split folder itself: LOC_* 4 levels up
 
 
 def test_kaggle_files_saved_with_bom_and_crlf_give_the_same_labels(tmp_path):

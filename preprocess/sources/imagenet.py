@@ -174,9 +174,9 @@ def _places(path: Path, devkit: Path | None, source: Path) -> tuple[Path, ...]:
     base = path if path.is_dir() else path.parent
     # --devkit may name the devkit archive or a label file itself: its folder holds the labels
     found = [devkit if devkit.is_dir() else devkit.parent] if devkit else []
-    # and the folder the user passed: Kaggle keeps LOC_* at its root, 4 levels above ILSVRC/Data/CLS-LOC/val
+    # and the folder the user passed; Kaggle keeps LOC_* at its root, 4 levels above ILSVRC/Data/CLS-LOC/val
     root = source if source.is_dir() else source.parent
-    return tuple(dict.fromkeys(found + [base, base.parent, base.parent.parent, base.parent.parent.parent, root]))
+    return tuple(dict.fromkeys(found + [base, *list(base.parents)[:4], root]))
 
 
 def detect(source: Path, split: str, devkit: Path | None = None) -> Found:
