@@ -163,7 +163,8 @@ def print_estimate(e: Estimate) -> None:
 
 
 def _duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    if minutes < 1:
-        return f"{seconds:.0f} s"
+    """Rounded down: it is printed as a lower bound ("at least")."""
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    minutes = int(seconds // 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"

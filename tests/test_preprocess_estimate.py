@@ -118,3 +118,10 @@ def test_a_split_half_written_counts_what_is_there_against_the_free_space(tmp_pa
     assert estimate_split(_source(), _spec(), tmp_path).fits is True   # the whole split would not fit, the rest does
     monkeypatch.setattr(module.shutil, "disk_usage", lambda path: usage(0, 0, int(rest) - 1))
     assert estimate_split(_source(), _spec(), tmp_path).fits is False
+
+
+def test_the_printed_time_is_rounded_down_as_a_lower_bound_must_be():
+    from rankshard.preprocess.estimate import _duration
+
+    assert [_duration(s) for s in (32.9, 119.9, 179.0, 3599.0, 7322.0)] == ["32 s", "119 s", "2 min", "59 min",
+                                                                          "2 h 02 min"]
