@@ -271,6 +271,8 @@ MALFORMED = {  # files torch.load(weights_only=True) reads without complaint, bu
     "config a string": (lambda: _ours(config="x"), "config"),
     "madry mean without std": (lambda: _madry(**{"module.normalizer.new_mean": torch.zeros(3, 1, 1)}), "new_std"),
     "int keys foreign": (lambda: {**_tiny().state_dict(), 5: torch.zeros(1)}, "state dict"),
+    "resnet without stem bn": (lambda: {k: v for k, v in _tiny().state_dict().items() if not k.startswith("bn1.")},
+                               "without the stem's 'bn1.*'"),
 }
 
 

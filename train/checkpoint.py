@@ -89,6 +89,9 @@ def infer_spec(state_dict: Mapping[str, torch.Tensor], source: str = "state dict
         if "block1.layer.0.conv1.weight" in state_dict:
             return _infer_wrn(state_dict, source)
         if "bn1.weight" not in state_dict and "layer1.0.bn1.weight" in state_dict:
+            if "fc.weight" in state_dict:  # a ResNet's classifier name (PreAct's is linear): its stem BN is gone
+                raise CheckpointError(f"{source}: a ResNet layout (fc.weight) without the stem's 'bn1.*' weights: "
+                                      f"the file is damaged or saved from a modified model; {_found(state_dict)}")
             return _infer_preact(state_dict, source)
         return _infer_resnet(state_dict, source)
     except (IndexError, ValueError) as exc:  # a weight of the wrong rank (conv1.weight 0-d, say): damaged
