@@ -11,15 +11,26 @@ from rankshard.preprocess.configfile import config_option
 from rankshard.preprocess.options import quiet_option
 
 
+def _local_or_url(ctx, param, value: str) -> str:
+    """A URL as given (checked when read); a local path must exist."""
+    from rankshard.preprocess.format.transport import is_url
+
+    if not is_url(value) and not Path(value).exists():
+        raise click.BadParameter(f"{value}: no such folder")
+    return value
+
+
 @click.command("verify")
 @config_option
-@click.argument("root", type=click.Path(exists=True, path_type=Path))
+@click.argument("root", callback=_local_or_url)
 @click.option("--samples", type=int, default=16, show_default=True,
               help="Images per variant whose ranks are recomputed with the float64 reference.")
 @quiet_option
 @friendly_errors
 def verify_command(root, samples, quiet):
-    """Re-hash shards against their manifests, count and decode samples, recheck ranks. Exit 1 on mismatch."""
+    """Re-hash shards against their manifests, count and decode samples, recheck ranks. Exit 1 on mismatch.
+
+    ROOT: a folder, object storage (s3://...), or over HTTP a variant folder."""
     from rankshard.preprocess.verify import print_report, verify_tree
 
     report = verify_tree(root, reference_samples=samples, show_progress=not quiet)

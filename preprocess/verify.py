@@ -1,4 +1,9 @@
-"""``rankshard-preprocess verify``: check shards against their manifests and ranks against float64 SVD."""
+"""``rankshard-preprocess verify``: check shards against their manifests and ranks against float64 SVD.
+
+ROOT is a local folder or a URL: object storage that can list (``s3://``, other fsspec protocols) is walked
+like a folder; over HTTP, which cannot list, ROOT must name a variant folder (the one holding manifest.json).
+Remote shards are fetched whole and checked against the manifest's size and sha256 as they arrive.
+"""
 from __future__ import annotations
 
 import json
@@ -15,6 +20,8 @@ from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
+from rankshard.preprocess.format.transport import (RETRY, MissingError, is_url, join, parent, read_text, scheme,
+                                                   transport_for)
 from rankshard.preprocess.spec import FORMAT
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
@@ -23,7 +30,7 @@ TOLERANCE = {"png": 0.5 / 255 + 2e-4, "raw": 0.5 / 255 + 2e-4, "npy": 1.5e-3, "f
 
 @dataclass
 class VariantCheck:
-    folder: Path
+    folder: str  # a local path or a URL
     samples: int = 0
     shards: int = 0
     max_error: float | None = None
@@ -39,26 +46,39 @@ class VerifyReport:
         return bool(self.checks) and not any(c.problems for c in self.checks)
 
 
-def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: Progress) -> dict[str, dict[str, bytes]]:
+def _shards_present(folder: str) -> list[str]:
+    """Names of the shards in ``folder`` (none where its transport cannot list: HTTP)."""
+    if not is_url(folder):
+        return sorted(p.name for p in Path(folder).glob("*.tar"))
+    transport = transport_for(folder)
+    return [n for n in transport.names(folder) if n.endswith(".tar")] if transport.can_list else []
+
+
+def _read_samples(path: str, shard: dict) -> list[tuple[str, dict[str, bytes]]]:
+    """The shard's samples once its bytes match the manifest; RankshardError naming what is wrong."""
+    if is_url(path):  # fetched whole, size and sha256 checked as it arrives (transport.fetch)
+        return read_shard(path, shard["sha256"])
+    if not Path(path).exists():
+        raise RankshardError(f"{path}: missing; rerun the preprocess command to rewrite it")
+    if sha256_file(path) != shard["sha256"]:
+        raise RankshardError(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); rerun the preprocess "
+                             "command after deleting this file")
+    return read_shard(path)  # the hash may match a damaged file: the manifest was written over it
+
+
+def _check_shards(folder: str, manifest: dict, check: VariantCheck, progress: Progress) -> dict[str, dict[str, bytes]]:
     """Hash, parse and decode every shard; returns the first samples for the reference check."""
     listed = {s["name"] for s in manifest["shards"]}
-    for extra in sorted(p.name for p in folder.glob("*.tar") if p.name not in listed):
-        check.problems.append(f"{folder / extra}: shard not in the manifest")
+    for extra in (n for n in _shards_present(folder) if n not in listed):
+        check.problems.append(f"{join(folder, extra)}: shard not in the manifest")
     head: dict[str, dict[str, bytes]] = {}
     expected_index = None
     for shard in manifest["shards"]:
-        path = folder / shard["name"]
+        path = join(folder, shard["name"])
         progress.update(shard["num_samples"])
-        if not path.exists():
-            check.problems.append(f"{path}: missing; rerun the preprocess command to rewrite it")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            check.problems.append(f"{path}: sha256 mismatch (expected {shard['sha256'][:16]}...); "
-                                  "rerun the preprocess command after deleting this file")
-            continue
         try:
-            samples = read_shard(path)
-        except RankshardError as exc:  # the hash matched a damaged file: the manifest was written over it
+            samples = _read_samples(path, shard)
+        except RankshardError as exc:
             check.problems.append(str(exc))
             continue
         check.shards += 1
@@ -74,7 +94,7 @@ def _check_shards(folder: Path, manifest: dict, check: VariantCheck, progress: P
     return head
 
 
-def _check_sample(path: Path, key: str, members: dict, previous: int | None, classes: int,
+def _check_sample(path: str, key: str, members: dict, previous: int | None, classes: int,
                   check: VariantCheck) -> int:
     try:
         record = json.loads(members["json"])
@@ -135,8 +155,8 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
 MANIFEST_KEYS = ("shards", "num_samples", "mode", "rank", "encoding", "config")
 
 
-def _manifest_problem(folder: Path, manifest) -> str | None:
-    path = folder / "manifest.json"
+def _manifest_problem(folder: str, manifest) -> str | None:
+    path = join(folder, "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         return (f"{path}: not a rankshard manifest (format {found!r}, expected {FORMAT!r}); move it out of the "
@@ -153,10 +173,10 @@ def _manifest_problem(folder: Path, manifest) -> str | None:
 def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:
     """Verify every variant folder (one holding ``manifest.json``) below ``root``; ``show_progress`` draws a
     bar with rate and ETA on stderr (samples of all variants)."""
-    folders = sorted(p.parent for p in Path(root).rglob("manifest.json"))
+    folders = _variant_folders(str(root))
     if not folders:
         raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
-    manifests = {folder: read_json(folder / "manifest.json") for folder in folders}
+    manifests = {folder: _read_manifest(folder) for folder in folders}
     unusable = {folder: _manifest_problem(folder, m) for folder, m in manifests.items()}
     checks = [VariantCheck(folder, problems=[problem]) for folder, problem in unusable.items() if problem]
     manifests = {folder: m for folder, m in manifests.items() if not unusable[folder]}
@@ -171,10 +191,51 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
         manifest = manifests.get(check.folder)
         if manifest is None:  # an unusable manifest, already reported
             continue
-        full = heads.get(check.folder.parent / "full")
+        full = heads.get(join(parent(check.folder), "full"))
         if manifest["mode"] in ("low", "high", "spectra", "factors", "lowpass", "highpass") and full and reference_samples:
             _reference_check(manifest, heads[check.folder], full, reference_samples, check)
     return VerifyReport(sorted(checks, key=lambda c: c.folder))
+
+
+def _variant_folders(root: str) -> list[str]:
+    """Every folder holding a manifest.json below ``root`` (a local folder, or a URL; see the module)."""
+    if not is_url(root):
+        return sorted(str(p.parent) for p in Path(root).rglob("manifest.json"))
+    transport = transport_for(root)
+    if not transport.can_list:  # HTTP: ROOT must be a variant folder
+        if _exists(join(root, "manifest.json")):
+            return [root]
+        raise RankshardError(f"{root}: no manifest.json there, and {scheme(root)}:// cannot list a folder to find "
+                             "the variants below it; name a variant folder (ROOT/<dataset>/<split>/<variant>)")
+    level, found = [root], []
+    for _ in range(4):  # ROOT/<dataset>/<split>/<variant>: names without a dot are folders (prefixes)
+        below = []
+        for folder in level:
+            names = transport.names(folder)
+            if "manifest.json" in names:
+                found.append(folder)
+            else:
+                below += [join(folder, n) for n in names if "." not in n]
+        level = below
+    return sorted(found)
+
+
+def _exists(url: str) -> bool:
+    try:
+        transport_for(url).size(url, RETRY.timeout_s)
+        return True
+    except MissingError:
+        return False
+
+
+def _read_manifest(folder: str) -> dict:
+    if not is_url(folder):
+        return read_json(Path(folder) / "manifest.json")
+    url = join(folder, "manifest.json")
+    try:
+        return json.loads(read_text(url))
+    except ValueError as exc:
+        raise RankshardError(f"{url}: not JSON ({exc})") from None
 
 
 def print_report(report: VerifyReport) -> None:

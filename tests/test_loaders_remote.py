@@ -12,6 +12,7 @@ import torch
 
 from rankshard.loaders import LoaderConfig, eval_loader, open_variant, train_loader
 from rankshard.loaders.errors import LoaderError, ShardReadError
+from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format import transport
 
 from loaders_shards import built_root
@@ -280,7 +281,6 @@ def test_a_silent_pipe_command_times_out_and_is_killed(tmp_path, monkeypatch):
 
 def _ends(pid: int) -> bool:
     """Whether process ``pid`` ends (or is a zombie), polled: a SIGKILL is delivered asynchronously."""
-    import os
     import time
     stat = f"/proc/{pid}/stat"
     for _ in range(600):  # up to a minute: a guard, the kill has been sent already
@@ -366,6 +366,7 @@ def test_a_cached_shard_handed_out_survives_another_process_evicting_it(tmp_path
 
 _USE_CACHED = """
 import sys
+from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format import transport
 cache = transport.ShardCache(sys.argv[1])
 cache.open(sys.argv[2], sys.argv[3], int(sys.argv[4])).close()
@@ -397,3 +398,42 @@ def test_another_process_using_a_cached_shard_does_not_make_this_one_hash_it_aga
 
     monkeypatch.setattr(transport.hashlib, "sha256", no_hashing)
     cache.open(shard_url, shard["sha256"], shard["bytes"]).close()
+
+
+def test_verify_reads_a_variant_over_http_and_names_a_changed_shard(ranged_http):
+    from rankshard.preprocess.verify import verify_tree
+
+    url, handler = ranged_http
+    variant = f"{url}/cifar10/test/rank-003"
+    report = verify_tree(variant, reference_samples=0)
+    local = verify_tree(built_root().joinpath(*EVAL), reference_samples=0)
+    assert report.ok and [(c.samples, c.shards) for c in report.checks] == [(c.samples, c.shards) for c in local.checks]
+    name = json.loads(built_root().joinpath(*EVAL, "manifest.json").read_text())["shards"][0]["name"]
+    handler.faults[name] = "changed"
+    try:
+        report = verify_tree(variant, reference_samples=0)
+    finally:
+        handler.faults.clear()
+    assert not report.ok and any(f"{name}: sha256" in p for p in report.checks[0].problems)
+    with pytest.raises(RankshardError, match="cannot list a folder.*name a variant folder"):
+        verify_tree(url)  # HTTP cannot list: the root itself is refused with the way out
+
+
+def test_verify_walks_object_storage_like_a_folder(s3_root):
+    import fsspec
+
+    from rankshard.preprocess.verify import verify_tree
+
+    local = verify_tree(built_root(), reference_samples=4)
+    remote = verify_tree(s3_root, reference_samples=4)
+    assert remote.ok and len(remote.checks) == len(local.checks)
+    assert [(c.folder.rsplit("/", 3)[1:], c.samples, c.max_error) for c in remote.checks] == \
+        [(str(c.folder).rsplit("/", 3)[1:], c.samples, c.max_error) for c in local.checks]
+    fs = fsspec.filesystem("s3")
+    stray = f"{s3_root}/cifar10/test/rank-003/test-999999.tar"
+    fs.pipe(stray, b"x" * 10240)
+    try:
+        report = verify_tree(s3_root, reference_samples=0)
+    finally:
+        fs.rm(stray)
+    assert not report.ok and any(f"{stray}: shard not in the manifest" in p for c in report.checks for p in c.problems)
