@@ -32,10 +32,11 @@ def _rank_weights_worker(rank: int, world: int, port: int, run_dir: str, out: st
         if env.is_main:
             rundir.prepare(run_dir, cfg)
         data = TensorData.synthetic(per_class=20, size=16, test_per_class=8)
-        trainer = Trainer(cfg, run_dir, data, env, log=lambda _m: None)
+        lines = []
+        trainer = Trainer(cfg, run_dir, data, env, log=lines.append)
         records = trainer.fit()
-        torch.save({"state": trainer.model.state_dict(), "steps": trainer.step, "records": records},
-                   os.path.join(out, f"rank-{rank}.pt"))
+        torch.save({"state": trainer.model.state_dict(), "steps": trainer.step, "records": records,
+                    "lines": lines}, os.path.join(out, f"rank-{rank}.pt"))
     finally:
         shutdown(env)
 
@@ -53,5 +54,9 @@ def test_two_cpu_processes_train_in_lockstep(tmp_path):
     same = [(r["eval"], r["train"]["loss"], r["train"]["top1"], r["lr"]) for r in r0["records"]]
     assert same == [(r["eval"], r["train"]["loss"], r["train"]["top1"], r["lr"]) for r in r1["records"]]
     assert r0["records"][-1]["train"]["images"] == 200 and r0["records"][-1]["eval"]["full"]["n"] == 80
+    # the progress line at an epoch's last step covers every rank's images: it is the epoch's reduced record
+    for rec in r0["records"]:
+        last = next(ln for ln in r0["lines"] if ln.startswith(f"epoch {rec['epoch']}/2 step 5/5 "))
+        assert f"loss {rec['train']['loss']:.4f} top-1 {100 * rec['train']['top1']:.2f}%" in last, last
     saved = load_checkpoint(run_dir / "last.pt")
     assert saved["step"] == 10 and [r["epoch"] for r in rundir.read_metrics(run_dir)] == [1, 2]

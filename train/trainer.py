@@ -123,6 +123,7 @@ class Trainer:
         self.step = 0          # completed optimizer steps (global counter)
         self.best_top1 = -1.0
         self.partial = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        self.running = self.partial.clone()  # all ranks' sums at the last check, for the progress line
         self.stop_requested = False  # this process got a stop signal
         self.stopped = False         # the ranks agreed to stop on one (any rank's signal stops them all)
         self.adv = (PGDConfig(cfg.adv_norm, parse_eps(cfg.adv_eps), cfg.adv_steps,
@@ -210,10 +211,12 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
 
     def _check(self) -> bool:
-        """Agree across ranks on a non-finite loss (raise) and on a stop request (return True)."""
-        flags = torch.tensor([float(not torch.isfinite(self.partial[0])), float(self.stop_requested)],
-                             device=self.device)
-        all_reduce_sum(flags, self.env)
+        """Agree across ranks on a non-finite loss (raise) and on a stop request (return True). The running
+        loss and top-1 sums ride along in the same collective: the progress line shows all ranks' images."""
+        sums = torch.cat([torch.tensor([float(not torch.isfinite(self.partial[0])), float(self.stop_requested)],
+                                       dtype=torch.float64, device=self.device), self.partial])
+        all_reduce_sum(sums, self.env)
+        flags, self.running = sums[:2], sums[2:]
         if flags[0] > 0:
             raise TrainingDiverged(
                 f"non-finite training loss in epoch {self.epoch + 1} (by optimizer step {self.step}); stopped "
@@ -242,8 +245,8 @@ class Trainer:
     def _progress(self, position: int, tic: float) -> None:
         if not self.show_progress:
             return
-        loss, correct, count = self.partial.tolist()
-        rate = count * self.env.world_size / max(time.perf_counter() - tic, 1e-9)
+        loss, correct, count = self.running.tolist()  # every rank's images this epoch (see _check)
+        rate = count / max(time.perf_counter() - tic, 1e-9)
         # count covers this epoch's steps since tic; the global batch is cfg.batch_size images per step
         eta = (self.steps_per_epoch - position) * self.cfg.batch_size / max(rate, 1e-9)
         self.log(f"epoch {self.epoch + 1}/{self.cfg.epochs} step {position}/{self.steps_per_epoch} "
