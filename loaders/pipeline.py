@@ -265,8 +265,8 @@ def _identity(batch):
 
 def _stop_signals_handled_here() -> tuple[int, ...]:
     """The stop signals (SIGTERM, SIGUSR1) this process handles itself, e.g. the trainer's save-and-stop."""
-    names = ("SIGTERM", "SIGUSR1")
-    return tuple(getattr(signal, n) for n in names if hasattr(signal, n) and callable(signal.getsignal(getattr(signal, n))))
+    signums = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    return tuple(s for s in signums if callable(signal.getsignal(s)))
 
 
 def _serve_through_stop_signals(signums: tuple[int, ...], released, _worker_id: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rankshard.preprocess.format.transport import is_url
+from rankshard.preprocess.inventory import finished_shards
 from rankshard.preprocess.pipeline import materialize_split, sample_order
 from rankshard.preprocess.progress import human_bytes
 from rankshard.preprocess.spec import Layout, ShardSpec
@@ -131,13 +132,7 @@ def _written_bytes(out: Path | str, spec: ShardSpec) -> int:
     if is_url(out):
         return 0
     layout = Layout(Path(out), spec.dataset, spec.split)
-    total = 0
-    for variant in spec.variants():
-        folder = layout.variant_dir(variant)
-        for record in folder.glob(".progress/*.tar.json"):
-            shard = folder / record.name[: -len(".json")]
-            total += shard.stat().st_size if shard.is_file() else 0
-    return total
+    return sum(sum(finished_shards(layout.variant_dir(v)).values()) for v in spec.variants())
 
 
 def print_estimate(e: Estimate) -> None:

@@ -7,6 +7,7 @@ same command resumes it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,10 +94,20 @@ def _variant_info(folder: Path) -> dict:
     tars = {t.name: t.stat().st_size for t in folder.glob("*.tar")}
     manifest = folder / "manifest.json"
     data = read_json(manifest) if manifest.exists() else None
-    records = {p.name[: -len(".json")] for p in (folder / ".progress").glob("*.tar.json")}
-    shards = len(data["shards"]) if data else sum(name in records for name in tars)
+    shards = len(data["shards"]) if data else len(finished_shards(folder))
     return {"shards": shards, "bytes": sum(tars.values()), "manifest": data is not None, "manifest_data": data,
-            "records": len(records)}
+            "records": len(list((folder / ".progress").glob("*.tar.json")))}
+
+
+def finished_shards(folder: Path) -> dict[str, int]:
+    """Name -> bytes of the variant's shards that have their record (written after the shard is renamed
+    into place): what a resumed run keeps. A shard without one may be written again."""
+    out = {}
+    for record in (folder / ".progress").glob("*.tar.json"):
+        shard = folder / record.name[: -len(".json")]
+        with contextlib.suppress(FileNotFoundError):
+            out[shard.name] = shard.stat().st_size
+    return out
 
 
 def print_inventory(root: Path, splits: list[SplitInfo]) -> None:

@@ -20,8 +20,7 @@ from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
-from rankshard.preprocess.format.transport import (RETRY, MissingError, is_url, join, parent, read_text, scheme,
-                                                   transport_for)
+from rankshard.preprocess.format.transport import MissingError, is_url, join, parent, scheme, transport_for
 from rankshard.preprocess.spec import FORMAT
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
@@ -202,11 +201,8 @@ def _variant_folders(root: str) -> list[str]:
     if not is_url(root):
         return sorted(str(p.parent) for p in Path(root).rglob("manifest.json"))
     transport = transport_for(root)
-    if not transport.can_list:  # HTTP: ROOT must be a variant folder
-        if _exists(join(root, "manifest.json")):
-            return [root]
-        raise RankshardError(f"{root}: no manifest.json there, and {scheme(root)}:// cannot list a folder to find "
-                             "the variants below it; name a variant folder (ROOT/<dataset>/<split>/<variant>)")
+    if not transport.can_list:  # HTTP: ROOT must be a variant folder (_read_manifest says so if it is not)
+        return [root]
     level, found = [root], []
     for _ in range(4):  # ROOT/<dataset>/<split>/<variant>: names without a dot are folders (prefixes)
         below = []
@@ -220,22 +216,13 @@ def _variant_folders(root: str) -> list[str]:
     return sorted(found)
 
 
-def _exists(url: str) -> bool:
-    try:
-        transport_for(url).size(url, RETRY.timeout_s)
-        return True
-    except MissingError:
-        return False
-
-
 def _read_manifest(folder: str) -> dict:
-    if not is_url(folder):
-        return read_json(Path(folder) / "manifest.json")
-    url = join(folder, "manifest.json")
     try:
-        return json.loads(read_text(url))
-    except ValueError as exc:
-        raise RankshardError(f"{url}: not JSON ({exc})") from None
+        return read_json(join(folder, "manifest.json"))
+    except MissingError:  # only where nothing was listed: ROOT over HTTP that is no variant folder
+        raise RankshardError(f"{folder}: no manifest.json there, and {scheme(folder)}:// cannot list a folder to "
+                             "find the variants below it; name a variant folder (ROOT/<dataset>/<split>/<variant>)"
+                             ) from None
 
 
 def print_report(report: VerifyReport) -> None:

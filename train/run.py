@@ -41,9 +41,9 @@ def run(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: 
 
     Under torchrun every process calls this; rank 0 writes the folder, all ranks train. ``data`` defaults
     to the shards named by ``cfg`` (``ShardData``). ``handle_signals`` (the CLI): SIGTERM/SIGUSR1 save
-    last.pt at the next check and stop (``TrainingStopped``, exit 75), so a preempted job resumes exactly. ``progress=False`` drops the
-    per-step progress lines (``--quiet``). ``resume_from``: resume from this checkpoint of the run folder
-    (e.g. last.prev.pt when last.pt is damaged) instead of last.pt.
+    last.pt at the next check and stop (``TrainingStopped``, exit 75), so a preempted job resumes exactly.
+    ``progress=False`` drops the per-step progress lines (``--quiet``). ``resume_from``: resume from this
+    checkpoint of the run folder (e.g. last.prev.pt when last.pt is damaged) instead of last.pt.
     """
     own_env = env is None
     env = env or init_distributed(cfg.device)

@@ -11,6 +11,7 @@ import numpy as np
 from rankshard import __version__ as VERSION
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.ecosystem import ecosystem_files
+from rankshard.preprocess.format.transport import is_url, read_text
 from rankshard.preprocess.spec import FORMAT, Layout
 from rankshard.preprocess.format.variants import Variant
 
@@ -28,10 +29,11 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path | str) -> dict:
+    """A JSON file, local or at a URL (a missing remote object stays a ``MissingError``)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        return json.loads(read_text(str(path)) if is_url(path) else Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RankshardError(f"{path}: unreadable ({exc}); delete it and rerun the command that made it") from exc
 
 

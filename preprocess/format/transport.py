@@ -530,8 +530,8 @@ STALE_PARTIAL_S = 3600
 _INTACT: set[tuple] = set()  # _stamp()s of cache files this process verified (or wrote) as they are now
 
 
-def _stamp(path: Path, f: BinaryIO) -> tuple:
-    st = os.fstat(f.fileno())
+def _stamp(path: Path, f: BinaryIO, st: os.stat_result | None = None) -> tuple:
+    st = st or os.fstat(f.fileno())
     return str(path), st.st_ino, st.st_size, st.st_mtime_ns
 
 
@@ -543,8 +543,9 @@ def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO
         f = open(path, "rb")
     except FileNotFoundError:
         return None
-    intact = nbytes is None or os.fstat(f.fileno()).st_size == nbytes
-    if intact and sha256 is not None and _stamp(path, f) not in _INTACT:
+    st = os.fstat(f.fileno())
+    intact = nbytes is None or st.st_size == nbytes
+    if intact and sha256 is not None and _stamp(path, f, st) not in _INTACT:
         digest = hashlib.sha256()
         while data := f.read(CHUNK):
             digest.update(data)
@@ -555,10 +556,9 @@ def _open_intact(path: Path, sha256: str | None, nbytes: int | None) -> BinaryIO
         return None
     # mark as recently used in the access time alone: the modification time is part of the stamp that spares
     # other processes sharing the cache from hashing the file again, and a use must not look like a change
-    st = os.fstat(f.fileno())
     with contextlib.suppress(PermissionError):  # explicit times need the owner: in a shared cache, best effort
         os.utime(f.fileno(), ns=(time.time_ns(), st.st_mtime_ns))
-    _INTACT.add(_stamp(path, f))
+    _INTACT.add(_stamp(path, f, st))
     return f
 
 
