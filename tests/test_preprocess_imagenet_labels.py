@@ -183,3 +183,13 @@ def test_a_truncated_compressed_meta_mat_element_is_named_as_such():
     payload = good[136:136 + size][: size // 2]
     with pytest.raises(SourceError, match="compressed element is truncated"):
         devkit_synsets(good[:128] + struct.pack("<II", 15, len(payload)) + payload)
+
+
+def test_two_files_of_one_validation_id_are_refused_naming_both(tmp_path):
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    first = tmp_path / "val" / "ILSVRC2012_val_00000002.JPEG"
+    first.with_suffix(".png").write_bytes(first.read_bytes())  # a conversion left beside its original
+    _devkit_tar_gz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    with pytest.raises(SourceError, match=r"two images of validation id ILSVRC2012_val_00000002: "
+                                          r"ILSVRC2012_val_00000002\.JPEG and ILSVRC2012_val_00000002\.png"):
+        imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)

@@ -189,3 +189,24 @@ def test_damaged_exif_under_exif_transpose_is_a_bad_image_not_a_crash():
     assert decode(buf.getvalue(), Geometry(32, 32)).shape == (32, 32, 3)  # EXIF ignored: the pixels are fine
     with pytest.raises(BadImage, match="damaged EXIF metadata .*drop --exif-transpose"):
         decode(buf.getvalue(), Geometry(32, 32, exif_transpose=True))
+
+
+def _float_tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.float32), "F").save(buf, "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_float_tiffs_in_unit_range_and_in_levels_decode_to_the_same_grey(scale):
+    grey = IMAGE[..., 0].astype(np.float64)
+    out = np.asarray(open_image(_float_tiff(grey / 255.0 * scale)))
+    assert (out[..., 0] == out[..., 2]).all()
+    assert np.abs(out[..., 0].astype(int) - grey).max() == 0  # float32 of k/255 rounds back to k
+
+
+def test_a_float_tiff_holding_nan_is_refused_with_its_reason():
+    values = IMAGE[..., 0] / 255.0
+    values[3, 4] = np.nan
+    with pytest.raises(BadImage, match="NaN or infinite"):
+        open_image(_float_tiff(values))

@@ -235,17 +235,28 @@ def _need_labels(found: Found) -> ValLabels:
 def _flat_rows(names_offsets, labels: ValLabels, what: str) -> list[tuple[int, int, int, int, str]]:
     """Rows for a flat list of (container index, name, offset, size): label via the image's file stem."""
     index = {w: i for i, w in enumerate(labels.wnids)}
-    rows, missing = [], []
+    rows, missing, seen = [], [], {}
     for c, name, offset, size in names_offsets:
         stem = Path(name).stem
         if stem not in labels.by_stem:
             missing.append(name)
             continue
+        _refuse_second_copy(seen, stem, name, what)
         rows.append((c, offset, size, index[labels.by_stem[stem]], f"val/{Path(name).name}"))
     if missing:
         raise SourceError(f"{what}: {len(missing)} images have no label in the {labels.origin} files "
                           f"(first: {missing[0]}); are the label files for ILSVRC2012 validation?")
     return sorted(rows, key=lambda r: r[4])
+
+
+def _refuse_second_copy(seen: dict[str, str], stem: str, name: str, what: str) -> None:
+    # A label belongs to a validation id, not a file: two files of one id (a JPEG left beside its PNG
+    # conversion) would both be kept, and the split would silently count and score that image twice.
+    if stem in seen:
+        first, second = sorted((seen[stem], name))
+        raise SourceError(f"{what}: two images of validation id {stem}: {first} and {second}; keep one of "
+                          "them (move the other out of the folder) and run again.")
+    seen[stem] = name
 
 
 def _visible(members: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:

@@ -105,8 +105,18 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
 def _from_wide_gray(im: Image.Image) -> Image.Image:
     # 16/32-bit integer and float greyscale: PIL's convert("L") clips instead of scaling; scale the range.
     a = np.asarray(im, dtype=np.float64)
-    hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+    if not np.isfinite(a).all():
+        raise BadImage(f"float image ({im.mode}) holds NaN or infinite pixels; no grey level stands for them")
+    hi = _white_level(im.mode, a.max())
     return Image.fromarray(np.clip(np.round(a * 255.0 / hi), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _white_level(mode: str, top: float) -> float:
+    # A float image (TIFF mode F) whose pixels all lie in [0, 1] follows the float convention (1.0 is white);
+    # read as 0..255 it would decode near black. Wider ones are taken as 8- or 16-bit levels stored as floats.
+    if mode.startswith("I;16") or top > 255:
+        return 65535.0
+    return 1.0 if mode == "F" and top <= 1.0 else 255.0
 
 
 def _palette(im: Image.Image) -> Image.Image:
