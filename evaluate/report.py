@@ -49,6 +49,57 @@ def _malformed(kind: str, result: dict, exc: Exception) -> Skipped:
     return Skipped(result["path"], f"malformed {kind} result ({type(exc).__name__}: {exc})")
 
 
+# What makes two evaluations "the same checkpoint" where a kind merges its results into one table, curve set and
+# paired test: per row (accuracy, pgd) or per result (spectrum: one checkpoint a file). Two result files giving one
+# key -- `best.pt` of two runs, each evaluated alone -- would otherwise show as one checkpoint, the later silently
+# replacing the earlier. Kinds not named here render each result on its own and cannot clash.
+ROW_KEYS = {
+    "accuracy": lambda r, row: (row["data"], row["checkpoint"]),
+    "pgd": lambda r, row: (row["data"], json.dumps(r["attack"], sort_keys=True), row["checkpoint"]),
+}
+RESULT_KEYS = {"spectrum": lambda r: (r["data"], r["mode"], r["checkpoint"])}
+
+
+def _clash(name: str, where: str, first: str) -> str:
+    return (f"checkpoint name {name!r} ({where}) is also in {first}: left out, since two checkpoints of one name "
+            "would show as one; evaluate with distinct labels (NAME=PATH)")
+
+
+def _first_of_each_name(kind: str, results: list[dict], skipped: list[Skipped]) -> list[dict]:
+    """``results`` without a checkpoint name already given by an earlier file (listed in ``skipped``)."""
+    seen: dict[tuple, str] = {}
+    kept = []
+    for r in results:
+        try:
+            r = _without_seen_rows(kind, r, seen, skipped)
+        except MALFORMED:
+            pass  # the renderer names what is malformed
+        if r is not None:
+            kept.append(r)
+    return kept
+
+
+def _without_seen_rows(kind: str, r: dict, seen: dict[tuple, str], skipped: list[Skipped]) -> dict | None:
+    if kind in RESULT_KEYS:
+        key = RESULT_KEYS[kind](r)
+        if key in seen:
+            skipped.append(Skipped(r["path"], _clash(key[-1], f"{key[1]} rank on {key[0]}", seen[key])))
+            return None
+        seen[key] = r["path"]
+        return r
+    if kind not in ROW_KEYS:
+        return r
+    rows = []
+    for row in r["rows"]:
+        key = ROW_KEYS[kind](r, row)
+        if key in seen:
+            skipped.append(Skipped(r["path"], _clash(key[-1], f"{kind} on {key[0]}", seen[key])))
+            continue
+        seen[key] = r["path"]
+        rows.append(row)
+    return {**r, "rows": rows} if rows else None
+
+
 def _render(kind: str, results: list[dict], figs: Figures) -> list[Section]:
     """The kind's sections; a malformed result is skipped by name without taking the others down with it."""
     noted, drawn = len(figs.skipped), set(figs.folder.iterdir())
@@ -95,7 +146,8 @@ def collect_sections(sources: Sequence[str | os.PathLike], runs: Sequence[str | 
     figs = Figures(figures, skipped)
     groups = _by_kind(results, skipped)
     kinds = [k for k in ORDER if k in groups] + [k for k in groups if k not in ORDER]
-    sections = [sec for kind in kinds for sec in _render(kind, groups[kind], figs)]
+    groups = {kind: _first_of_each_name(kind, members, skipped) for kind, members in groups.items()}
+    sections = [sec for kind in kinds if groups[kind] for sec in _render(kind, groups[kind], figs)]
     return results, sections + _run_sections(runs, figs), skipped
 
 

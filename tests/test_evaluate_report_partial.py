@@ -78,3 +78,21 @@ def test_a_missing_per_sample_file_is_listed_not_dropped(tmp_path):
     assert "left out of the paired tests" in report.skipped[0].reason
     md = report.markdown.read_text()
     assert "| z | full | cifar10/test/full |" in md and "left out of the paired tests" in md
+
+
+def test_one_checkpoint_name_in_two_result_folders_is_shown_once_and_the_other_listed(tmp_path):
+    """Two runs' best.pt, each evaluated alone, are both labelled "best": merged, the later replaced the earlier
+    in every table, curve and paired test without a word."""
+    _spectrum(tmp_path / "run1", "best", 0.5)
+    clash = _spectrum(tmp_path / "run2", "best", 0.9)
+    _accuracy(tmp_path / "run1", {"best": np.arange(30) < 15, "other": np.arange(30) < 12})
+    clash_accuracy = _accuracy(tmp_path / "run2", {"best": np.arange(30) < 29})
+    report = build_report([tmp_path / "run1", tmp_path / "run2"], tmp_path / "report")
+    assert sorted(s.path for s in report.skipped) == sorted([str(clash), str(clash_accuracy)])
+    first = str(tmp_path / "run1" / "spectrum-low-best.json")
+    assert any(f"'best' (low rank on {DATA}) is also in {first}" in s.reason and "NAME=PATH" in s.reason
+               for s in report.skipped)
+    md = report.markdown.read_text()
+    assert "| 4 | 50.00% |" in md and "90.00%" not in md  # run1's curve, not run2's silently in its place
+    assert "96.67%" not in md
+    assert md.count(f"| best | full | {DATA} |") == 1
