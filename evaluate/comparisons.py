@@ -8,7 +8,8 @@ Pairs: two checkpoints evaluated on the same points (same keys, same PGD targets
 from the attack seed) are compared with McNemar's exact test and a paired bootstrap of the difference, read
 from the per-sample CSVs the results list as their files. With seed groups, group B is compared with the
 baseline group A seed by seed (same seed, same points); without, every checkpoint with the first. The pairs of
-one table are one family of tests: their McNemar p-values are Holm-adjusted before any is called significant.
+one table are one family of tests: their McNemar p-values are Holm-adjusted before any is called significant,
+and their bootstrap intervals are simultaneous (Bonferroni) so that they cover as a family too.
 """
 from __future__ import annotations
 
@@ -64,9 +65,9 @@ def read_outcomes(path: Path, outcome: Callable[[dict], bool]) -> dict[str, bool
         return {row["key"]: outcome(row) for row in csv.DictReader(fh)}
 
 
-def _compare(oa: dict[str, bool], ob: dict[str, bool]) -> tuple[PairedComparison, int]:
+def _compare(oa: dict[str, bool], ob: dict[str, bool], level: float) -> tuple[PairedComparison, int]:
     keys = sorted(oa.keys() & ob.keys())
-    return compare_paired([oa[k] for k in keys], [ob[k] for k in keys], BOOTSTRAP_RESAMPLES), len(keys)
+    return compare_paired([oa[k] for k in keys], [ob[k] for k in keys], BOOTSTRAP_RESAMPLES, level=level), len(keys)
 
 
 def _paired_row(label: str, a: str, b: str, cmp: PairedComparison, n: int, p_holm: float, what: str) -> dict:
@@ -93,12 +94,24 @@ def paired_table(label: str, outcomes: dict[str, dict[str, bool]], what: str) ->
     pairs_ = pairs(list(outcomes))
     if not pairs_:
         return None
-    tests = [_compare(outcomes[a], outcomes[b]) for a, b in pairs_]
+    # The intervals share the tests' family: m pairs get Bonferroni intervals (each at 1 - ALPHA / m), so all m
+    # cover their differences together with 95% probability, as Holm's p-values hold the family-wise error;
+    # a plain 95% interval per pair would exclude zero by chance as often as an unadjusted p-value.
+    level = 1 - ALPHA / len(pairs_)
+    tests = [_compare(outcomes[a], outcomes[b], level) for a, b in pairs_]
     adjusted = holm([c.mcnemar.p_value for c, _ in tests])
     rows = [_paired_row(label, a, b, c, n, p, what) for (a, b), (c, n), p in zip(pairs_, tests, adjusted)]
     return Table(rows, f"paired tests on the same points ({what}): McNemar exact on the discordant points, "
                        f"Holm-adjusted over the {len(rows)} pair(s) of this table; paired bootstrap "
-                       f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for B - A; odds ratio = only B / only A")
+                       f"({BOOTSTRAP_RESAMPLES} resamples, seed 0) for B - A, {_interval_kind(len(rows))}; "
+                       "odds ratio = only B / only A")
+
+
+def _interval_kind(pairs_: int) -> str:
+    if pairs_ == 1:
+        return "95% percentile interval"
+    return (f"simultaneous 95% percentile intervals (Bonferroni: each at {100 * (1 - ALPHA / pairs_):.4g}%, "
+            f"{pairs_} pairs)")
 
 
 def noise_notes(table: Table | None) -> list[str]:

@@ -190,6 +190,7 @@ class BootstrapCI:
     high: float
     resamples: int
     seed: int
+    level: float = 1 - ALPHA  # each interval's own coverage (1 - ALPHA / m for m simultaneous ones)
 
     @property
     def includes_zero(self) -> bool:
@@ -215,7 +216,7 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 10
         means[start:start + rows] = d[rng.integers(0, d.size, (rows, d.size))].mean(axis=1)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return BootstrapCI(float(d.mean()), float(low), float(high), resamples, seed)
+    return BootstrapCI(float(d.mean()), float(low), float(high), resamples, seed, level)
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,9 @@ class PairedComparison:
         return self.mcnemar.p_value >= ALPHA and self.bootstrap.includes_zero
 
 
-def compare_paired(a: Sequence[bool], b: Sequence[bool], resamples: int = 10_000, seed: int = 0) -> PairedComparison:
-    """McNemar + paired bootstrap for two binary outcomes on the same points."""
+def compare_paired(a: Sequence[bool], b: Sequence[bool], resamples: int = 10_000, seed: int = 0,
+                   level: float = 1 - ALPHA) -> PairedComparison:
+    """McNemar + paired bootstrap (interval at ``level``) for two binary outcomes on the same points."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     return PairedComparison(float(a.mean()), float(b.mean()), mcnemar_exact(a, b),
-                            paired_bootstrap(a, b, resamples, seed))
+                            paired_bootstrap(a, b, resamples, seed, level))

@@ -15,7 +15,7 @@ from rankshard.evaluate.report import build_report
 from rankshard.evaluate.runs import run_accuracy, run_pgd, run_spectrum
 from rankshard.evaluate.robustness import PGDEvalConfig
 from rankshard.evaluate.spectrum import SpectrumConfig, rank_inputs
-from rankshard.evaluate.stats import mean_ci
+from rankshard.evaluate.stats import mean_ci, paired_bootstrap
 from rankshard.preprocess.rank.engine import RankEngine
 from rankshard.preprocess.rank.lowpass import lowpass
 from rankshard.train.attacks import PGDConfig
@@ -140,3 +140,24 @@ def test_paired_table_corrects_for_several_pairs():
     assert holm([raw] * 3)[0] >= 0.05
     assert not any(r["note"].startswith("significant") for r in table.rows)
     assert "Holm-adjusted over the 3 pair(s)" in table.caption
+
+
+def test_intervals_of_a_table_of_m_pairs_are_simultaneous_bonferroni():
+    """Three pairs: each interval is the paired bootstrap at 1 - 0.05/3 (the table's caption says so), wider than
+    the single-pair 95% interval of the same data, which is what a single pair still gets."""
+    rng = np.random.default_rng(3)
+    outcomes = {name: dict(enumerate(rng.random(400) < p)) for name, p in
+                (("a", 0.6), ("b", 0.65), ("c", 0.55), ("d", 0.6))}
+    table = cmp.paired_table("t", outcomes, "top-1")
+    assert "simultaneous 95% percentile intervals (Bonferroni: each at 98.33%, 3 pairs)" in table.caption
+    column = "B - A (95% CI, points)"
+    for row in table.rows:
+        a, b = (list(outcomes[row[x]].values()) for x in ("A", "B"))
+        wide = paired_bootstrap(a, b, cmp.BOOTSTRAP_RESAMPLES, 0, level=1 - 0.05 / 3)
+        plain = paired_bootstrap(a, b, cmp.BOOTSTRAP_RESAMPLES, 0)
+        assert row[column].split(" [")[1] == f"{100 * wide.low:+.1f}, {100 * wide.high:+.1f}]"
+        assert wide.low < plain.low and wide.high > plain.high
+    single = cmp.paired_table("t", {n: outcomes[n] for n in ("a", "b")}, "top-1")
+    plain = paired_bootstrap(list(outcomes["a"].values()), list(outcomes["b"].values()), cmp.BOOTSTRAP_RESAMPLES, 0)
+    assert single.rows[0][column].split(" [")[1] == f"{100 * plain.low:+.1f}, {100 * plain.high:+.1f}]"
+    assert "95% percentile interval;" in single.caption
