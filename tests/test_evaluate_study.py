@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from rankshard.evaluate.study.cli import example_files, main
-from rankshard.evaluate.study.config import StudyConfigError, load_study, parse_study
+from rankshard.evaluate.study.config import StudyConfigError, load_study, parse_study, plain
 from rankshard.evaluate.study.jobs import flags
 from rankshard.evaluate.study.plan import run_study
 from rankshard.evaluate.study.runner import Study
@@ -122,6 +122,18 @@ def test_changed_evaluation_setting_reruns_only_that_evaluation(tiny_study, tmp_
                                          + ["report"])
     pgd = json.loads((study.out / "eval" / "pgd" / "full-seed0" / "pgd.json").read_text())
     assert pgd["attack"]["steps"] == 4
+
+
+def test_changing_how_an_evaluation_runs_does_not_redo_it(tiny_study, tmp_path):
+    """Loader workers and the shard check change how, not what: the finished evaluations stand."""
+    study, _, _ = tiny_study
+    base, edited = tmp_path / "base.toml", tmp_path / "edited.toml"
+    base.write_text(TINY.read_text())
+    edited.write_text(TINY.read_text().replace("steps = 3", "steps = 3\nworkers = 1\nverify_shards = false"))
+    assert plain(load_study(edited).evaluations[-1].options)["workers"] == 1
+    run_study(Study(load_study(base), study.out, device="cpu", workers=0, log=lambda _: None))  # whatever ran before
+    again = run_study(Study(load_study(edited), study.out, device="cpu", workers=0, log=lambda _: None))
+    assert again.ran == []  # no evaluation, so not the report either
 
 
 def test_cli_imports_without_torch():

@@ -72,6 +72,15 @@ def _eval_variants(options: dict) -> list[str]:
     return list(variant) if isinstance(variant, list) else [variant]
 
 
+# Evaluation options that change how a result is computed, never what it is (as train's RUNTIME_FIELDS): left out
+# of the digest, so more loader workers or skipping the shard check does not redo a finished evaluation.
+RUNTIME_OPTIONS = ("workers", "verify_shards", "quiet")
+
+
+def result_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k.replace("-", "_") not in RUNTIME_OPTIONS}
+
+
 def eval_stages(study: Study, trains: list[Stage]) -> list[Stage]:
     cfg, shards = study.cfg, study.out / "shards"
     stages = []
@@ -88,8 +97,8 @@ def eval_stages(study: Study, trains: list[Stage]) -> list[Stage]:
             # the run's digest says which training, the file name which of its checkpoints (best.pt, last.pt);
             # best.pt, the default, leaves the digest as studies made before the name counted have it, so an
             # upgrade does not redo every evaluation
-            body = {"command": ev.command, "split": ev.split, "options": options, "checkpoint": tr.digest,
-                    "inputs": inputs}
+            body = {"command": ev.command, "split": ev.split, "options": result_options(options),
+                    "checkpoint": tr.digest, "inputs": inputs}
             if cfg.train.checkpoint != "best.pt":
                 body["checkpoint_file"] = cfg.train.checkpoint
             stages.append(Stage(f"eval/{ev.name}/{name}", "evaluate", job, digest(body), (str(out),)))
