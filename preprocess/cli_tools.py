@@ -40,11 +40,14 @@ def verify_command(root, samples, quiet):
 
 @click.command("ls")
 @config_option
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", callback=_local_or_url)
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON (a list, one object per split).")
 @friendly_errors
 def ls_command(root, as_json):
-    """List the splits below ROOT: complete or how far a run got, sizes, configuration, variants."""
+    """List the splits below ROOT: complete or how far a run got, sizes, configuration, variants.
+
+    ROOT: a folder, object storage (s3://...), or over HTTP a split or variant folder. A variant folder
+    lists the split above it. Only a local folder shows whether a run is writing a split now (its lock)."""
     from rankshard.preprocess.inventory import inventory, inventory_json, print_inventory
 
     splits = inventory(root)
