@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from rankshard.preprocess.cli import main
@@ -106,3 +107,40 @@ def test_verify_over_http_takes_a_split_folder(ranged_http):
     local = verify_tree(built_root().joinpath(*TRAIN), reference_samples=2)
     assert remote.ok and [(c.folder.rsplit("/", 1)[1], c.samples, c.max_error) for c in remote.checks] == \
         [(c.folder.rsplit("/", 1)[1], c.samples, c.max_error) for c in local.checks]
+
+
+def _preview(root, out: Path, *extra: str) -> dict[str, bytes]:
+    """Run preview; every file it says it wrote, by name, with its bytes."""
+    lines = _run("preview", str(root), "--count", "2", "--quiet", *extra, *(["--out", str(out)] if out else []))
+    written = [Path(line.removeprefix("wrote ")) for line in lines.splitlines()]
+    return {p.name: p.read_bytes() for p in written}
+
+
+@pytest.fixture(scope="module")
+def local_previews(tmp_path_factory):
+    """The local previews of the whole tree and of cifar10/train alone (each run once)."""
+    out = tmp_path_factory.mktemp("local")
+    return {"tree": _preview(built_root(), out / "tree" / "p.png"),
+            "train": _preview(built_root().joinpath(*TRAIN), out / "train" / "p.png")}
+
+
+def test_preview_over_s3_draws_the_local_images(s3_root, local_previews, tmp_path):
+    got = _preview(s3_root, tmp_path / "p.png")
+    assert set(got) == {f"p-cifar10-{s}{tail}.png" for s in ("train", "test") for tail in ("", "-energy")} - {
+        "p-cifar10-test-energy.png"}  # the test split was made without spectra
+    assert got == local_previews["tree"]
+
+
+def test_preview_over_http_draws_the_local_images(ranged_http, local_previews, tmp_path):
+    url, _ = ranged_http
+    assert _preview(f"{url}/cifar10/train", tmp_path / "p.png") == local_previews["train"]
+    assert _preview(f"{url}/cifar10/train/high-002", tmp_path / "v" / "p.png") == local_previews["train"]
+
+
+def test_preview_of_a_url_writes_into_the_current_folder_by_default(ranged_http, local_previews, tmp_path,
+                                                                   monkeypatch):
+    url, _ = ranged_http
+    monkeypatch.chdir(tmp_path)
+    got = _preview(f"{url}/cifar10/train", None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preview-energy.png", "preview.png"]
+    assert list(got.values()) == list(local_previews["train"].values())
