@@ -40,11 +40,14 @@ def verify_command(root, samples, quiet):
 
 @click.command("ls")
 @config_option
-@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("root", callback=_local_or_url)
 @click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON (a list, one object per split).")
 @friendly_errors
 def ls_command(root, as_json):
-    """List the splits below ROOT: complete or how far a run got, sizes, configuration, variants."""
+    """List the splits below ROOT: complete or how far a run got, sizes, configuration, variants.
+
+    ROOT: a folder, object storage (s3://...), or over HTTP a split or variant folder. A variant folder
+    lists the split above it. Only a local folder shows whether a run is writing a split now (its lock)."""
     from rankshard.preprocess.inventory import inventory, inventory_json, print_inventory
 
     splits = inventory(root)
@@ -56,18 +59,21 @@ def ls_command(root, as_json):
 
 @click.command("preview")
 @config_option
-@click.argument("root", type=click.Path(exists=True, path_type=Path))
+@click.argument("root", callback=_local_or_url)
 @click.option("--count", type=int, default=6, show_default=True, help="Images per variant in the grid.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Grid PNG path (default: preview.png in each split's folder). With several splits "
-                   "below ROOT each gets its own file, FILE's stem + -<dataset>-<split> (p.png -> "
-                   "p-cifar10-train.png, p-cifar10-test.png), with any folders between ROOT and the "
-                   "dataset in front (p-a-cifar10-train.png); the energy plot goes beside each grid "
-                   "(<grid stem>-energy.png).")
+              help="Grid PNG path (default: preview.png in each split's folder; for a URL ROOT, preview.png "
+                   "in the current folder). With several splits below ROOT each gets its own file, FILE's "
+                   "stem + -<dataset>-<split> (p.png -> p-cifar10-train.png, p-cifar10-test.png), with any "
+                   "folders between ROOT and the dataset in front (p-a-cifar10-train.png); the energy plot "
+                   "goes beside each grid (<grid stem>-energy.png).")
 @quiet_option
 @friendly_errors
 def preview_command(root, count, out, quiet):
-    """Write a PNG grid of the same images across all variants, and mean retained energy vs rank."""
+    """Write a PNG grid of the same images across all variants, and mean retained energy vs rank.
+
+    ROOT: a folder, object storage (s3://...), or over HTTP a split or variant folder (a variant folder
+    shows the split above it). Remote shards are fetched and checked against their manifest's sha256."""
     from rankshard.preprocess.preview import write_previews
 
     for path in write_previews(root, count=count, out=out, show_progress=not quiet):

@@ -1,8 +1,10 @@
 """``rankshard-preprocess verify``: check shards against their manifests and ranks against float64 SVD.
 
-ROOT is a local folder or a URL: object storage that can list (``s3://``, other fsspec protocols) is walked
-like a folder; over HTTP, which cannot list, ROOT must name a variant folder (the one holding manifest.json).
-Remote shards are fetched whole and checked against the manifest's size and sha256 as they arrive.
+ROOT is a local folder or a URL, walked by ``format/tree.py`` (as ``ls`` and ``preview`` walk theirs): object
+storage that can list (``s3://``, other fsspec protocols) like a folder; over HTTP, which cannot list, ROOT
+must name a variant folder (the one holding manifest.json) or a split folder (the variants its
+``.rankshard-config.json`` names that have their manifest are verified). Remote shards are fetched whole and
+checked against the manifest's size and sha256 as they arrive.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
-from rankshard.preprocess.format.transport import MissingError, is_url, join, parent, scheme, transport_for
+from rankshard.preprocess.format.transport import is_url, join, parent
+from rankshard.preprocess.format.tree import MANIFEST, can_list, files_below, folders_holding, named_split, within
 from rankshard.preprocess.spec import FORMAT
 
 # Stored value vs float64 reference: engine error (1e-4) plus the storage's own rounding.
@@ -45,18 +48,15 @@ class VerifyReport:
         return bool(self.checks) and not any(c.problems for c in self.checks)
 
 
-def _shards_present(folder: str) -> list[str]:
-    """Names of the shards in ``folder`` (none where its transport cannot list: HTTP)."""
-    if not is_url(folder):
-        return sorted(p.name for p in Path(folder).glob("*.tar"))
-    transport = transport_for(folder)
-    return [n for n in transport.names(folder) if n.endswith(".tar")] if transport.can_list else []
+def _shards_present(files: dict[str, int] | None) -> list[str]:
+    """Names of the shards in a variant folder (``files``: below it; None where nothing can be listed: HTTP)."""
+    return sorted(n for n in files or () if n.endswith(".tar") and "/" not in n)
 
 
 def _read_samples(path: str, shard: dict) -> list[tuple[str, dict[str, bytes]]]:
     """The shard's samples once its bytes match the manifest; RankshardError naming what is wrong."""
     if is_url(path):  # fetched whole, size and sha256 checked as it arrives (transport.fetch)
-        return read_shard(path, shard["sha256"])
+        return read_shard(path, shard["sha256"], shard.get("bytes"))
     if not Path(path).exists():
         raise RankshardError(f"{path}: missing; rerun the preprocess command to rewrite it")
     if sha256_file(path) != shard["sha256"]:
@@ -65,10 +65,12 @@ def _read_samples(path: str, shard: dict) -> list[tuple[str, dict[str, bytes]]]:
     return read_shard(path)  # the hash may match a damaged file: the manifest was written over it
 
 
-def _check_shards(folder: str, manifest: dict, check: VariantCheck, progress: Progress) -> dict[str, dict[str, bytes]]:
-    """Hash, parse and decode every shard; returns the first samples for the reference check."""
+def _check_shards(folder: str, files: dict[str, int] | None, manifest: dict, check: VariantCheck,
+                  progress: Progress) -> dict[str, dict[str, bytes]]:
+    """Hash, parse and decode every shard (``files``: what is listed below ``folder``); returns the first
+    samples for the reference check."""
     listed = {s["name"] for s in manifest["shards"]}
-    for extra in (n for n in _shards_present(folder) if n not in listed):
+    for extra in (n for n in _shards_present(files) if n not in listed):
         check.problems.append(f"{join(folder, extra)}: shard not in the manifest")
     head: dict[str, dict[str, bytes]] = {}
     expected_index = None
@@ -172,10 +174,10 @@ def _manifest_problem(folder: str, manifest) -> str | None:
 def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:
     """Verify every variant folder (one holding ``manifest.json``) below ``root``; ``show_progress`` draws a
     bar with rate and ETA on stderr (samples of all variants)."""
-    folders = _variant_folders(str(root))
+    folders = _variant_folders(str(root))  # folder -> the files below it (None: cannot be listed)
     if not folders:
         raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
-    manifests = {folder: _read_manifest(folder) for folder in folders}
+    manifests = {folder: read_json(join(folder, MANIFEST)) for folder in folders}
     unusable = {folder: _manifest_problem(folder, m) for folder, m in manifests.items()}
     checks = [VariantCheck(folder, problems=[problem]) for folder, problem in unusable.items() if problem]
     manifests = {folder: m for folder, m in manifests.items() if not unusable[folder]}
@@ -183,7 +185,7 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
     heads = {}
     for folder in manifests:
         check = VariantCheck(folder)
-        heads[folder] = _check_shards(folder, manifests[folder], check, progress)
+        heads[folder] = _check_shards(folder, folders[folder], manifests[folder], check, progress)
         checks.append(check)
     progress.close()
     for check in checks:
@@ -196,33 +198,16 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
     return VerifyReport(sorted(checks, key=lambda c: c.folder))
 
 
-def _variant_folders(root: str) -> list[str]:
-    """Every folder holding a manifest.json below ``root`` (a local folder, or a URL; see the module)."""
-    if not is_url(root):
-        return sorted(str(p.parent) for p in Path(root).rglob("manifest.json"))
-    transport = transport_for(root)
-    if not transport.can_list:  # HTTP: ROOT must be a variant folder (_read_manifest says so if it is not)
-        return [root]
-    level, found = [root], []
-    for _ in range(4):  # ROOT/<dataset>/<split>/<variant>: names without a dot are folders (prefixes)
-        below = []
-        for folder in level:
-            names = transport.names(folder)
-            if "manifest.json" in names:
-                found.append(folder)
-            else:
-                below += [join(folder, n) for n in names if "." not in n]
-        level = below
-    return sorted(found)
-
-
-def _read_manifest(folder: str) -> dict:
-    try:
-        return read_json(join(folder, "manifest.json"))
-    except MissingError:  # only where nothing was listed: ROOT over HTTP that is no variant folder
-        raise RankshardError(f"{folder}: no manifest.json there, and {scheme(folder)}:// cannot list a folder to "
-                             "find the variants below it; name a variant folder (ROOT/<dataset>/<split>/<variant>)"
-                             ) from None
+def _variant_folders(root: str) -> dict[str, dict[str, int] | None]:
+    """Every folder holding a manifest.json below ``root`` (a local folder, or a URL; see the module), with the
+    files below it (None over HTTP, where nothing can be listed)."""
+    if not can_list(root):
+        split = named_split(root)  # refuses a URL that names neither a variant nor a split folder
+        if split.variant:
+            return {root: None}
+        return {join(split.url, name): None for name, manifest in split.manifests().items() if manifest}
+    files = files_below(root)
+    return {join(root, rel): within(files, rel) for rel in folders_holding(files, MANIFEST)}
 
 
 def print_report(report: VerifyReport) -> None:

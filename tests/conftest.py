@@ -1,5 +1,6 @@
 """Shared pytest setup: tests marked ``gpu`` are skipped where no CUDA device is present; one torch thread;
-nothing may be written into the working directory."""
+nothing may be written into the working directory; the shared materialization (``loaders_shards.built_root``)
+served over HTTP and S3 by real servers on 127.0.0.1 (``ranged_http``, ``s3_root``)."""
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,29 @@ def nothing_written_into_the_working_directory():
     yield
     new = sorted(_working_dir_entries() - before)
     assert not new, f"tests wrote into the working directory {Path.cwd()}: {new}"
+
+
+@pytest.fixture(scope="module")
+def ranged_http():
+    """``built_root()`` over HTTP with Range support: ``(base URL, handler class)`` (faults per path, request log)."""
+    from loaders_shards import built_root
+    from remote_servers import http_server
+
+    with http_server(built_root(), ranged=True) as (url, handler):
+        yield url, handler
+
+
+@pytest.fixture(scope="module")
+def s3_root():
+    """``built_root()`` uploaded to moto's S3 server: the URL of its copy, ``s3://rankshard-test/shards``."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from loaders_shards import built_root
+    from remote_servers import s3_server, upload_folder
+
+    with s3_server():
+        import fsspec
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("rankshard-test")
+        upload_folder(built_root(), "s3://rankshard-test/shards")
+        yield "s3://rankshard-test/shards"

@@ -1,6 +1,7 @@
 """Loaders over HTTP (with and without Range support), S3 (moto) and pipe: give exactly the local samples.
 
-Every server runs on 127.0.0.1, started and stopped by a fixture (tests/remote_servers.py).
+Every server runs on 127.0.0.1, started and stopped by a fixture (tests/remote_servers.py; ``ranged_http`` and
+``s3_root`` are in conftest.py, shared with the remote ``ls``/``preview`` tests).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format import transport
 
 from loaders_shards import built_root
-from remote_servers import http_server, s3_server, upload_folder
+from remote_servers import http_server
 
 TRAIN, EVAL = ("cifar10", "train", "rank-005"), ("cifar10", "test", "rank-003")
 CFG = dict(batch_size=16, shuffle_buffer=64, augment="cifar")
@@ -48,27 +49,9 @@ def _local(kind: str, rank: int, world: int):
 
 
 @pytest.fixture(scope="module")
-def ranged_http():
-    with http_server(built_root(), ranged=True) as (url, handler):
-        yield url, handler
-
-
-@pytest.fixture(scope="module")
 def plain_http():
     with http_server(built_root(), ranged=False) as (url, handler):
         yield url, handler
-
-
-@pytest.fixture(scope="module")
-def s3_root():
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto")
-    with s3_server():
-        import fsspec
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("rankshard-test")
-        upload_folder(built_root(), "s3://rankshard-test/shards")
-        yield "s3://rankshard-test/shards"
 
 
 def _pipe_root(kind: str) -> str:

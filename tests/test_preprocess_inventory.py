@@ -123,3 +123,10 @@ def test_a_held_gate_does_not_hang_the_listing(tmp_path, monkeypatch):
     finally:
         os.close(gate)
     assert split["status"] == "writing" and split["writer"] == locking.GATE_BUSY
+
+
+def test_a_variant_folder_lists_the_split_above_it(tmp_path):
+    """As over HTTP, where a variant folder is one of the two things ROOT may name (it was a ValueError)."""
+    materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    split = tmp_path / "cifar10" / "train"
+    assert _ls(split / "rank-003") == _ls(split) and _ls(split)[0]["path"] == "train"

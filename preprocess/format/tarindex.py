@@ -303,10 +303,12 @@ class ShardReader:
         self.blob.close()
 
 
-def read_shard(path: str | os.PathLike, sha256: str | None = None) -> list[tuple[str, dict[str, bytes]]]:
+def read_shard(path: str | os.PathLike, sha256: str | None = None,
+               nbytes: int | None = None) -> list[tuple[str, dict[str, bytes]]]:
     """Every sample of a whole shard (a path or URL) as ``(key, {extension: bytes})``; RankshardError if it is
-    damaged or a sample's members are not contiguous."""
-    reader = ShardReader(path, sha256)
+    damaged or a sample's members are not contiguous. A URL is fetched checked against ``sha256``/``nbytes``
+    (the manifest's), where given."""
+    reader = ShardReader(path, sha256, nbytes)
     try:
         if reader.index.problem:
             raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "

@@ -128,8 +128,17 @@ class Transport(abc.ABC):
 
     def names(self, folder: str) -> list[str]:
         """Names of the objects directly in ``folder`` (only where ``can_list``)."""
-        raise TransportError(f"{folder}: this transport cannot list a folder; name the shards explicitly "
-                             "(a brace pattern such as train-{000000..000009}.tar)")
+        raise self._cannot_list(folder)
+
+    def find(self, folder: str) -> dict[str, int]:
+        """Every object below ``folder``, at any depth, as ``{path relative to folder: bytes}`` (only where
+        ``can_list``); empty when nothing is there. ``format/tree.py`` walks shard trees with it."""
+        raise self._cannot_list(folder)
+
+    @staticmethod
+    def _cannot_list(folder: str) -> TransportError:
+        return TransportError(f"{folder}: this transport cannot list a folder; name the shards explicitly "
+                              "(a brace pattern such as train-{000000..000009}.tar)")
 
     def put_file(self, local: Path, url: str) -> None:
         raise TransportError(f"{url}: this transport is read-only; write to a local folder or to s3:// "
@@ -163,6 +172,14 @@ class LocalTransport(Transport):
     def names(self, folder):
         path = self._path(folder)
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+    def find(self, folder):
+        path, out = self._path(folder), {}
+        for p in (path.rglob("*") if path.is_dir() else ()):
+            with contextlib.suppress(FileNotFoundError):  # gone while listing: a run renaming its temporary file
+                if p.is_file():
+                    out[p.relative_to(path).as_posix()] = p.stat().st_size
+        return out
 
     def put_file(self, local, url):
         self.put_bytes(Path(local).read_bytes(), url)
@@ -329,6 +346,19 @@ class FsspecTransport(Transport):
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
         except FileNotFoundError:
             return []
+
+    def find(self, folder):
+        # one recursive listing (S3: pages of 1,000 keys, no request per folder); never from fsspec's cache of
+        # earlier listings, which would miss what a run wrote since
+        fs, path = self._fs(folder)
+        base = path.rstrip("/") + "/"
+        fs.invalidate_cache(path)
+        try:
+            found = fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name[len(base):]: int(info.get("size") or 0) for name, info in found.items()
+                if name.startswith(base) and not name.endswith("/") and info.get("type") != "directory"}
 
     def put_file(self, local, url):
         # object stores have no rename: upload under a hidden temporary key, then copy. A reader listing the

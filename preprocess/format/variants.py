@@ -47,6 +47,14 @@ def variants_for(ranks, high, factors, spectra, encoding, lowpass=(), highpass=(
     return out
 
 
+def recorded_variants(config: dict) -> list[str]:
+    """The variant folders a recorded configuration makes (the ``config`` of a manifest or of
+    ``.rankshard-config.json``): where a split cannot be listed (HTTP), it says which folders to look for."""
+    return [v.name for v in variants_for(config["ranks"], config["high"], config.get("factors"),
+                                         config.get("spectra", True), config["encoding"],
+                                         config.get("lowpass", ()), config.get("highpass", ()))]
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     """``np.save`` output in memory (its header is deterministic for a given dtype and shape)."""
     buf = io.BytesIO()

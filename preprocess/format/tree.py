@@ -1,0 +1,106 @@
+"""A shards tree, read the same way wherever it lies: the one walk behind ``verify``, ``ls`` and ``preview``.
+
+Where the transport lists (a local folder, object storage such as ``s3://`` and other fsspec protocols),
+``files_below(ROOT)`` is every file below ROOT with its size: a local folder by its directory tree, object
+storage by one recursive listing (no request per folder). Hidden names are included: the ``.progress/``
+records and ``.rankshard-config.json`` are what ``ls`` reads. A variant folder is one holding
+``manifest.json``; a split folder holds ``.rankshard-config.json`` and the variant folders.
+
+HTTP cannot list, so ROOT must name what to read: ``named_split(URL)`` takes a variant folder (found by its
+``manifest.json``; its split is the folder above) or a split folder (found by its ``.rankshard-config.json``),
+and the split's recorded configuration says which variant folders it makes. Anything else is refused with
+the way out.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+
+from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.transport import MissingError, basename, is_url, join, parent, scheme, transport_for
+from rankshard.preprocess.format.variants import recorded_variants
+
+CONFIG_NAME = ".rankshard-config.json"  # a split's configuration and plan, written before its first shard
+MANIFEST = "manifest.json"  # a variant's manifest, written last: its presence means the variant is complete
+
+
+def can_list(root) -> bool:
+    """Whether the folders below ``root`` can be listed (a local folder, object storage; not HTTP)."""
+    return not is_url(root) or transport_for(str(root)).can_list
+
+
+def files_below(root) -> dict[str, int]:
+    """Every file below ``root`` (a folder, or a URL that ``can_list``) as ``{relative path: bytes}``."""
+    return transport_for(str(root)).find(str(root))
+
+
+def folders_holding(files: dict[str, int], name: str) -> list[str]:
+    """The relative folders (``""`` is ROOT itself) holding a file called ``name``, sorted."""
+    return sorted({posixpath.dirname(f) for f in files if posixpath.basename(f) == name})
+
+
+def within(files: dict[str, int], folder: str) -> dict[str, int]:
+    """The files below the relative ``folder``, relative to it."""
+    if not folder:
+        return dict(files)
+    prefix = folder.rstrip("/") + "/"
+    return {f[len(prefix):]: size for f, size in files.items() if f.startswith(prefix)}
+
+
+def above(root: str) -> str:
+    """The folder holding ``root`` (a local path made absolute first: the parent of ``.`` is not ``.``)."""
+    return parent(root) if is_url(root) else os.path.dirname(os.path.abspath(root))
+
+
+def split_tree(root: str) -> tuple[str, dict[str, int]]:
+    """``(root, files_below(root))`` for a listable ``root``; where ``root`` is itself a variant folder, its
+    split folder and the files below that instead: ``ls`` and ``preview`` show whole splits."""
+    files = files_below(root)
+    if MANIFEST not in files:
+        return root, files
+    split = above(root)
+    return split, files_below(split)
+
+
+def read_if_there(url: str) -> dict | None:
+    """A remote JSON file, or None where there is none."""
+    try:
+        return read_json(url)
+    except MissingError:
+        return None
+
+
+@dataclass(frozen=True)
+class NamedSplit:
+    """The split a URL names where nothing can be listed (HTTP)."""
+
+    url: str  # the split folder
+    variant: str | None  # the variant folder the URL named; None where it named the split
+    recorded: dict  # the split's .rankshard-config.json, else the named variant's manifest (same config entries)
+
+    def variants(self) -> list[str]:
+        """The variant folders the split's configuration makes."""
+        config = self.recorded.get("config") if isinstance(self.recorded, dict) else None
+        if not isinstance(config, dict):
+            raise RankshardError(f"{self.url}: its {CONFIG_NAME} or manifest.json holds no rankshard config; name "
+                                 "a folder that rankshard-preprocess wrote")
+        return recorded_variants(config)
+
+    def manifests(self) -> dict[str, dict | None]:
+        """Each variant's manifest, None where it has none (yet): reading one is the only way to see it."""
+        return {name: read_if_there(join(self.url, name, MANIFEST)) for name in self.variants()}
+
+
+def named_split(url: str) -> NamedSplit:
+    """The split that ``url`` (a variant folder or a split folder) names; a RankshardError saying what to pass
+    where it names neither."""
+    manifest = read_if_there(join(url, MANIFEST))
+    split = parent(url) if manifest is not None else url
+    recorded = read_if_there(join(split, CONFIG_NAME)) or manifest
+    if recorded is None:
+        raise RankshardError(f"{url}: no manifest.json or {CONFIG_NAME} there, and {scheme(url)}:// cannot list a "
+                             "folder to find the variants below it; name a variant folder "
+                             "(ROOT/<dataset>/<split>/<variant>) or its split folder (ROOT/<dataset>/<split>)")
+    return NamedSplit(split, basename(url) if manifest is not None else None, recorded)
