@@ -17,6 +17,7 @@ import http.server
 import os
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 LOCALHOST = "127.0.0.1"
@@ -139,6 +140,9 @@ def s3_server():
     try:
         yield endpoint
     finally:
+        # moto keeps its buckets in process-wide state that outlives the server: without a reset, the next
+        # server in this process (another module's fixture) would find this one's buckets and objects
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
         server.stop()
         for k, v in saved_env.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
