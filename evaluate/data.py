@@ -88,12 +88,16 @@ def check_layout(root: str | Path, dataset: str, split: str, variant: str) -> No
 
 
 def _first_samples(info, n: int):
-    """``info`` restricted to the shards that hold the first ``n`` samples of the manifest order."""
+    """``info`` restricted to the first ``n`` samples of the manifest order: the shards that hold them, the last
+    one counted only up to the n-th sample, so the loader's ranks split those n samples (not the whole shards:
+    rank 0 got them all under torchrun) and read nothing after them."""
     keep, total = 0, 0
     while total < n:
         total += info.shard_sizes[keep]
         keep += 1
-    return replace(info, urls=info.urls[:keep], shard_sizes=info.shard_sizes[:keep], num_samples=total)
+    sizes = list(info.shard_sizes[:keep])
+    sizes[-1] -= total - n
+    return replace(info, urls=info.urls[:keep], shard_sizes=sizes, num_samples=n)
 
 
 def _key_bound(manifest: dict, n: int) -> int:

@@ -113,6 +113,12 @@ def _read_manifest(folder, location: str | None = None) -> dict:
     try:
         manifest = json.loads(_manifest_text(location))
     except MissingError:
+        parent = Path(folder).parent
+        if not is_url(str(folder)) and not Path(folder).exists() and parent.is_dir():  # a misspelt variant, split
+            held = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise LoaderError(f"{folder}: no such folder; {parent} holds {held or 'nothing'} (layout "
+                              "<root>/<dataset>/<split>/<variant>): check the variant name, or materialize it "
+                              "with rankshard-preprocess") from None
         raise LoaderError(f"{folder}: no manifest.json, so this is not a finished rankshard variant folder "
                           f"(or its materialization was interrupted); {REBUILD}, or point open_variant at "
                           "<root>/<dataset>/<split>/<variant>") from None

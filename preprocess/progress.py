@@ -21,6 +21,7 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = 0.2 if self.tty else log_every
         self.done = 0
+        self.drawn = None  # ``done`` at the last line printed to a log (close() does not repeat that line)
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
@@ -38,7 +39,7 @@ class Progress:
         bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
         note = self.note() if self.note else ""
         return (f"{self.desc} [{bar}] {self.done}/{self.total} {100 * frac:5.1f}% "
-                f"{rate:,.0f} {self.unit}/s elapsed {clock(elapsed)} eta {clock(eta)}" + (f" | {note}" if note else ""))
+                f"{rate_text(rate)} {self.unit}/s elapsed {clock(elapsed)} eta {clock(eta)}" + (f" | {note}" if note else ""))
 
     def _draw(self, now: float) -> None:
         if not self.enabled:
@@ -46,14 +47,20 @@ class Progress:
         end = "\r" if self.tty else "\n"
         self.stream.write(self._line(now) + end)
         self.stream.flush()
+        self.drawn = None if self.tty else self.done
 
     def close(self) -> float:
         """Print the final line and return the elapsed seconds."""
         now = time.perf_counter()
-        if self.enabled:
+        if self.enabled and self.drawn != self.done:  # a log already holds this count's line: print it once
             self.stream.write(self._line(now) + "\n")
             self.stream.flush()
         return now - self.start
+
+
+def rate_text(rate: float) -> str:
+    """``6,556`` or ``42`` per second; two significant digits below 10 (an attack at ``0.42`` img/s, not ``0``)."""
+    return f"{rate:,.0f}" if rate >= 10 or rate == 0 else f"{rate:.2g}"
 
 
 def clock(seconds: float) -> str:

@@ -34,3 +34,6 @@ def test_limit_counts_samples_not_keys_when_an_input_was_skipped(tmp_path):
         for world in (1, 2):  # every rank's part together: the first `limit` samples, each once
             keys = sorted(k for r in range(world) for b in data.batches(r, world) for k in b.keys)
             assert keys == in_order[:min(limit, 7)] and data.num_samples == len(keys)
+        if limit < 7:  # the ranks share the first `limit` samples (they all went to rank 0: its bar read 21/11)
+            shares = [sum(len(b.keys) for b in data.batches(r, 2)) for r in range(2)]
+            assert sorted(shares) == [limit // 2, -(-limit // 2)]

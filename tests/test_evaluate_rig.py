@@ -342,3 +342,12 @@ def test_cli_shape_matches_the_other_subcommands(demo, tmp_path):
     from rankshard.evaluate.cli import main
     missing = CliRunner().invoke(main, ["rig", str(ckpts[0]), "--data", str(out / "shards"), "--index", "0:1"])
     assert missing.exit_code == 2 and "--out" in missing.output
+
+
+def test_compare_rows_name_every_checkpoints_class():
+    """compare.png's rows said 'class 3' (the first checkpoint's) while the second explained classes 0 and 7."""
+    from rankshard.evaluate.rig.inputs import InputBatch
+    from rankshard.evaluate.rig.run import _row_labels
+    batch = InputBatch(np.zeros((2, 3, 4, 4), np.float32), ["00000000", "cat.jpg"], [0, -1])
+    assert _row_labels(batch, [3, 3]) == ["00000000\nlabel 0, class 3", "cat.jpg\nclass 3"]
+    assert _row_labels(batch, [3, 3], [0, 7]) == ["00000000\nlabel 0, classes 3 / 0", "cat.jpg\nclasses 3 / 7"]

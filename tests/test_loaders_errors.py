@@ -142,6 +142,14 @@ def test_missing_manifest_is_refused_with_the_fix(tmp_path):
         open_variant(folder)
 
 
+def test_a_misspelt_variant_lists_the_variants_there(tmp_path):
+    """`--train-variant rank-007` where only rank-005 exists said 'no manifest.json ... rerun the same
+    rankshard-preprocess command', as if a run had been interrupted; it names what the split holds."""
+    folder = copy_variant(tmp_path)
+    with pytest.raises(LoaderError, match=r"rank-007: no such folder; .* holds \['" + folder.name + r"'\]"):
+        open_variant(folder.parent / "rank-007")
+
+
 def test_missing_and_unlisted_shards_are_refused(tmp_path):
     folder = copy_variant(tmp_path)
     shutil.copy(folder / "train-000000.tar", folder / "train-000099.tar")

@@ -118,3 +118,17 @@ def test_cli_data_option_shares_evaluates_name_and_keeps_the_old_one(flag, tmp_p
 def test_cli_requires_an_output_folder():
     result = CliRunner().invoke(main, ["--preset", "cifar10-fast"])
     assert result.exit_code == 2 and "--out is required" in result.output and "Traceback" not in result.output
+
+
+def test_a_changed_option_on_resume_is_refused_without_advising_resume(tmp_path):
+    """`--resume RUN --epochs 3` on a 2-epoch run: the user already resumes, so "(or --resume it)" is no way out;
+    the message says a resume keeps the saved config and names the changed option."""
+    from rankshard.train import rundir
+    rundir.prepare(tmp_path, from_preset("cifar10-paper", {"epochs": "2"}))
+    with pytest.raises(ConfigError) as info:
+        rundir.prepare(tmp_path, from_preset("cifar10-paper", {"epochs": "3"}), resume=True)
+    message = str(info.value)
+    assert "epochs: 2 (saved) -> 3" in message and "--resume it" not in message
+    assert "saved configuration" in message and "another run folder" in message
+    with pytest.raises(ConfigError, match=r"repeat the saved options \(or --resume it\)"):  # a fresh start may resume
+        rundir.prepare(tmp_path, from_preset("cifar10-paper", {"epochs": "3"}))

@@ -56,8 +56,12 @@ def _clear(run_dir: Path) -> None:
         path.unlink()
 
 
-def _mismatch(run_dir: Path, diffs: dict[str, tuple]) -> str:
+def _mismatch(run_dir: Path, diffs: dict[str, tuple], resume: bool = False) -> str:
     lines = "\n".join(f"  {k}: {old!r} (saved) -> {new!r}" for k, (old, new) in diffs.items())
+    if resume:  # the user already resumes: say that a resume keeps the saved config, not "--resume it"
+        return (f"--resume {run_dir} continues the run with its saved configuration, and these options "
+                f"change it:\n{lines}\nDrop them from the command to resume, or train with them in another "
+                "run folder (or pass --overwrite to delete this run's checkpoints and metrics and start again).")
     return (f"{run_dir} holds a run with a different configuration:\n{lines}\n"
             "Use another run folder, repeat the saved options (or --resume it), or pass --overwrite to "
             "delete that run's checkpoints and metrics and start again.")
@@ -97,7 +101,7 @@ def prepare(run_dir: Path, cfg: TrainConfig, overwrite: bool = False, resume: bo
     if (run_dir / "config.json").is_file() and not overwrite:
         diffs = differences(read_config(run_dir), cfg)
         if diffs:
-            raise ConfigError(_mismatch(run_dir, diffs))
+            raise ConfigError(_mismatch(run_dir, diffs, resume))
         if (run_dir / "last.pt").is_file() and not resume:
             raise ConfigError(f"{run_dir} already holds a run with this config (last.pt); pass --resume "
                               f"{run_dir} to continue it or --overwrite to start again")

@@ -80,9 +80,15 @@ def _columns(maps: MapSet, cfg: MapConfig, prefix: str = "") -> list[Column]:
     return [Column(prefix + TITLES[m], maps.maps[m], signed) for m in cfg.methods]
 
 
-def _row_labels(batch: InputBatch, targets: list[int]) -> list[str]:
-    return [f"{n}\nlabel {l}, class {t}" if l >= 0 else f"{n}\nclass {t}"
-            for n, l, t in zip(batch.names, batch.labels, targets)]
+def _row_labels(batch: InputBatch, *targets: list[int]) -> list[str]:
+    """``KEY\nlabel L, class T`` per image; with several checkpoints' targets (compare.png) each one's class in
+    column order, ``classes 3 / 0``: every checkpoint explains its own top class."""
+    rows = []
+    for i, (n, l) in enumerate(zip(batch.names, batch.labels)):
+        classes = [t[i] for t in targets]
+        text = f"class {classes[0]}" if len(classes) == 1 else "classes " + " / ".join(map(str, classes))
+        rows.append(f"{n}\nlabel {l}, {text}" if l >= 0 else f"{n}\n{text}")
+    return rows
 
 
 def _delta_summary(maps: MapSet) -> dict | None:
@@ -147,8 +153,9 @@ def run_rig(loaded: list[LoadedCheckpoint], batch: InputBatch, cfg: RunConfig, s
     if len(entries) > 1:
         cols = [c for e in entries for c in _columns(e["_maps"], cfg.maps, f"{e['name']}\n")]
         figures.append(str(save_rows_figure(cfg.out / "compare.png", batch.images, cols,
-                                            _row_labels(batch, entries[0]["targets"]),
-                                            "checkpoints side by side (each explains its own top class)", cfg.clip)))
+                                            _row_labels(batch, *(e["targets"] for e in entries)),
+                                            "checkpoints side by side (each explains its own top class; classes "
+                                            "in checkpoint order)", cfg.clip)))
     for e in entries:
         del e["_maps"]
     body = {"source": source, "inputs": {"names": batch.names, "labels": batch.labels,
