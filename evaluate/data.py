@@ -36,6 +36,16 @@ class EvalData:
     batches: Callable[[int, int], Iterator]  # (rank, world_size) -> batches with x, y, keys
     classes: tuple[str, ...] = ()
 
+    def samples_of(self, rank: int, world_size: int) -> int:
+        """How many samples rank ``rank`` of ``world_size`` evaluates (``rank_part``): its progress bar's total."""
+        return len(rank_part(self.num_samples, rank, world_size))
+
+
+def rank_part(n: int, rank: int, world_size: int) -> range:
+    """The positions of ``n`` samples that rank ``rank`` of ``world_size`` gets: a contiguous part of floor or ceil
+    of n / world_size, the same rule as the shard loader's exactly-once plan (``loaders.plan.EvalPlan``)."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
 
 def check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
@@ -44,7 +54,7 @@ def check_limit(limit: int | None) -> None:
 
 def tensor_data(x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 64, name: str = "tensors",
                 keys: Sequence[str] | None = None, limit: int | None = None) -> EvalData:
-    """In-memory evaluation data; rank r of w gets samples r, r + w, ... (exactly once over all ranks)."""
+    """In-memory evaluation data; rank r of w gets its ``rank_part`` (exactly once over all ranks)."""
     check_limit(limit)
     n = len(y) if limit is None else min(limit, len(y))
     keys = [f"{i:08d}" for i in range(len(y))] if keys is None else list(keys)
@@ -53,7 +63,7 @@ def tensor_data(x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: 
                               f"{tuple(y.shape)} and {len(keys)} keys")
 
     def batches(rank: int = 0, world_size: int = 1) -> Iterator[EvalBatch]:
-        mine = list(range(rank, n, world_size))
+        mine = list(rank_part(n, rank, world_size))
         for start in range(0, len(mine), batch_size):
             idx = mine[start:start + batch_size]
             yield EvalBatch(x[idx], y[idx], [keys[i] for i in idx])

@@ -25,7 +25,7 @@ from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
 def _batches(data: EvalData, ctx: DistContext, desc: str, quiet: bool = False) -> Iterator:
     """This rank's batches, with a progress bar (images/s, ETA) on rank 0: attacks and spectra take hours."""
-    bar = Progress(-(-data.num_samples // ctx.world_size), desc, enabled=ctx.is_main and not quiet)
+    bar = Progress(data.samples_of(ctx.rank, ctx.world_size), desc, enabled=ctx.is_main and not quiet)
     for batch in data.batches(ctx.rank, ctx.world_size):
         yield batch
         bar.update(len(batch.keys))

@@ -78,7 +78,8 @@ class TrainPlan:
                               "manifest's errors for why its inputs were skipped")
         if steps == 0:
             raise LoaderError(f"{n} samples cannot fill one batch of {self.batch_size} on each of "
-                              f"{self.world_size} ranks; lower batch_size or pass drop_last=False")
+                              f"{self.world_size} ranks; lower the batch size (rankshard-train --batch-size) or, "
+                              "calling the loader yourself, pass drop_last=False")
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.sizes))
         object.__setattr__(self, "steps", steps)
         object.__setattr__(self, "stream", Stream(tuple(self.sizes), tuple(int(i) for i in order)))

@@ -89,15 +89,25 @@ class ShardSpec:
         return cfg
 
 
+# Why 0 is refused, per list: ranks count singular values kept (low) or removed (high); frequency windows are
+# k x k blocks of the 2-D DFT kept (low-pass) or removed (high-pass).
+ZERO_MEANS = {
+    "--ranks": ("ranks", "low rank 0 is an all-zero image"),
+    "--high": ("ranks", "high rank 0 is the full image, which the `full` variant already stores"),
+    "--lowpass": ("windows", "a 0 x 0 low-pass window keeps no frequency: an all-zero image"),
+    "--highpass": ("windows", "a 0 x 0 high-pass window removes nothing: the full image, which `full` stores"),
+}
+
+
 def _check_rank_list(flag: str, ks: tuple[int, ...]) -> None:
-    """Ranks count singular values kept (low) or removed (high): each at least 1, each given once."""
+    """Each k at least 1 (``ZERO_MEANS`` says why), each given once."""
+    what, zero = ZERO_MEANS[flag]
     bad = [k for k in ks if k < 1]
     if bad:
-        raise RankshardError(f"{flag} {bad[0]}: ranks start at 1 (low rank 0 is an all-zero image and high rank "
-                             "0 is the full image, which the `full` variant already stores)")
+        raise RankshardError(f"{flag} {bad[0]}: {what} start at 1 ({zero})")
     repeated = sorted({k for k in ks if ks.count(k) > 1})
     if repeated:
-        raise RankshardError(f"{flag}: rank {repeated[0]} is listed twice; give each rank once")
+        raise RankshardError(f"{flag}: {what[:-1]} {repeated[0]} is listed twice; give each once")
 
 
 def config_hash(cfg: dict) -> str:

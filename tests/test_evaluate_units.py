@@ -45,6 +45,8 @@ def test_tensor_data_is_exactly_once_for_any_world_size():
     for world in (1, 2, 3, 5):
         keys = [k for r in range(world) for b in data.batches(r, world) for k in b.keys]
         assert sorted(keys) == [f"{i:08d}" for i in range(21)]
+        for r in range(world):  # what each rank's progress bar counts to is what it gets
+            assert sum(len(b.keys) for b in data.batches(r, world)) == data.samples_of(r, world)
 
 
 def test_summaries_match_literal_counts():

@@ -265,6 +265,9 @@ def test_cli_verify_and_preview(archive, tmp_path):
     (dict(ranks=(0, 5)), "--ranks 0: ranks start at 1"),
     (dict(high=(0,)), "--high 0: ranks start at 1"),
     (dict(ranks=(5, 3, 5)), "--ranks: rank 5 is listed twice"),
+    (dict(lowpass=(0, 4)), r"--lowpass 0: windows start at 1 \(a 0 x 0 low-pass window keeps no frequency"),
+    (dict(highpass=(0,)), r"--highpass 0: windows start at 1 \(a 0 x 0 high-pass window removes nothing"),
+    (dict(lowpass=(4, 4)), "--lowpass: window 4 is listed twice"),
 ])
 def test_meaningless_rank_lists_are_refused(kw, needle):
     with pytest.raises(RankshardError, match=needle):

@@ -81,6 +81,8 @@ def plot_sensitivity(results, path: Path, layers: int = 8, dpi: int = 110) -> bo
         ax.set_visible(False)
     axes[0].legend(fontsize=6)
     fig.suptitle("||d sigma_max / d W[o]|| per output filter o", fontsize=9)
+    fig.supxlabel("output filter o", fontsize=8)
+    fig.supylabel("||d sigma_max / d W[o]||", fontsize=8)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi)
     return True

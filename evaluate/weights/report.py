@@ -91,7 +91,7 @@ def _esd_panel(ax, result: LayerResult, spectrum: str) -> None:
                 histtype="step", color="k", label="permuted")
     grid = np.linspace(st["mp_lambda_minus"], st["mp_lambda_plus"], 300)[1:-1]
     ax.plot(grid, mp_density(grid, st["mp_ratio"], st["mp_variance"]), color="C3", label="MP fit")
-    ax.axvline(st["mp_threshold"], color="C3", ls="--", lw=0.8)
+    ax.axvline(st["mp_threshold"], color="C3", ls="--", lw=0.8, label="spike threshold (Tracy-Widom)")
     ax.set_title(f"{result.info.name}  spikes={st['mp_spikes']}  a={st['alpha']:.2f}", fontsize=7)
     ax.tick_params(labelsize=6)
 
@@ -111,6 +111,8 @@ def plot_esd_grid(results: list[LayerResult], path: Path, cfg: ReportConfig = Re
         ax.set_visible(False)
     axes[0].legend(fontsize=6)
     fig.suptitle(f"ESD ({cfg.esd_spectrum}), lambda = sigma^2 / out", fontsize=9)
+    fig.supxlabel("eigenvalue lambda = sigma^2 / out", fontsize=8)
+    fig.supylabel("density", fontsize=8)
     _save(fig, path, cfg.dpi)
 
 
