@@ -32,9 +32,12 @@ def print_summary(result: dict) -> None:
                   f"{errors[0]['source']}: {errors[0]['reason']}")
     print(f"  {stats['images']} images written, {stats['shards_written']} shards "
           f"({stats['shards_skipped']} already done) in {stats['wall']:.1f} s = {stats['images_per_s'] or 0:,.0f} img/s")
-    print(f"  time: read/decode {stats['read']:.1f} s waited ({stats.get('decode', 0):.1f} s in workers), "
-          f"svd+quantize {stats['svd']:.1f} s, encode+write {stats['encode_write']:.1f} s in workers "
-          f"({stats.get('write_wait', 0):.1f} s waited)")
+    # Stage seconds are summed over whichever processes ran the stage (workers, and this one where it makes
+    # shards too, or runs alone with --workers 0); the waits are this process's own.
+    print(f"  time, summed over the processes that ran each stage: read/decode {stats.get('decode', 0):.1f} s, "
+          f"svd+quantize {stats['svd']:.1f} s, encode+write {stats['encode_write']:.1f} s; the main process spent "
+          f"{stats['read']:.1f} s getting decoded images (decoding them, or waiting for workers) and "
+          f"{stats.get('write_wait', 0):.1f} s waiting for writers")
     rss = stats.get("peak_rss_mb") or {}
     if rss:
         worker = "no workers" if rss.get("worker") is None else f"largest worker {rss['worker']:,.0f} MB"

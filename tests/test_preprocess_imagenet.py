@@ -197,6 +197,14 @@ def test_bad_files_are_skipped_recorded_and_keys_keep_their_positions(built, tre
     assert verify_tree(out).ok
 
 
+def test_decoding_in_this_process_is_counted_as_decode_time(built):
+    """--workers 0: the summary's read/decode stage showed 0 s, the decoding counted only as waiting."""
+    _, result, _ = built
+    stats = result["stats"]
+    assert stats["decode"] <= stats["read"] + 0.001  # timed inside the job, so within the time around it
+    assert stats["decode"] > 0 or stats["read"] <= 0.002  # (stats are rounded to the millisecond)
+
+
 def test_rerun_with_decode_workers_is_byte_identical(built, tree, tmp_path):
     out, _, _ = built
     src = imagenet_source(tree["root"], "train", GEOMETRY, tmp_path / "cache")
