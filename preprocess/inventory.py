@@ -26,7 +26,7 @@ from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.format.transport import basename, is_url, join, scheme
 from rankshard.preprocess.format.tree import (CONFIG_NAME, MANIFEST, NamedSplit, can_list, files_below,
-                                              folders_holding, named_split, split_tree, within)
+                                              folders_holding, is_ours, named_split, split_tree, within)
 from rankshard.preprocess.locking import lock_holder
 from rankshard.preprocess.progress import human_bytes
 
@@ -66,20 +66,12 @@ def inventory(root: str | Path) -> list[SplitInfo]:
     root, files = split_tree(root)
     read = functools.lru_cache(maxsize=None)(read_json)  # a manifest is read once (remotely: one request)
     found = set(folders_holding(files, CONFIG_NAME)) | {
-        posixpath.dirname(v) for v in folders_holding(files, MANIFEST) if _is_ours(read, join(root, v, MANIFEST))}
+        posixpath.dirname(v) for v in folders_holding(files, MANIFEST) if is_ours(read, join(root, v, MANIFEST))}
     lock = None if is_url(root) else lock_holder
     return [_split_or_problem(rel or basename(root if is_url(root) else os.path.abspath(root)),
                               lambda shown, rel=rel: _listed_split(shown, join(root, rel), within(files, rel),
                                                                    read, lock))
             for rel in sorted(found, key=lambda r: r.split("/"))]
-
-
-def _is_ours(read, manifest: str) -> bool:
-    """A rankshard variant manifest (other tools name files manifest.json too)."""
-    try:
-        return str(read(manifest).get("format", "")).startswith("rankshard/")
-    except (RankshardError, AttributeError):
-        return False
 
 
 def _split_or_problem(shown: str, info) -> SplitInfo:

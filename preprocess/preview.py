@@ -17,7 +17,7 @@ from rankshard.preprocess.format.codec import decode_image, decode_npy
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
 from rankshard.preprocess.format.transport import basename, is_url, join, parent
-from rankshard.preprocess.format.tree import MANIFEST, can_list, folders_holding, named_split, split_tree
+from rankshard.preprocess.format.tree import MANIFEST, can_list, folders_holding, is_ours, named_split, split_tree
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tarindex import read_shard
 
@@ -42,7 +42,8 @@ def _splits(root: str) -> dict[str, tuple[tuple[str, ...], list[str]]]:
     root, files = split_tree(root)
     found: dict[str, list[str]] = {}
     for variant in folders_holding(files, MANIFEST):
-        found.setdefault(posixpath.dirname(variant), []).append(posixpath.basename(variant))
+        if is_ours(read_json, join(root, variant, MANIFEST)):  # not another tool's manifest.json beside ours
+            found.setdefault(posixpath.dirname(variant), []).append(posixpath.basename(variant))
     return {join(root, rel): (tuple(rel.split("/")) if rel else (), names) for rel, names in sorted(found.items())}
 
 

@@ -74,3 +74,17 @@ def test_two_runs_under_one_root_stay_apart(tmp_path):
     assert set(wrote) == {*grids, *(g.with_name(g.stem + "-energy.png") for g in grids)}
     _assert_pngs(wrote)
     assert grids[0].read_bytes() != grids[1].read_bytes()
+
+
+def test_another_tools_manifest_beside_ours_is_not_taken_for_a_split(shards, tmp_path):
+    """A data root often holds other datasets; one with its own manifest.json made preview fail (KeyError)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shards / "cifar10" / "test", root / "cifar10" / "test")
+    foreign = root / "coco" / "annotations"
+    foreign.mkdir(parents=True)
+    (foreign / "manifest.json").write_text('{"version": 3, "files": ["a.json"]}')
+    wrote = _preview(root, tmp_path / "out" / "p.png")
+    assert wrote == [tmp_path / "out" / "p.png", tmp_path / "out" / "p-energy.png"]  # one split: ours
+    _assert_pngs(wrote)

@@ -64,6 +64,15 @@ def split_tree(root: str) -> tuple[str, dict[str, int]]:
     return split, files_below(split)
 
 
+def is_ours(read, manifest: str) -> bool:
+    """Whether ``manifest`` (a path or URL, read with ``read``) is a rankshard variant's: other tools name
+    files manifest.json too, and a data root may hold theirs beside ours."""
+    try:
+        return str(read(manifest).get("format", "")).startswith("rankshard/")
+    except (RankshardError, AttributeError):
+        return False
+
+
 def read_if_there(url: str) -> dict | None:
     """A remote JSON file, or None where there is none."""
     try:
