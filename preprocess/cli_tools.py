@@ -30,7 +30,7 @@ def _local_or_url(ctx, param, value: str) -> str:
 def verify_command(root, samples, quiet):
     """Re-hash shards against their manifests, count and decode samples, recheck ranks. Exit 1 on mismatch.
 
-    ROOT: a folder, object storage (s3://...), or over HTTP a variant folder."""
+    ROOT: a folder, object storage (s3://...), or over HTTP a variant or split folder."""
     from rankshard.preprocess.verify import print_report, verify_tree
 
     report = verify_tree(root, reference_samples=samples, show_progress=not quiet)

@@ -27,6 +27,7 @@ ENDLESS_BYTES = 512 << 20  # what an "endless" body sends at most: the test ends
 class _Handler(http.server.SimpleHTTPRequestHandler):
     ranged = True
     token: str | None = None
+    forbid: str | None = None  # "hidden": 403 for dotfiles (nginx's usual rule); "missing": 403 for what is absent
     faults: dict = {}
     log: list = []
 
@@ -38,8 +39,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return self.faults.get(name)
 
     def _refused(self) -> bool:
-        """With a ``token``, a request without ``?token=<it>`` is refused (403), like a signed-URL store."""
-        if self.token and not self.path.endswith(f"?token={self.token}"):
+        """With a ``token``, a request without ``?token=<it>`` is refused (403), like a signed-URL store; with
+        ``forbid``, hidden files or absent ones are (a server denying dotfiles; a bucket without list rights)."""
+        path = self.path.split("?", 1)[0]
+        hidden = any(part.startswith(".") for part in path.split("/"))
+        absent = not Path(self.translate_path(self.path)).exists()
+        if ((self.token and not self.path.endswith(f"?token={self.token}"))
+                or (self.forbid == "hidden" and hidden) or (self.forbid == "missing" and absent)):
             self.send_error(403)
             return True
         return False
@@ -103,9 +109,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def http_server(root: Path, ranged: bool = True, token: str | None = None):
+def http_server(root: Path, ranged: bool = True, token: str | None = None, forbid: str | None = None):
     """Serve ``root`` on 127.0.0.1 (a free port); yields ``(base_url, handler_class)``."""
-    handler = type("Handler", (_Handler,), {"ranged": ranged, "token": token, "faults": {}, "log": []})
+    handler = type("Handler", (_Handler,), {"ranged": ranged, "token": token, "forbid": forbid, "faults": {},
+                                            "log": []})
     server = http.server.ThreadingHTTPServer((LOCALHOST, 0), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -140,17 +147,31 @@ def s3_server():
     try:
         yield endpoint
     finally:
-        # moto keeps its buckets in process-wide state that outlives the server: without a reset, the next
-        # server in this process (another module's fixture) would find this one's buckets and objects
+        try:
+            _reset_and_stop(server, endpoint)
+        finally:
+            _restore_client_config(saved_env, saved_conf)
+
+
+def _reset_and_stop(server, endpoint: str) -> None:
+    # moto keeps its buckets in process-wide state that outlives the server: without a reset, the next server in
+    # this process (another module's fixture) would find this one's buckets and objects
+    try:
         urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+    finally:
         server.stop()
-        for k, v in saved_env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        fsspec.config.conf.pop("s3", None)
-        if saved_conf is not None:
-            fsspec.config.conf["s3"] = saved_conf
-        import s3fs
-        s3fs.S3FileSystem.clear_instance_cache()  # the next server has another port
+
+
+def _restore_client_config(saved_env: dict, saved_conf) -> None:
+    import fsspec.config
+    import s3fs
+
+    for k, v in saved_env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    fsspec.config.conf.pop("s3", None)
+    if saved_conf is not None:
+        fsspec.config.conf["s3"] = saved_conf
+    s3fs.S3FileSystem.clear_instance_cache()  # the next server has another port
 
 
 def upload_folder(local: Path, url: str) -> None:

@@ -144,3 +144,76 @@ def test_preview_of_a_url_writes_into_the_current_folder_by_default(ranged_http,
     got = _preview(f"{url}/cifar10/train", None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["preview-energy.png", "preview.png"]
     assert list(got.values()) == list(local_previews["train"].values())
+
+
+@pytest.mark.parametrize("forbid", ["hidden", "missing"])
+def test_servers_answering_403_for_dotfiles_or_absent_files_still_serve_a_variant(forbid):
+    """nginx commonly denies dotfiles, and a bucket without list rights answers 403 for an absent key: both made
+    the optional probe of the split's .rankshard-config.json fatal, so verify of a variant URL failed."""
+    from rankshard.preprocess.verify import verify_tree
+
+    local_ls = _without_lock(_ls(built_root().joinpath(*TRAIN)))
+    with http_server(built_root(), forbid=forbid) as (url, _):
+        variant = f"{url}/cifar10/train/rank-005"
+        report = verify_tree(variant, reference_samples=1)
+        assert report.ok and [c.folder for c in report.checks] == [variant]
+        listed = _without_lock(_ls(variant))
+        if forbid == "missing":  # the config is served: the split URL works too, and so does the same listing
+            assert listed == local_ls and _without_lock(_ls(f"{url}/cifar10/train")) == local_ls
+    if forbid == "hidden":  # the configuration is hidden: the variants' manifests carry the same entries
+        assert [(s["status"], s["config_hash"], s["shards_done"]) for s in listed] == \
+            [(s["status"], s["config_hash"], s["shards_done"]) for s in local_ls]
+
+
+def test_an_unfinished_variant_folder_names_its_split_locally_and_over_http(tmp_path):
+    root = _unfinished_copy(tmp_path / "copy")
+    variant = root.joinpath(*TRAIN, "rank-005")
+    assert _ls(variant) == _ls(root.joinpath(*TRAIN))  # it said "no rankshard splits below it"
+    with http_server(root) as (url, _):
+        (train,) = _ls(f"{url}/cifar10/train/rank-005")
+    assert train["status"] == "stopped" and train["path"] == "train"
+
+
+def test_another_tools_manifest_at_root_is_not_taken_for_a_variant(tmp_path):
+    """ls of a folder holding someone else's manifest.json listed the splits of its parent folder."""
+    shutil.copytree(built_root(), tmp_path / "data")
+    foreign = tmp_path / "data" / "coco"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"name": "other-tool", "files": []}')
+    assert _ls(foreign) == []
+    assert [s["path"] for s in _ls(tmp_path / "data")] == ["cifar10/test", "cifar10/train"]
+
+
+@pytest.mark.parametrize("config", ['{"config": {"ranks": [1]}}', '{"config": {"ranks": "abc", "high": []}}',
+                                   '{"config": {"ranks": %s, "high": [], "encoding": "png"}}' % list(range(1, 2000))])
+def test_a_malformed_remote_configuration_is_refused_with_the_file_named(tmp_path, config):
+    split = tmp_path.joinpath(*TRAIN)
+    split.mkdir(parents=True)
+    (split / ".rankshard-config.json").write_text(config)
+    with http_server(tmp_path) as (url, _):
+        for command in ("ls", "verify", "preview"):
+            result = CliRunner().invoke(main, [command, f"{url}/cifar10/train"])
+            # ls lists a split it cannot read as unreadable, with the reason; the others stop there (exit 2)
+            assert result.exit_code == (0 if command == "ls" else 2), (command, result.output)
+            assert "Traceback" not in result.output and "cifar10/train" in result.output
+            assert "readable rankshard config" in result.output or "variants (more than 1,000" in result.output
+            assert command != "ls" or "train  unreadable: RankshardError: " in result.output
+
+
+def test_a_symlinked_variant_is_listed_and_a_link_loop_ends(tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(built_root(), root)
+    elsewhere = tmp_path / "elsewhere"
+    (root.joinpath(*TRAIN, "rank-005")).rename(elsewhere)
+    root.joinpath(*TRAIN, "rank-005").symlink_to(elsewhere)  # a variant kept on another disk
+    (root / "cifar10" / "loop").symlink_to(root)  # and a link back up the tree
+    assert _without_lock(_ls(root)) == _without_lock(_ls(built_root()))
+
+
+def test_the_walk_lists_shards_tree_files_only():
+    """A raw dataset beside the shards (a million JPEGs) is not stat'ed file by file."""
+    from rankshard.preprocess.format.tree import files_below
+
+    files = files_below(built_root())
+    assert files and all(f.endswith((".tar", ".json", ".partial")) for f in files)
+    assert any(f.endswith("/.progress/train-000000.tar.json") for f in files)

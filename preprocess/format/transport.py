@@ -55,6 +55,11 @@ class MissingError(TransportError):
     """The URL does not exist (HTTP 404/410, no such key or file): retrying would not help."""
 
 
+class ForbiddenError(TransportError):
+    """The server refused the URL (HTTP 401/403). Some answer so for a file that is not there too (a bucket
+    without list permission, a server denying hidden files), so a probe treats it as absent."""
+
+
 class IntegrityError(TransportError):
     """What arrived is not what the manifest recorded (size or sha256)."""
 
@@ -130,9 +135,10 @@ class Transport(abc.ABC):
         """Names of the objects directly in ``folder`` (only where ``can_list``)."""
         raise self._cannot_list(folder)
 
-    def find(self, folder: str) -> dict[str, int]:
-        """Every object below ``folder``, at any depth, as ``{path relative to folder: bytes}`` (only where
-        ``can_list``); empty when nothing is there. ``format/tree.py`` walks shard trees with it."""
+    def find(self, folder: str, suffixes: tuple[str, ...]) -> dict[str, int]:
+        """Every object below ``folder`` whose name ends with one of ``suffixes``, at any depth, as ``{path
+        relative to folder: bytes}`` (only where ``can_list``); empty when nothing is there. ``format/tree.py``
+        walks shard trees with it: the suffixes spare a stat of every raw image that shares the tree."""
         raise self._cannot_list(folder)
 
     @staticmethod
@@ -145,6 +151,15 @@ class Transport(abc.ABC):
                              "(or another fsspec filesystem)")
 
     put_bytes = delete = put_file
+
+
+def _folder_id(folder: str) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None where it went away or is a broken link."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class LocalTransport(Transport):
@@ -173,12 +188,20 @@ class LocalTransport(Transport):
         path = self._path(folder)
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
-    def find(self, folder):
-        path, out = self._path(folder), {}
-        for p in (path.rglob("*") if path.is_dir() else ()):
-            with contextlib.suppress(FileNotFoundError):  # gone while listing: a run renaming its temporary file
-                if p.is_file():
-                    out[p.relative_to(path).as_posix()] = p.stat().st_size
+    def find(self, folder, suffixes):
+        path, out, seen = self._path(folder), {}, set()
+        # symlinked folders are followed (a variant linked in from elsewhere is part of the split), each real
+        # folder once: a link back up the tree would otherwise loop forever
+        for top, dirs, names in os.walk(path, followlinks=True):
+            key = _folder_id(top)
+            if key is None or key in seen:
+                dirs[:] = []
+                continue
+            seen.add(key)
+            rel = os.path.relpath(top, path)
+            for name in (n for n in names if n.endswith(suffixes)):
+                with contextlib.suppress(FileNotFoundError):  # gone while listing: a run renaming its temporary
+                    out[name if rel == "." else f"{Path(rel).as_posix()}/{name}"] = os.stat(os.path.join(top, name)).st_size
         return out
 
     def put_file(self, local, url):
@@ -216,6 +239,9 @@ class HttpTransport(Transport):
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
                 raise MissingError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            if exc.code in (401, 403):
+                raise ForbiddenError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL and the server's "
+                                     "access rules") from None
             if exc.code >= 500 or exc.code in (408, 429):
                 raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
             raise TransportError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL and the server's "
@@ -347,7 +373,7 @@ class FsspecTransport(Transport):
         except FileNotFoundError:
             return []
 
-    def find(self, folder):
+    def find(self, folder, suffixes):
         # one recursive listing (S3: pages of 1,000 keys, no request per folder); never from fsspec's cache of
         # earlier listings, which would miss what a run wrote since
         fs, path = self._fs(folder)
@@ -358,7 +384,7 @@ class FsspecTransport(Transport):
         except FileNotFoundError:
             return {}
         return {name[len(base):]: int(info.get("size") or 0) for name, info in found.items()
-                if name.startswith(base) and not name.endswith("/") and info.get("type") != "directory"}
+                if name.startswith(base) and name.endswith(suffixes) and info.get("type") != "directory"}
 
     def put_file(self, local, url):
         # object stores have no rename: upload under a hidden temporary key, then copy. A reader listing the

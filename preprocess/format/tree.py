@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 from rankshard.preprocess.errors import RankshardError
 from rankshard.preprocess.format.manifest import read_json
-from rankshard.preprocess.format.transport import MissingError, basename, is_url, join, parent, scheme, transport_for
+from rankshard.preprocess.format.transport import (ForbiddenError, MissingError, basename, is_url, join, parent, scheme,
+                                                   transport_for)
 from rankshard.preprocess.format.variants import recorded_variants
 
+MAX_VARIANTS = 1_000  # what a configuration may name where each is probed by a request (HTTP); real ones: tens
 CONFIG_NAME = ".rankshard-config.json"  # a split's configuration and plan, written before its first shard
 MANIFEST = "manifest.json"  # a variant's manifest, written last: its presence means the variant is complete
 
@@ -31,9 +33,14 @@ def can_list(root) -> bool:
     return not is_url(root) or transport_for(str(root)).can_list
 
 
+# What a shards tree is made of: shards, manifests/config/records, files being written. Nothing else is listed
+# with its size, so a tree that also holds a raw dataset (a million JPEGs) costs no stat per image.
+TREE_SUFFIXES = (".tar", ".json", ".partial")
+
+
 def files_below(root) -> dict[str, int]:
-    """Every file below ``root`` (a folder, or a URL that ``can_list``) as ``{relative path: bytes}``."""
-    return transport_for(str(root)).find(str(root))
+    """Every shards-tree file below ``root`` (a folder, or a URL that ``can_list``) as ``{relative path: bytes}``."""
+    return transport_for(str(root)).find(str(root), TREE_SUFFIXES)
 
 
 def folders_holding(files: dict[str, int], name: str) -> list[str]:
@@ -55,29 +62,42 @@ def above(root: str) -> str:
 
 
 def split_tree(root: str) -> tuple[str, dict[str, int]]:
-    """``(root, files_below(root))`` for a listable ``root``; where ``root`` is itself a variant folder, its
-    split folder and the files below that instead: ``ls`` and ``preview`` show whole splits."""
+    """``(root, files_below(root))`` for a listable ``root``; where ``root`` is itself a variant folder (finished
+    or not), its split folder and the files below that instead: ``ls`` and ``preview`` show whole splits."""
     files = files_below(root)
-    if MANIFEST not in files:
+    if not _is_variant_folder(root, files):
         return root, files
     split = above(root)
     return split, files_below(split)
+
+
+def _is_variant_folder(root: str, files: dict[str, int]) -> bool:
+    # finished: our manifest (not another tool's manifest.json); unfinished: our per-shard records
+    if MANIFEST in files:
+        return is_ours(read_json, join(root, MANIFEST))
+    return any(f.startswith(".progress/") and f.endswith(".tar.json") for f in files)
 
 
 def is_ours(read, manifest: str) -> bool:
     """Whether ``manifest`` (a path or URL, read with ``read``) is a rankshard variant's: other tools name
     files manifest.json too, and a data root may hold theirs beside ours."""
     try:
-        return str(read(manifest).get("format", "")).startswith("rankshard/")
-    except (RankshardError, AttributeError):
+        return written_by_us(read(manifest))
+    except RankshardError:
         return False
 
 
+def written_by_us(data) -> bool:
+    """Whether parsed JSON (a manifest or a split's configuration) carries rankshard's format tag."""
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("rankshard/")
+
+
 def read_if_there(url: str) -> dict | None:
-    """A remote JSON file, or None where there is none."""
+    """A remote JSON file, or None where there is none (or the server will not say: some answer 403 for a file
+    that is not there, or for every hidden file)."""
     try:
         return read_json(url)
-    except MissingError:
+    except (MissingError, ForbiddenError):
         return None
 
 
@@ -90,12 +110,18 @@ class NamedSplit:
     recorded: dict  # the split's .rankshard-config.json, else the named variant's manifest (same config entries)
 
     def variants(self) -> list[str]:
-        """The variant folders the split's configuration makes."""
+        """The variant folders the split's configuration makes (each one request to look at: bounded)."""
         config = self.recorded.get("config") if isinstance(self.recorded, dict) else None
-        if not isinstance(config, dict):
-            raise RankshardError(f"{self.url}: its {CONFIG_NAME} or manifest.json holds no rankshard config; name "
-                                 "a folder that rankshard-preprocess wrote")
-        return recorded_variants(config)
+        try:
+            names = recorded_variants(config)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RankshardError(f"{self.url}: its {CONFIG_NAME} or manifest.json holds no readable rankshard "
+                                 f"config ({type(exc).__name__}: {exc}); name a folder that rankshard-preprocess "
+                                 "wrote") from None
+        if len(names) > MAX_VARIANTS:
+            raise RankshardError(f"{self.url}: its configuration names {len(names):,} variants (more than "
+                                 f"{MAX_VARIANTS:,}: not one rankshard-preprocess writes); check the file")
+        return names
 
     def manifests(self) -> dict[str, dict | None]:
         """Each variant's manifest, None where it has none (yet): reading one is the only way to see it."""
@@ -103,13 +129,18 @@ class NamedSplit:
 
 
 def named_split(url: str) -> NamedSplit:
-    """The split that ``url`` (a variant folder or a split folder) names; a RankshardError saying what to pass
-    where it names neither."""
+    """The split that ``url`` (a variant folder, finished or not, or a split folder) names; a RankshardError
+    saying what to pass where it names neither. Every file probed is optional: a server that hides dotfiles
+    still serves a finished variant by its manifest."""
     manifest = read_if_there(join(url, MANIFEST))
-    split = parent(url) if manifest is not None else url
-    recorded = read_if_there(join(split, CONFIG_NAME)) or manifest
-    if recorded is None:
-        raise RankshardError(f"{url}: no manifest.json or {CONFIG_NAME} there, and {scheme(url)}:// cannot list a "
-                             "folder to find the variants below it; name a variant folder "
-                             "(ROOT/<dataset>/<split>/<variant>) or its split folder (ROOT/<dataset>/<split>)")
-    return NamedSplit(split, basename(url) if manifest is not None else None, recorded)
+    if written_by_us(manifest):  # a finished variant
+        return NamedSplit(parent(url), basename(url), read_if_there(join(parent(url), CONFIG_NAME)) or manifest)
+    config = read_if_there(join(url, CONFIG_NAME))
+    if config is not None:  # a split
+        return NamedSplit(url, None, config)
+    config = read_if_there(join(parent(url), CONFIG_NAME)) if is_url(parent(url)) else None  # not above the host
+    if config is not None and basename(url) in NamedSplit(parent(url), None, config).variants():
+        return NamedSplit(parent(url), basename(url), config)  # an unfinished variant of that split
+    raise RankshardError(f"{url}: no rankshard manifest.json or {CONFIG_NAME} there, and {scheme(url)}:// cannot "
+                         "list a folder to find the variants below it; name a variant folder "
+                         "(ROOT/<dataset>/<split>/<variant>) or its split folder (ROOT/<dataset>/<split>)")
