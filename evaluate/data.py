@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 
 from rankshard.evaluate.errors import EvaluationError
+from rankshard.loaders.plan import rank_part
+from rankshard.loaders.variant import subfolders
 
 
 class EvalBatch(NamedTuple):
@@ -39,12 +41,6 @@ class EvalData:
     def samples_of(self, rank: int, world_size: int) -> int:
         """How many samples rank ``rank`` of ``world_size`` evaluates (``rank_part``): its progress bar's total."""
         return len(rank_part(self.num_samples, rank, world_size))
-
-
-def rank_part(n: int, rank: int, world_size: int) -> range:
-    """The positions of ``n`` samples that rank ``rank`` of ``world_size`` gets: a contiguous part of floor or ceil
-    of n / world_size, the same rule as the shard loader's exactly-once plan (``loaders.plan.EvalPlan``)."""
-    return range(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 def check_limit(limit: int | None) -> None:
@@ -82,10 +78,6 @@ def resolve_dataset(root: str | Path, dataset: str | None) -> str:
     return found[0]
 
 
-def _children(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
 def check_layout(root: str | Path, dataset: str, split: str, variant: str) -> None:
     """Name the option that is wrong (--dataset, --split or --variant) and what exists instead, before the
     loader reports a missing manifest: e.g. ``--split val`` on CIFAR-10, which has only ``test``."""
@@ -94,7 +86,7 @@ def check_layout(root: str | Path, dataset: str, split: str, variant: str) -> No
     for option, parent, name in levels:
         if not (parent / name).is_dir():
             raise EvaluationError(f"{option} {name}: no folder {parent / name}; {parent} holds "
-                                  f"{_children(parent) or 'nothing'} (layout ROOT/<dataset>/<split>/<variant>/)")
+                                  f"{subfolders(parent) or 'nothing'} (layout ROOT/<dataset>/<split>/<variant>/)")
 
 
 def _first_samples(info, n: int):

@@ -107,7 +107,10 @@ def _json_files(sources: Sequence[str | os.PathLike]) -> list[Path]:
     files = []
     for src in map(Path, sources):
         files += sorted(src.rglob("*.json")) if src.is_dir() else [src]
-    return list(dict.fromkeys(files))
+    unique: dict[Path, Path] = {}  # one file reached twice (a folder given absolute and relative) is read once
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    return list(unique.values())
 
 
 def _owned(results: Sequence[dict[str, Any]]) -> set[Path]:

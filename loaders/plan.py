@@ -26,6 +26,12 @@ import numpy as np
 from rankshard.loaders.errors import LoaderError
 
 
+def rank_part(n: int, rank: int, world_size: int) -> range:
+    """The stream positions of ``n`` samples that rank ``rank`` of ``world_size`` evaluates: a contiguous part
+    of floor or ceil(n / world_size) samples (every sample exactly once over the ranks)."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 @dataclass(frozen=True)
 class Stream:
     """Shards concatenated in ``order``; a position maps to (shard index, position within that shard)."""
@@ -122,8 +128,9 @@ class EvalPlan:
     def __post_init__(self):
         n, w = sum(self.sizes), self.world_size
         object.__setattr__(self, "stream", Stream(tuple(self.sizes), tuple(range(len(self.sizes)))))
-        object.__setattr__(self, "begin", self.rank * n // w)
-        object.__setattr__(self, "end", (self.rank + 1) * n // w)
+        part = rank_part(n, self.rank, w)
+        object.__setattr__(self, "begin", part.start)
+        object.__setattr__(self, "end", part.stop)
         largest_part = -(-n // w)  # ceil(N / W)
         object.__setattr__(self, "steps", -(-largest_part // self.batch_size))
 

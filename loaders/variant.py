@@ -108,16 +108,33 @@ def _manifest_text(location: str) -> str:
     return read_text(location)
 
 
+def subfolders(folder: Path) -> list[str]:
+    """The visible folders in ``folder`` (none where it is not one): what a layout level holds."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+
+
+def _first_missing(folder: Path, levels: int = 3) -> Path | None:
+    """The highest of ``folder`` and its parents up to the dataset level (``levels`` up) that does not exist,
+    below one that does; None where ``folder`` exists or nothing above it within those levels does."""
+    if folder.exists():
+        return None
+    for _ in range(levels):
+        if folder.parent.is_dir():
+            return folder
+        folder = folder.parent
+    return None
+
+
 def _read_manifest(folder, location: str | None = None) -> dict:
     location = location or (join(folder, "manifest.json") if is_url(folder) else str(Path(folder) / "manifest.json"))
     try:
         manifest = json.loads(_manifest_text(location))
     except MissingError:
-        parent = Path(folder).parent
-        if not is_url(str(folder)) and not Path(folder).exists() and parent.is_dir():  # a misspelt variant, split
-            held = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
-            raise LoaderError(f"{folder}: no such folder; {parent} holds {held or 'nothing'} (layout "
-                              "<root>/<dataset>/<split>/<variant>): check the variant name, or materialize it "
+        gone = None if is_url(str(folder)) else _first_missing(Path(folder))
+        if gone is not None:  # a misspelt variant, split or dataset: not an interrupted run
+            raise LoaderError(f"{gone}: no such folder; {gone.parent} holds {subfolders(gone.parent) or 'nothing'} "
+                              "(layout <root>/<dataset>/<split>/<variant>): check the name, or materialize it "
                               "with rankshard-preprocess") from None
         raise LoaderError(f"{folder}: no manifest.json, so this is not a finished rankshard variant folder "
                           f"(or its materialization was interrupted); {REBUILD}, or point open_variant at "

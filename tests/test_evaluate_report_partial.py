@@ -96,3 +96,10 @@ def test_one_checkpoint_name_in_two_result_folders_is_shown_once_and_the_other_l
     assert "| 4 | 50.00% |" in md and "90.00%" not in md  # run1's curve, not run2's silently in its place
     assert "96.67%" not in md
     assert md.count(f"| best | full | {DATA} |") == 1
+
+
+def test_one_folder_given_twice_is_read_once_not_flagged_as_a_name_clash(tmp_path, monkeypatch):
+    _spectrum(tmp_path / "run1", "best", 0.5)
+    monkeypatch.chdir(tmp_path)
+    report = build_report([tmp_path / "run1", "run1"], tmp_path / "report")  # absolute and relative
+    assert report.skipped == []

@@ -150,6 +150,14 @@ def test_a_misspelt_variant_lists_the_variants_there(tmp_path):
         open_variant(folder.parent / "rank-007")
 
 
+def test_a_misspelt_split_names_the_split_level_not_the_variant(tmp_path):
+    """`--train-split val` on CIFAR-10: the first folder that is not there is the split, so that is what is named."""
+    split = tmp_path / "cifar10" / "train"
+    copy_variant(split)
+    with pytest.raises(LoaderError, match=r"cifar10/val: no such folder; .*cifar10 holds \['train'\]"):
+        open_variant(tmp_path / "cifar10" / "val" / "rank-005")
+
+
 def test_missing_and_unlisted_shards_are_refused(tmp_path):
     folder = copy_variant(tmp_path)
     shutil.copy(folder / "train-000000.tar", folder / "train-000099.tar")

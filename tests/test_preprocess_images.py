@@ -205,6 +205,13 @@ def test_float_tiffs_in_unit_range_and_in_levels_decode_to_the_same_grey(scale):
     assert np.abs(out[..., 0].astype(int) - grey).max() == 0  # float32 of k/255 rounds back to k
 
 
+def test_a_unit_range_float_tiff_that_overshoots_one_a_little_is_not_read_as_black():
+    grey = IMAGE[..., 0] / 255.0
+    overshoot = grey * 1.002  # resampling ringing: the brightest pixels land just above 1.0
+    out = np.asarray(open_image(_float_tiff(overshoot)))[..., 0].astype(int)
+    assert np.abs(out - IMAGE[..., 0]).max() <= 1  # scaled as [0, 1], the excess clipped at 255
+
+
 def test_a_float_tiff_holding_nan_is_refused_with_its_reason():
     values = IMAGE[..., 0] / 255.0
     values[3, 4] = np.nan

@@ -112,11 +112,16 @@ def _from_wide_gray(im: Image.Image) -> Image.Image:
 
 
 def _white_level(mode: str, top: float) -> float:
-    # A float image (TIFF mode F) whose pixels all lie in [0, 1] follows the float convention (1.0 is white);
-    # read as 0..255 it would decode near black. Wider ones are taken as 8- or 16-bit levels stored as floats.
+    # A float image (TIFF mode F) whose pixels lie in [0, 1] follows the float convention (1.0 is white); read
+    # as 0..255 it would decode near black. Up to 1.5 still counts (resampling overshoots 1.0 a little; the
+    # excess clips): levels 0..255 topping out at 1.5 would be black either way. Wider ones are 8- or 16-bit
+    # levels stored as floats.
     if mode.startswith("I;16") or top > 255:
         return 65535.0
-    return 1.0 if mode == "F" and top <= 1.0 else 255.0
+    return 1.0 if mode == "F" and top <= UNIT_RANGE_TOP else 255.0
+
+
+UNIT_RANGE_TOP = 1.5
 
 
 def _palette(im: Image.Image) -> Image.Image:
