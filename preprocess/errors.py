@@ -27,6 +27,10 @@ class LockedError(RankshardError):
     """Another run is writing to the same output folder."""
 
 
+class DiskFullError(RankshardError):
+    """The disk an output (or staging) file was being written to is full; nothing partial was kept."""
+
+
 # The bad-input policy, one vocabulary for preprocess (``--on-error``) and the loaders (``on_error``):
 # "raise" stops at the first unreadable input naming it; "skip" drops it and records why (manifest errors,
 # loader skip counts). The defaults differ on purpose: materialization skips (one bad JPEG in 1.28 M must

@@ -8,24 +8,36 @@ source, config and index), then publishes each one:
    named like a shard is always whole (a failed upload leaves at most the temporary key);
 2. its sidecar record ``.progress/NAME.json``, only after the shard: a record means a whole shard.
 
-Resume lists what is there (shard + record objects) and skips those shards. The manifests are assembled
+Before anything heavy, a tiny probe key is written and deleted under the prefix: a missing bucket, missing
+credentials or a prefix we may not write are named at once (``transport._store_error``).
+
+Resume lists what is there (shard + record objects) and skips those shards, and deletes the temporary keys
+a killed run left for its shards (the finishing rank sweeps any left). The staging folder is in ``TMPDIR``,
+held by an flock; the next run removes those of killed runs. The manifests are assembled
 from the record objects by whichever rank, on finishing, sees every record (the last one; two ranks that
 both see them write identical manifests). No lock spans the nodes: a flock means nothing on S3. Safety
 rests instead on idempotence (two writers of one shard upload identical bytes) and on the config object
-``.rankshard-config.json``: a run with another configuration is refused before it writes anything,
-and re-reading it after writing catches two different configurations racing for an empty prefix.
+``.rankshard-config.json``: a run with another configuration is refused before it writes anything. It is
+written with a conditional PUT (``If-None-Match: *``), so of two configurations racing for an empty prefix
+the second is refused; on a store that ignores the condition, re-reading it and checking every record's
+``config_hash`` before the manifests still refuses a mix.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from rankshard.preprocess.errors import ConfigMismatchError, RankshardError
+from rankshard.preprocess.errors import ConfigMismatchError, DiskFullError, RankshardError
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json
-from rankshard.preprocess.format.transport import MissingError, fetch, join, transport_for
+from rankshard.preprocess.format.transport import MissingError, TransportError, fetch, join, transport_for
 from rankshard.preprocess.pipeline import Materializer, _mismatch_message
 
 
@@ -47,6 +59,17 @@ class StoreMaterializer(Materializer):
                                  "writable fsspec URL")
         super().__post_init__()
         self._listing: dict[str, set[str]] = {}
+        self._probe()
+
+    def _probe(self) -> None:
+        """Write and delete a tiny key under the prefix: a missing bucket, missing credentials or a prefix we may
+        not write are named now, before the engine is built and any shard is computed."""
+        url = join(self.remote, f".rankshard-probe.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            self.store.put_bytes(b"", url)
+            self.store.delete(url)
+        except TransportError as exc:  # named by the prefix the user gave, not by the probe's key
+            raise TransportError(str(exc).replace(url, self.remote)) from None
 
     def url_of(self, local: Path) -> str:
         return join(self.remote, Path(local).relative_to(self.out).as_posix())
@@ -78,13 +101,25 @@ class StoreMaterializer(Materializer):
     def _prepare_dirs(self, engine, cfg: dict, digest: str) -> None:
         super()._prepare_dirs(engine, cfg, digest)
         url = self.url_of(self.layout.config_path)
-        try:
-            recorded = json.loads(fetch(url))
-        except MissingError:
-            self.store.put_file(self.layout.config_path, url)
-            recorded = json.loads(fetch(url))  # re-read: another configuration may have raced us to it
+        # written only if absent (a conditional PUT): of two runs with different configurations racing for an
+        # empty prefix, one writes it and the other reads it and is refused; re-read where a store ignores the
+        # condition, and the records' configuration is checked again before the manifests are written
+        self.store.put_new(self.layout.config_path.read_bytes(), url)
+        recorded = json.loads(fetch(url))
         if recorded["config_hash"] != digest:
             raise ConfigMismatchError(_mismatch_message(self.remote, recorded["config"], cfg))
+        self._sweep(lambda name: (index := _shard_index(name, self.spec.split)) is not None and self._mine(index))
+
+    def _sweep(self, which) -> None:
+        """Delete the temporary upload keys (``.NAME.<pid>-<id>.partial``) of the listing that ``which(name)``
+        picks: left by a run killed mid-upload, never a complete object. Should one belong to an upload in
+        flight (another run of this configuration), that upload finds it gone and uploads again."""
+        for v in self.variants:
+            folder = self.url_of(self.layout.variant_dir(v))
+            for name in sorted(self._listing.get(v.name, ())):
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith(".") and base.endswith(".partial") and which(base):
+                    self.store.delete(join(folder, name))
 
     # -- publishing ----------------------------------------------------------------------------------
     def _collect(self, result, bar) -> None:
@@ -105,6 +140,13 @@ class StoreMaterializer(Materializer):
                 record = self.layout.record_path(v, i)
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_bytes(fetch(self.url_of(record)))
+        for v in self.variants:
+            for i in range(self.num_shards):
+                if (found := read_json(self.layout.record_path(v, i)).get("config_hash")) != digest:
+                    raise ConfigMismatchError(
+                        f"{self.url_of(self.layout.shard_path(v, i))} was made with configuration {found}, this run "
+                        f"with {digest}: another run with other options wrote into {self.remote} at the same time. "
+                        "Delete the prefix and rerun one of them, or give each its own --out")
         records = [read_json(self.layout.record_path(self.variants[0], i)) for i in range(self.num_shards)]
         manifests = finalize_manifests(
             self.layout, self.variants, self.num_shards, self.source, cfg, digest, self._svd(engine),
@@ -115,19 +157,65 @@ class StoreMaterializer(Materializer):
             for f in sorted(folder.iterdir(), key=lambda p: p.name == "manifest.json"):
                 if f.is_file() and not f.name.endswith(".tar") and not f.name.startswith("."):
                     self.store.put_file(f, self.url_of(f))
+        self._sweep(lambda name: True)  # every shard is published: any temporary key left is a killed run's
         return manifests
 
     def _remote_bytes(self, shard: Path) -> int:
         return self.store.size(self.url_of(shard), timeout=60)
 
 
+def _shard_index(name: str, split: str) -> int | None:
+    """The shard index in a temporary key's name (``.train-000014.tar.<pid>-<id>.partial``, or its record's
+    ``.train-000014.tar.json...``); None for other files' keys (manifest, README)."""
+    index = name[len(split) + 2:].split(".")[0] if name.startswith(f".{split}-") else ""
+    return int(index) if index.isdigit() else None
+
+
+STAGING_PREFIX = "rankshard-stage-"
+STAGING_LOCK = ".rankshard-staging.lock"
+STALE_STAGING_S = 60  # a folder is claimed (its lock taken) within moments of being made
+
+
+@contextlib.contextmanager
+def staging_folder(rank: int):
+    """A private staging folder in the temporary directory (``TMPDIR``), held by an flock for this process's
+    life and removed on the way out; folders left by killed runs (their lock free: the kernel releases it
+    with the process) are removed on the way in."""
+    _sweep_staging(Path(tempfile.gettempdir()))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{rank}-"))
+    fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.close(fd)
+
+
+def _sweep_staging(tmp: Path) -> None:
+    now = time.time()
+    for folder in tmp.glob(f"{STAGING_PREFIX}*"):
+        lock = folder / STAGING_LOCK
+        with contextlib.suppress(OSError):
+            if not folder.is_dir() or now - lock.stat().st_mtime < STALE_STAGING_S:
+                continue  # no lock file (not ours to judge), or one just made
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its run is alive
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
+
+
 def materialize_to_store(source, spec, url: str, overwrite: bool = False, show_progress: bool = True,
                          on_error: str = "skip", rank: int = 0, world: int = 1) -> dict:
     """``materialize_split`` for an object-storage ``url``, staging shards in a private temporary folder."""
-    staging = Path(tempfile.mkdtemp(prefix=f"rankshard-stage-{rank}-"))
-    try:
-        result = StoreMaterializer(source, spec, staging, overwrite, show_progress, on_error, rank, world,
-                                   remote=str(url).rstrip("/")).run()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging_folder(rank) as staging:
+        try:
+            result = StoreMaterializer(source, spec, staging, overwrite, show_progress, on_error, rank, world,
+                                       remote=str(url).rstrip("/")).run()
+        except DiskFullError as exc:
+            raise DiskFullError(f"{exc}\n(That folder stages the shards in flight on their way to {url}, about "
+                                "one shard per variant per worker: set TMPDIR to a folder on a disk with room for "
+                                "them.)") from exc
     return {**result, "where": join(str(url), spec.dataset, spec.split)}

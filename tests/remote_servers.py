@@ -182,3 +182,92 @@ def upload_folder(local: Path, url: str) -> None:
     for f in sorted(local.rglob("*")):
         if f.is_file():
             fs.put_file(str(f), f"{path}/{f.relative_to(local).as_posix()}")
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to ``upstream`` unless ``rule(method, path)`` names a fault for it."""
+
+    protocol_version = "HTTP/1.1"
+    upstream: tuple[str, int] = ("", 0)
+    rule = staticmethod(lambda method, path: None)
+    log: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                chunk = self.rfile.read(size + 2)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += chunk[:-2]
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _handle(self):
+        import http.client
+
+        body = self._body()
+        fault = self.rule(self.command, self.path)
+        self.log.append((self.command, self.path, fault))
+        if fault == "drop":  # the connection closes with no answer: what a dying server or a reset looks like
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(2)
+            return
+        if fault in ("403", "500", "503"):
+            code = int(fault)
+            text = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}[code]
+            payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{text}</Code><Message>{text} "
+                       f"(injected)</Message></Error>").encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+        headers["Content-Length"] = str(len(body))
+        conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                self.send_header(k, v)
+        length = resp.getheader("Content-Length") if self.command == "HEAD" else None  # HEAD: the object's size
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+@contextlib.contextmanager
+def fault_proxy(endpoint: str, rule):
+    """An HTTP proxy on 127.0.0.1 in front of ``endpoint`` (``s3_server()``'s): ``rule(method, path)`` returns
+    None (forward), ``"500"``/``"503"``/``"403"`` (answer that, S3-style), or ``"drop"`` (close the connection
+    unanswered) per request. Yields ``(proxy_url, handler_class)``; ``handler_class.log`` holds
+    ``(method, path, fault)`` per request."""
+    host, port = endpoint.rsplit("//", 1)[1].split(":")
+    handler = type("Proxy", (_ProxyHandler,), {"upstream": (host, int(port)), "rule": staticmethod(rule), "log": []})
+    server = http.server.ThreadingHTTPServer((LOCALHOST, 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOCALHOST}:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from rankshard.preprocess.errors import RankshardError
+from rankshard.preprocess.errors import DiskFullError, RankshardError
 
 MTIME = 0  # fixed member timestamp: determinism beats a meaningless "now"
 MODE = 0o644
@@ -84,7 +84,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, Mapping[st
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RankshardError(
+            raise DiskFullError(
                 f"{path}: the disk is full ({exc.strerror}). Nothing partial was kept; free space "
                 "(or pass another --out) and rerun the same command to resume."
             ) from exc

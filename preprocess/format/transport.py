@@ -354,24 +354,46 @@ class FsspecTransport(Transport):
                 f.seek(start)
                 while data := f.read(CHUNK):
                     yield data
-        except FileNotFoundError:
-            raise MissingError(f"{url}: no such object") from None
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        except FileNotFoundError as exc:
+            raise _store_error(url, exc, "reading") or MissingError(f"{url}: no such object") from None
+        except Exception as exc:  # noqa: BLE001 - sorted into the user's to fix, or worth retrying
+            raise _store_error(url, exc, "reading") or _transient(exc) from None
 
     def size(self, url, timeout):
         fs, path = self._fs(url)
         try:
-            return int(fs.size(path))
+            return int(self._retried(url, "reading", lambda: fs.size(path)))
         except FileNotFoundError:
             raise MissingError(f"{url}: no such object") from None
 
     def names(self, folder):
         fs, path = self._fs(folder)
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, refresh=True))
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1]
+                          for p in self._retried(folder, "listing", lambda: fs.ls(path, detail=False, refresh=True)))
         except FileNotFoundError:
             return []
+
+    @staticmethod
+    def _retried(url: str, doing: str, call):
+        """``call()``, tried again after a failure worth retrying (on top of the client's own retries: a server
+        that keeps failing gets ``RETRY``'s backoff too); one the user must fix (no such bucket, access denied,
+        no credentials) becomes a TransportError at once; FileNotFoundError (no such key) and FileExistsError
+        (a conditional write found the key) are the caller's."""
+        for attempt in range(RETRY.attempts):
+            try:
+                return call()
+            except FileNotFoundError as exc:
+                if (error := _store_error(url, exc, doing)) is not None:
+                    raise error from None
+                raise
+            except FileExistsError:  # a conditional write found the object there (put_new)
+                raise
+            except Exception as exc:  # noqa: BLE001 - sorted as in stream()
+                if (error := _store_error(url, exc, doing)) is not None:
+                    raise error from None
+                _pause(attempt, url, _transient(exc), RETRY)
+        raise AssertionError("unreachable")
 
     def find(self, folder, suffixes):
         # one recursive listing (S3: pages of 1,000 keys, no request per folder); never from fsspec's cache of
@@ -380,7 +402,7 @@ class FsspecTransport(Transport):
         base = path.rstrip("/") + "/"
         fs.invalidate_cache(path)
         try:
-            found = fs.find(path, detail=True)
+            found = self._retried(folder, "listing", lambda: fs.find(path, detail=True))
         except FileNotFoundError:
             return {}
         return {name[len(base):]: int(info.get("size") or 0) for name, info in found.items()
@@ -391,20 +413,80 @@ class FsspecTransport(Transport):
         # prefix sees the shard only once it is whole (a failed upload leaves at most the temporary key).
         # The key is unique to this process: ranks that publish the same object (the split's config, equal
         # manifests) would otherwise copy or delete each other's upload mid-flight.
+        # A resuming run sweeps temporary keys it finds (``objectstore``): should it take ours between the
+        # upload and the copy, the copy finds nothing and both are tried again.
         fs, path = self._fs(url)
         tmp = join(parent(path), f".{path.rsplit('/', 1)[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
-        fs.put_file(str(local), tmp)
-        fs.copy(tmp, path)
-        fs.rm(tmp)
+
+        def upload_then_copy():
+            fs.put_file(str(local), tmp)
+            try:
+                fs.copy(tmp, path)
+            except FileNotFoundError as exc:
+                if _store_error(url, exc, "writing") is None:  # the temporary key, gone: not the bucket
+                    raise OSError(f"temporary key {tmp} vanished before its copy") from None
+                raise
+        try:
+            self._retried(url, "writing", upload_then_copy)
+        finally:
+            with contextlib.suppress(Exception):  # a key left behind is swept by the next run (objectstore)
+                fs.rm(tmp)
 
     def put_bytes(self, data, url):
         fs, path = self._fs(url)
-        fs.pipe_file(path, data)  # one PUT: an object store shows all of it or nothing
+        self._retried(url, "writing", lambda: fs.pipe_file(path, data))  # one PUT: all of it or nothing
+
+    def put_new(self, data: bytes, url: str) -> bool:
+        """Write ``data`` at ``url`` only if nothing is there (one conditional PUT, ``If-None-Match: *``); False
+        when something is. A store that ignores the condition overwrites (True): callers re-read."""
+        fs, path = self._fs(url)
+        try:
+            self._retried(url, "writing", lambda: fs.pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        except TypeError:  # an fsspec filesystem without exclusive writes
+            self.put_bytes(data, url)
+        return True
 
     def delete(self, url):
         fs, path = self._fs(url)
         with contextlib.suppress(FileNotFoundError):
-            fs.rm(path)
+            self._retried(url, "deleting", lambda: fs.rm(path))
+
+
+_CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "gcsfs", "adlfs", "fsspec")
+
+
+def _transient(exc: Exception) -> _Transient:
+    """A failure of the client or the server (5xx, a dropped connection, a timeout) as worth retrying; anything
+    else is a bug and propagates as it is."""
+    if isinstance(exc, (OSError, RuntimeError, ValueError, TimeoutError)) or \
+            type(exc).__module__.split(".")[0] in _CLIENT_MODULES:
+        return _Transient(f"{type(exc).__name__}: {exc}")
+    raise exc
+
+
+def _store_error(url: str, exc: BaseException, doing: str) -> TransportError | None:
+    """The TransportError for an object-store failure that retrying cannot fix (no such bucket, access denied,
+    no credentials), naming ``url`` and the fix; None for any other failure."""
+    name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return TransportError(f"{url}: the bucket {bucket!r} does not exist ({text}); create it (e.g. `aws s3 mb "
+                              f"s3://{bucket}`) or correct --out")
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        verb = "read" if doing in ("reading", "listing") else "write"
+        return TransportError(f"{url}: access denied while {doing} ({text}); the credentials in use may not "
+                              f"{verb} there: check the bucket's policy and your permissions, or choose another "
+                              "location")
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return TransportError(f"{url}: no credentials for object storage ({text}); set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see ~/.aws/credentials)")
+    if name in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or "InvalidAccessKeyId" in text or \
+            "SignatureDoesNotMatch" in text:
+        return TransportError(f"{url}: the object store refused the credentials ({text}); check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    return None
 
 
 TRANSPORTS: dict[str, Transport] = {"file": LocalTransport(), "http": HttpTransport(),

@@ -1,0 +1,233 @@
+"""Materialization to object storage under stress: a store that refuses (no bucket, access denied, failing
+server), two configurations racing for one prefix, temporary keys and staging folders left by killed runs,
+kill -9 mid-run. moto's S3 server on 127.0.0.1, a fault-injecting proxy in front of it where a fault is needed.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from rankshard.preprocess.cli import main as cli
+from rankshard.preprocess.sources.cifar import write_cifar10_archive
+from rankshard.preprocess.sources.synth import labelled_images
+
+from remote_servers import fault_proxy, s3_server
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+OPTIONS = ["--split", "test", "--ranks", "3", "--shard-size", "4", "--batch-size", "4", "--workers", "0",
+           "--backend", "torch", "--no-verify-md5", "--quiet"]
+BUCKET = "faults"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cifar")
+    return write_cifar10_archive(folder / "cifar-10-python.tar.gz", labelled_images(1), labelled_images(2, seed=1))
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:
+        import fsspec
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(BUCKET)
+        yield fs, endpoint
+
+
+@pytest.fixture
+def via_proxy(s3, monkeypatch):
+    """``via_proxy(rule)``: fsspec talks to moto through a fault proxy for the rest of the test."""
+    import fsspec.config
+    import s3fs
+    stack = []
+
+    def start(rule):
+        proxy = fault_proxy(s3[1], rule)
+        url, handler = proxy.__enter__()
+        stack.append(proxy)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": url,
+                                                       "config_kwargs": {"retries": {"max_attempts": 2}}})
+        s3fs.S3FileSystem.clear_instance_cache()
+        return handler
+    yield start
+    for proxy in stack:
+        proxy.__exit__(None, None, None)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _run(archive, url, *extra):
+    return CliRunner().invoke(cli, ["cifar10", "--source", str(archive), "--out", url, *OPTIONS, *extra])
+
+
+def _objects(fs, url: str) -> dict[str, bytes]:
+    root = url[len("s3://"):]
+    fs.invalidate_cache()
+    return {p[len(root) + 1:]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def _keys(fs, url: str) -> list[str]:
+    """Listed only: a running process deletes its temporary keys between a listing and a read."""
+    fs.invalidate_cache()
+    return fs.find(url[len("s3://"):])
+
+
+def _shard_digests(fs, url: str) -> dict[str, str]:
+    return {k: hashlib.sha256(v).hexdigest() for k, v in _objects(fs, url).items()
+            if k.endswith((".tar", ".tar.json"))}
+
+
+def test_a_missing_bucket_is_named_with_the_fix_before_any_shard(archive, s3):
+    result = _run(archive, "s3://no-such-bucket/out")
+    assert result.exit_code == 2, result.output
+    assert "s3://no-such-bucket/out: the bucket 'no-such-bucket' does not exist" in result.output
+    assert "aws s3 mb" in result.output and "Traceback" not in result.output
+
+
+def test_a_read_only_prefix_is_refused_before_any_shard(archive, s3, via_proxy):
+    handler = via_proxy(lambda method, path: "403" if method in ("PUT", "POST", "DELETE") else None)
+    result = _run(archive, f"s3://{BUCKET}/readonly")
+    assert result.exit_code == 2, result.output
+    assert f"s3://{BUCKET}/readonly: access denied while writing" in result.output
+    assert not [p for m, p, _ in handler.log if m == "PUT" and ".tar" in p]  # refused before any shard
+
+
+def test_a_server_that_keeps_failing_is_named_after_the_retries(archive, s3, via_proxy, monkeypatch):
+    from rankshard.preprocess.format import transport
+    monkeypatch.setattr(transport, "RETRY", transport.Retry(attempts=2, backoff_s=0.01, timeout_s=5))
+    via_proxy(lambda method, path: "500" if method == "PUT" and "/failing/" in path else None)
+    result = _run(archive, f"s3://{BUCKET}/failing")
+    assert result.exit_code == 2, result.output
+    assert "failed 2 times" in result.output and "Traceback" not in result.output
+
+
+def test_dropped_connections_and_5xx_are_retried_to_the_same_bytes(archive, s3, via_proxy):
+    fs = s3[0]
+    assert _run(archive, f"s3://{BUCKET}/clean").exit_code == 0
+    seen: dict = {}
+
+    def flaky(method, path):  # every request fails its first two times, then succeeds
+        key = (method, path.split("?")[0] if method != "GET" else path)
+        seen[key] = seen.get(key, 0) + 1
+        return {1: "drop", 2: "503"}.get(seen[key]) if "/flaky" in path or "flaky" in path else None
+    via_proxy(flaky)
+    result = _run(archive, f"s3://{BUCKET}/flaky")
+    assert result.exit_code == 0, result.output
+    assert _shard_digests(fs, f"s3://{BUCKET}/flaky") == _shard_digests(fs, f"s3://{BUCKET}/clean")
+    assert not [k for k in _objects(fs, f"s3://{BUCKET}/flaky") if k.endswith(".partial")]
+
+
+def test_two_configurations_racing_for_an_empty_prefix_one_is_refused(archive, s3):
+    """Both look before either writes: the loser of the config write must be refused, not overwrite it."""
+    from rankshard.preprocess.errors import ConfigMismatchError
+    from rankshard.preprocess.objectstore import StoreMaterializer, staging_folder
+    from rankshard.preprocess.pipeline import ArraySource
+    from rankshard.preprocess.sources.cifar import load_cifar10
+    from rankshard.preprocess.spec import ShardSpec
+
+    data = load_cifar10(archive, "test", verify_md5=False)
+    source = ArraySource(data.images, data.labels, data.source_ids, data.classes,
+                         {"kind": data.kind, "path": str(archive), "fingerprint": data.fingerprint,
+                          "checksum_verified": data.checksum_verified})
+    url = f"s3://{BUCKET}/race"
+    with staging_folder(0) as a_dir, staging_folder(0) as b_dir:
+        runs = [StoreMaterializer(source, ShardSpec(dataset="cifar10", split="test", ranks=ranks, shard_size=4,
+                                                    batch_size=4, workers=0, backend="torch", device="cpu"),
+                                  folder, show_progress=False, remote=url)
+                for ranks, folder in (((3,), a_dir), ((5,), b_dir))]
+        setups = [run._engine_and_config() for run in runs]  # neither finds a config
+        runs[0]._prepare_dirs(*setups[0])
+        with pytest.raises(ConfigMismatchError, match=r"ranks: \[3\] -> \[5\]"):
+            runs[1]._prepare_dirs(*setups[1])
+    recorded = json.loads(s3[0].cat_file(f"{BUCKET}/race/cifar10/test/.rankshard-config.json"))
+    assert recorded["config"]["ranks"] == [3]
+
+
+def test_a_rerun_sweeps_the_temporary_keys_a_killed_run_left(archive, s3):
+    fs = s3[0]
+    url = f"s3://{BUCKET}/swept"
+    assert _run(archive, url).exit_code == 0
+    folder = f"{BUCKET}/swept/cifar10/test/rank-003"
+    left = [f"{folder}/.test-000001.tar.123-deadbeef.partial", f"{folder}/.progress/.test-000002.tar.json.1-ab.partial",
+            f"{folder}/.manifest.json.9-cd.partial"]
+    for key in left:
+        fs.pipe_file(key, b"half an upload")
+    fs.rm(f"{folder}/manifest.json")  # as if killed while publishing the manifests
+    assert _run(archive, url).exit_code == 0
+    assert not [k for k in _objects(fs, url) if k.endswith(".partial")]
+
+
+def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    import tempfile
+    from rankshard.preprocess import objectstore
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead, alive, foreign = tmp_path / "rankshard-stage-0-dead", tmp_path / "rankshard-stage-1-alive", \
+        tmp_path / "rankshard-stage-0-nolock"
+    for folder in (dead, alive, foreign):
+        (folder / "cifar10").mkdir(parents=True)
+    old = time.time() - 3600
+    for folder in (dead, alive):
+        (folder / objectstore.STAGING_LOCK).touch()
+        os.utime(folder / objectstore.STAGING_LOCK, (old, old))
+    held = os.open(alive / objectstore.STAGING_LOCK, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a run in progress (in another process, its lock is its own)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the sweep must run in another process: flock is per open file, not per process
+            code = 1
+            with objectstore.staging_folder(0) as mine:
+                code = 0 if mine.is_dir() else 1
+            os._exit(code)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        os.close(held)
+    assert not dead.exists() and alive.is_dir() and foreign.is_dir()
+    assert not list(tmp_path.glob("rankshard-stage-0-*[!k]"))  # the run's own folder went with it
+
+
+def test_a_full_staging_disk_names_tmpdir(archive, s3, monkeypatch):
+    from rankshard.preprocess.format import tar
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(tar.os, "fsync", full)
+    result = _run(archive, f"s3://{BUCKET}/full")
+    assert result.exit_code == 2 and "the disk is full" in result.output
+    assert "set TMPDIR to a folder on a disk with room" in result.output
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_same_objects(archive, s3, tmp_path):
+    fs = s3[0]
+    clean, killed = f"s3://{BUCKET}/k9-clean", f"s3://{BUCKET}/k9-killed"
+    assert _run(archive, clean).exit_code == 0
+    command = [sys.executable, "-m", "rankshard.preprocess", "cifar10", "--source", str(archive), "--out", killed,
+               *OPTIONS]
+    for delay in (0.5, 1.5, 3.0):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None and \
+                not [k for k in _keys(fs, killed) if k.endswith(".tar.json")]:
+            time.sleep(0.05)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    listed = CliRunner().invoke(cli, ["ls", killed])
+    complete = "manifest.json" in "".join(_objects(fs, killed))
+    assert ("complete" if complete else "stopped") in listed.output
+    assert _run(archive, killed).exit_code == 0
+    assert _shard_digests(fs, killed) == _shard_digests(fs, clean)
+    assert not [k for k in _objects(fs, killed) if k.endswith(".partial") or "probe" in k]
+    assert "complete" in CliRunner().invoke(cli, ["ls", killed]).output
