@@ -114,10 +114,17 @@ def http_server(root: Path, ranged: bool = True, token: str | None = None, forbi
     handler = type("Handler", (_Handler,), {"ranged": ranged, "token": token, "forbid": forbid, "faults": {},
                                             "log": []})
     server = http.server.ThreadingHTTPServer((LOCALHOST, 0), functools.partial(handler, directory=str(root)))
+    with _serving(server) as url:
+        yield url, handler
+
+
+@contextlib.contextmanager
+def _serving(server: http.server.ThreadingHTTPServer):
+    """Run ``server`` in a thread; yields its base URL, and stops it (and the thread) on the way out."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{LOCALHOST}:{server.server_address[1]}", handler
+        yield f"http://{LOCALHOST}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -263,11 +270,5 @@ def fault_proxy(endpoint: str, rule):
     handler = type("Proxy", (_ProxyHandler,), {"upstream": (host, int(port)), "rule": staticmethod(rule), "log": []})
     server = http.server.ThreadingHTTPServer((LOCALHOST, 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{LOCALHOST}:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with _serving(server) as url:
+        yield url, handler
