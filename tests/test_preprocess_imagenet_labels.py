@@ -193,3 +193,16 @@ def test_two_files_of_one_validation_id_are_refused_naming_both(tmp_path):
     with pytest.raises(SourceError, match=r"two images of validation id ILSVRC2012_val_00000002: "
                                           r"ILSVRC2012_val_00000002\.JPEG and ILSVRC2012_val_00000002\.png"):
         imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)
+
+
+def test_a_flat_val_listing_cached_before_the_duplicate_rule_is_built_again(tmp_path):
+    """The refusal above lives in the listing; a listing cached by an older version would skip it. Flat-val cache
+    keys carry the rules' version (a val listing is quick to rebuild); train keys do not (minutes to rebuild)."""
+    from rankshard.preprocess.sources import imagenet
+
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    write_train_tree(tmp_path / "train", classes=3, per_class=1, odd=False)
+    _devkit_tar_gz(tmp_path / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    val = imagenet.signature(imagenet.detect(tmp_path / "val", "val", tmp_path))
+    train = imagenet.signature(imagenet.detect(tmp_path, "train"))
+    assert val["flat_rules"] == imagenet.FLAT_RULES == 2 and "flat_rules" not in train

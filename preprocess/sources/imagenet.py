@@ -220,7 +220,19 @@ def signature(found: Found) -> dict:
     labels = [(str(f), f.stat().st_mtime_ns) for pl in found.places if pl.is_dir()
               for f in sorted(pl.glob("*")) if f.name in (DEVKIT_TAR, GROUND_TRUTH, META, KAGGLE_SOLUTION,
                                                            KAGGLE_SYNSETS, "ILSVRC2012_devkit_t12")]
-    return {"kind": found.kind, "path": str(p.resolve()), "state": state, "labels": labels}
+    sig = {"kind": found.kind, "path": str(p.resolve()), "state": state, "labels": labels}
+    if _is_flat_val(found):
+        sig["flat_rules"] = FLAT_RULES  # listings cached before a rule changed are built again
+    return sig
+
+
+# The rules of a flat validation listing (bumped when they change: 2 refuses two files of one validation id);
+# in the cache signature of flat-val listings only, so train listings (minutes to rebuild) stay cached.
+FLAT_RULES = 2
+
+
+def _is_flat_val(found: Found) -> bool:
+    return found.kind.endswith("-flat") or (found.kind.endswith("-tar") and not found.kind.startswith("imagenet-train"))
 
 
 def _need_labels(found: Found) -> ValLabels:
