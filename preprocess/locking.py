@@ -5,13 +5,29 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 import time
 from pathlib import Path
 
-from rankshard.preprocess.errors import LockedError
+from rankshard.preprocess.errors import LockedError, RankshardError
+
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # NFS without lockd, Lustre without -o flock
+
+
+def flock(fd: int, flags: int, folder: Path, way_out: str = "choose an --out folder on a local disk") -> None:
+    """``fcntl.flock``; a filesystem that refuses file locks is a RankshardError naming it and ``way_out``
+    (BlockingIOError, a lock held elsewhere, is the caller's)."""
+    try:
+        fcntl.flock(fd, flags)
+    except OSError as exc:
+        if exc.errno not in NO_LOCKS:
+            raise
+        raise RankshardError(f"{folder}: its filesystem refuses file locks ({exc.strerror}), which keep two runs "
+                             f"from writing one place at once; {way_out}, or mount it with locks (NFS: lockd; "
+                             "Lustre: -o flock)") from None
 
 
 @contextlib.contextmanager
@@ -20,7 +36,7 @@ def exclusive_lock(path: Path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path.parent)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise LockedError(
@@ -70,7 +86,7 @@ class RunLock:
         """Serialize a critical section across the members (blocking)."""
         fd = os.open(self.folder / ".lock.gate", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            flock(fd, fcntl.LOCK_EX, self.folder)
             yield
         finally:
             os.close(fd)

@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rankshard.preprocess.errors import ConfigMismatchError, DiskFullError, RankshardError
+from rankshard.preprocess.locking import flock
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json
 from rankshard.preprocess.format.transport import MissingError, TransportError, fetch, join, transport_for
 from rankshard.preprocess.pipeline import Materializer, _mismatch_message
@@ -67,9 +69,16 @@ class StoreMaterializer(Materializer):
         url = join(self.remote, f".rankshard-probe.{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             self.store.put_bytes(b"", url)
-            self.store.delete(url)
         except TransportError as exc:  # named by the prefix the user gave, not by the probe's key
             raise TransportError(str(exc).replace(url, self.remote)) from None
+        with contextlib.suppress(TransportError):  # a policy may grant writes but not deletes: an empty key stays
+            self.store.delete(url)
+
+    can_overwrite = False
+
+    @property
+    def where(self) -> str:
+        return join(self.remote, self.spec.dataset, self.spec.split)  # not the staging folder
 
     def url_of(self, local: Path) -> str:
         return join(self.remote, Path(local).relative_to(self.out).as_posix())
@@ -104,10 +113,13 @@ class StoreMaterializer(Materializer):
         # written only if absent (a conditional PUT): of two runs with different configurations racing for an
         # empty prefix, one writes it and the other reads it and is refused; re-read where a store ignores the
         # condition, and the records' configuration is checked again before the manifests are written
-        self.store.put_new(self.layout.config_path.read_bytes(), url)
-        recorded = json.loads(fetch(url))
+        try:
+            recorded = json.loads(fetch(url))  # there already (a resume, another rank): no write at all
+        except MissingError:
+            self.store.put_new(self.layout.config_path.read_bytes(), url)
+            recorded = json.loads(fetch(url))
         if recorded["config_hash"] != digest:
-            raise ConfigMismatchError(_mismatch_message(self.remote, recorded["config"], cfg))
+            raise ConfigMismatchError(_mismatch_message(self.where, recorded["config"], cfg, can_overwrite=False))
         self._sweep(lambda name: (index := _shard_index(name, self.spec.split)) is not None and self._mine(index))
 
     def _sweep(self, which) -> None:
@@ -182,19 +194,25 @@ def staging_folder(rank: int):
     life and removed on the way out; folders left by killed runs (their lock free: the kernel releases it
     with the process) are removed on the way in."""
     _sweep_staging(Path(tempfile.gettempdir()))
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{rank}-"))
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix()}{rank}-"))
     fd = os.open(staging / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        flock(fd, fcntl.LOCK_EX, staging, "set TMPDIR to a folder on a local disk")
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(fd)
 
 
+def _staging_prefix() -> str:
+    # the host in the name: a TMPDIR shared between nodes (a home or scratch folder) may keep flocks per node,
+    # where another node's live lock looks free; each host sweeps only its own runs' folders
+    return f"{STAGING_PREFIX}{socket.gethostname()}-"
+
+
 def _sweep_staging(tmp: Path) -> None:
     now = time.time()
-    for folder in tmp.glob(f"{STAGING_PREFIX}*"):
+    for folder in tmp.glob(f"{_staging_prefix()}*"):
         lock = folder / STAGING_LOCK
         with contextlib.suppress(OSError):
             if not folder.is_dir() or now - lock.stat().st_mtime < STALE_STAGING_S:

@@ -197,6 +197,13 @@ class Materializer:
         self.spec.check_image_size(*self.source.image_size)  # before any folder or lock file is made
 
     # -- setup ------------------------------------------------------------------------------------
+    can_overwrite = True  # whether --overwrite is a way out to offer (object storage refuses it)
+
+    @property
+    def where(self) -> str:
+        """The split's folder as messages name it."""
+        return str(self.layout.split_dir)
+
     def _make_engine(self, backend: str):
         engine = make_engine(backend, self.spec.device)
         if backend != "none":
@@ -219,7 +226,7 @@ class Materializer:
         digest = config_hash(cfg)
         if recorded and recorded["config_hash"] != digest:
             if not self.overwrite:
-                raise ConfigMismatchError(_mismatch_message(self.layout.split_dir, recorded["config"], cfg))
+                raise ConfigMismatchError(_mismatch_message(self.where, recorded["config"], cfg, self.can_overwrite))
             self._clear()
         return engine, cfg, digest
 
@@ -503,11 +510,12 @@ def _make_dir(folder: Path) -> None:
                              "or fix its permissions") from exc
 
 
-def _mismatch_message(folder: Path, old: dict, new: dict) -> str:
+def _mismatch_message(folder: str | Path, old: dict, new: dict, can_overwrite: bool = True) -> str:
     diffs = [f"  {k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    way_out = ("pass --overwrite to delete those shards and start again" if can_overwrite else
+               "delete that prefix to start again")
     return (f"{folder} already holds shards made with a different configuration:\n" + "\n".join(diffs) +
-            "\nRerun with the original options to resume, choose another --out, or pass --overwrite to "
-            "delete those shards and start again.")
+            f"\nRerun with the original options to resume, choose another --out, or {way_out}.")
 
 
 def materialize_split(source: Source, spec: ShardSpec, out: str | Path, overwrite: bool = False,

@@ -226,9 +226,9 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self.connection.shutdown(2)
             return
-        if fault in ("403", "500", "503"):
+        if fault in ("403", "412", "500", "503"):  # 412: a failed If-None-Match without AWS's <Condition> (MinIO)
             code = int(fault)
-            text = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}[code]
+            text = {403: "AccessDenied", 412: "PreconditionFailed", 500: "InternalError", 503: "SlowDown"}[code]
             payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{text}</Code><Message>{text} "
                        f"(injected)</Message></Error>").encode()
             self.send_response(code)
@@ -263,7 +263,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def fault_proxy(endpoint: str, rule):
     """An HTTP proxy on 127.0.0.1 in front of ``endpoint`` (``s3_server()``'s): ``rule(method, path)`` returns
-    None (forward), ``"500"``/``"503"``/``"403"`` (answer that, S3-style), or ``"drop"`` (close the connection
+    None (forward), ``"500"``/``"503"``/``"403"``/``"412"`` (answer that, S3-style), or ``"drop"`` (close the connection
     unanswered) per request. Yields ``(proxy_url, handler_class)``; ``handler_class.log`` holds
     ``(method, path, fault)`` per request."""
     host, port = endpoint.rsplit("//", 1)[1].split(":")

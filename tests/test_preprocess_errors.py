@@ -84,3 +84,16 @@ def _commands(cmd: click.Command, path=()):
 def test_every_command_of_the_three_clis_shares_the_policy(cli, main):
     unguarded = {name for name, cmd in _commands(main) if not _wrapped_by_friendly_errors(cmd.callback)}
     assert unguarded == set()
+
+
+def test_a_filesystem_without_file_locks_is_named_with_the_way_out(tmp_path, monkeypatch):
+    """NFS without lockd (ENOLCK) or Lustre without -o flock (ENOSYS): a traceback before; now what and why."""
+    import errno
+
+    from rankshard.preprocess import locking
+
+    def refuse(fd, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(locking.fcntl, "flock", refuse)
+    with pytest.raises(RankshardError, match=r"refuses file locks \(No locks available\).*choose an --out folder"):
+        locking.RunLock(tmp_path, 0, 1).acquire()

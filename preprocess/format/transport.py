@@ -440,8 +440,18 @@ class FsspecTransport(Transport):
         """Write ``data`` at ``url`` only if nothing is there (one conditional PUT, ``If-None-Match: *``); False
         when something is. A store that ignores the condition overwrites (True): callers re-read."""
         fs, path = self._fs(url)
+
+        def create():
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except OSError as exc:
+                # s3fs says FileExistsError only for AWS's 412 body (its <Condition> element); other stores'
+                # 412 (MinIO, Ceph) arrives as OSError(EINVAL): the same answer, not worth retrying
+                if _client_code(exc) == "PreconditionFailed" and not isinstance(exc, FileExistsError):
+                    raise FileExistsError(url) from exc
+                raise
         try:
-            self._retried(url, "writing", lambda: fs.pipe_file(path, data, mode="create"))
+            self._retried(url, "writing", create)
         except FileExistsError:
             return False
         except TypeError:  # an fsspec filesystem without exclusive writes
@@ -452,6 +462,18 @@ class FsspecTransport(Transport):
         fs, path = self._fs(url)
         with contextlib.suppress(FileNotFoundError):
             self._retried(url, "deleting", lambda: fs.rm(path))
+
+
+def _client_code(exc: BaseException) -> str | None:
+    """The store's error code (botocore's ``ClientError.response["Error"]["Code"]``) behind an fsspec exception,
+    which s3fs raises ``from`` it; None where there is none."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return str(response["Error"].get("Code"))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 _CLIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "gcsfs", "adlfs", "fsspec")
@@ -469,12 +491,17 @@ def _transient(exc: Exception) -> _Transient:
 def _store_error(url: str, exc: BaseException, doing: str) -> TransportError | None:
     """The TransportError for an object-store failure that retrying cannot fix (no such bucket, access denied,
     no credentials), naming ``url`` and the fix; None for any other failure."""
-    name, text = type(exc).__name__, str(exc)
-    if isinstance(exc, FileNotFoundError) and "bucket" in text.lower():
+    name, text, code = type(exc).__name__, str(exc), _client_code(exc)
+    # by the store's error code, not the message: s3fs's FileNotFoundError for an absent key is the key's path,
+    # which may well contain "bucket" (s3://my-bucket/...)
+    if code == "NoSuchBucket" or text == "The specified bucket does not exist":
         bucket = url.split("://", 1)[-1].split("/", 1)[0]
         return TransportError(f"{url}: the bucket {bucket!r} does not exist ({text}); create it (e.g. `aws s3 mb "
                               f"s3://{bucket}`) or correct --out")
-    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+    if name in ("ParamValidationError", "InvalidBucketName") or code == "InvalidBucketName":
+        return TransportError(f"{url}: not a valid object-storage location ({text}); check the bucket name and "
+                              "the path")
+    if isinstance(exc, PermissionError) or code in ("AccessDenied", "Forbidden", "403"):
         verb = "read" if doing in ("reading", "listing") else "write"
         return TransportError(f"{url}: access denied while {doing} ({text}); the credentials in use may not "
                               f"{verb} there: check the bucket's policy and your permissions, or choose another "
