@@ -253,6 +253,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_objects(archive, s3, tmp_path)
     assert _run(archive, clean).exit_code == 0
     command = [sys.executable, "-m", "rankshard.preprocess", "cifar10", "--source", str(archive), "--out", killed,
                *OPTIONS]
+    mid_run = []
     for delay in (0.5, 1.5, 3.0):
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -261,8 +262,10 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_objects(archive, s3, tmp_path)
                 not [k for k in _keys(fs, killed) if k.endswith(".tar.json")]:
             time.sleep(0.05)
         time.sleep(delay)
+        mid_run.append(proc.poll() is None and not [k for k in _keys(fs, killed) if k.endswith("manifest.json")])
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert any(mid_run), "no kill landed while the run was still writing shards"
     listed = CliRunner().invoke(cli, ["ls", killed])
     complete = "manifest.json" in "".join(_objects(fs, killed))
     assert ("complete" if complete else "stopped") in listed.output

@@ -207,6 +207,7 @@ def test_a_symlinked_variant_is_listed_and_a_link_loop_ends(tmp_path):
     (root.joinpath(*TRAIN, "rank-005")).rename(elsewhere)
     root.joinpath(*TRAIN, "rank-005").symlink_to(elsewhere)  # a variant kept on another disk
     (root / "cifar10" / "loop").symlink_to(root)  # and a link back up the tree
+    (root / "a-alias").symlink_to(root / "cifar10")  # an alias sorting before the folder it names
     assert _without_lock(_ls(root)) == _without_lock(_ls(built_root()))
 
 

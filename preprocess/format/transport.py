@@ -198,6 +198,8 @@ class LocalTransport(Transport):
                 dirs[:] = []
                 continue
             seen.add(key)
+            # real folders before links at each level: a link aliasing a folder must not be the name it is found by
+            dirs.sort(key=lambda d: (os.path.islink(os.path.join(top, d)), d))
             rel = os.path.relpath(top, path)
             for name in (n for n in names if n.endswith(suffixes)):
                 with contextlib.suppress(FileNotFoundError):  # gone while listing: a run renaming its temporary
