@@ -120,7 +120,7 @@ class StoreMaterializer(Materializer):
             recorded = json.loads(fetch(url))
         if recorded["config_hash"] != digest:
             raise ConfigMismatchError(_mismatch_message(self.where, recorded["config"], cfg, can_overwrite=False))
-        self._sweep(lambda name: (index := _shard_index(name, self.spec.split)) is not None and self._mine(index))
+        self._sweep(lambda name: (index := self.layout.partial_index(name)) is not None and self._mine(index))
 
     def _sweep(self, which) -> None:
         """Delete the temporary upload keys (``.NAME.<pid>-<id>.partial``) of the listing that ``which(name)``
@@ -174,13 +174,6 @@ class StoreMaterializer(Materializer):
 
     def _remote_bytes(self, shard: Path) -> int:
         return self.store.size(self.url_of(shard), timeout=60)
-
-
-def _shard_index(name: str, split: str) -> int | None:
-    """The shard index in a temporary key's name (``.train-000014.tar.<pid>-<id>.partial``, or its record's
-    ``.train-000014.tar.json...``); None for other files' keys (manifest, README)."""
-    index = name[len(split) + 2:].split(".")[0] if name.startswith(f".{split}-") else ""
-    return int(index) if index.isdigit() else None
 
 
 STAGING_PREFIX = "rankshard-stage-"

@@ -243,8 +243,8 @@ class Materializer:
             d = self.layout.variant_dir(v)
             d.mkdir(parents=True, exist_ok=True)
             for stale in d.glob(".*.partial"):  # left by a killed run; never a complete shard
-                index = stale.name[len(self.spec.split) + 2:].split(".")[0]
-                if index.isdigit() and self._mine(int(index)):  # other ranks may be writing theirs right now
+                index = self.layout.partial_index(stale.name)
+                if index is not None and self._mine(index):  # other ranks may be writing theirs right now
                     stale.unlink(missing_ok=True)
         plan = {"inputs": len(self.order), "shards": self.num_shards}  # for `ls`: how far an unfinished run got
         write_json(self.layout.config_path, {"config": cfg, "config_hash": digest, "svd": self._svd(engine),

@@ -133,6 +133,12 @@ class Layout:
     def shard_name(self, index: int) -> str:
         return f"{self.split}-{index:06d}.tar"
 
+    def partial_index(self, name: str) -> int | None:
+        """The shard index in a temporary file's name (``.train-000014.tar.partial``, an upload's
+        ``.train-000014.tar.<pid>-<id>.partial``, its record's ``.train-000014.tar.json...``); None for others."""
+        index = name[len(self.split) + 2:].split(".")[0] if name.startswith(f".{self.split}-") else ""
+        return int(index) if index.isdigit() else None
+
     def shard_path(self, variant: Variant, index: int) -> Path:
         return self.variant_dir(variant) / self.shard_name(index)
 

@@ -218,3 +218,12 @@ def test_the_walk_lists_shards_tree_files_only():
     files = files_below(built_root())
     assert files and all(f.endswith((".tar", ".json", ".partial")) for f in files)
     assert any(f.endswith("/.progress/train-000000.tar.json") for f in files)
+
+
+def test_a_url_refused_for_a_missing_token_says_so():
+    """Probes read a 403 as absent (some servers answer so for what is not there); when nothing is found, the
+    error must still say the server refused, or an expired token reads as a wrong URL."""
+    with http_server(built_root(), token="s3cret") as (url, _):
+        result = CliRunner().invoke(main, ["ls", f"{url}/cifar10/train"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the server refused" in result.output and "(HTTP 401/403)" in result.output and "token" in result.output

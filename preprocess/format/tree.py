@@ -92,12 +92,16 @@ def written_by_us(data) -> bool:
     return isinstance(data, dict) and str(data.get("format", "")).startswith("rankshard/")
 
 
-def read_if_there(url: str) -> dict | None:
+def read_if_there(url: str, refused: list[str] | None = None) -> dict | None:
     """A remote JSON file, or None where there is none (or the server will not say: some answer 403 for a file
-    that is not there, or for every hidden file)."""
+    that is not there, or for every hidden file; those URLs are added to ``refused``)."""
     try:
         return read_json(url)
-    except (MissingError, ForbiddenError):
+    except MissingError:
+        return None
+    except ForbiddenError:
+        if refused is not None:
+            refused.append(url)
         return None
 
 
@@ -132,15 +136,20 @@ def named_split(url: str) -> NamedSplit:
     """The split that ``url`` (a variant folder, finished or not, or a split folder) names; a RankshardError
     saying what to pass where it names neither. Every file probed is optional: a server that hides dotfiles
     still serves a finished variant by its manifest."""
-    manifest = read_if_there(join(url, MANIFEST))
+    refused: list[str] = []
+    manifest = read_if_there(join(url, MANIFEST), refused)
     if written_by_us(manifest):  # a finished variant
         return NamedSplit(parent(url), basename(url), read_if_there(join(parent(url), CONFIG_NAME)) or manifest)
-    config = read_if_there(join(url, CONFIG_NAME))
+    config = read_if_there(join(url, CONFIG_NAME), refused)
     if config is not None:  # a split
         return NamedSplit(url, None, config)
-    config = read_if_there(join(parent(url), CONFIG_NAME)) if is_url(parent(url)) else None  # not above the host
+    up = join(parent(url), CONFIG_NAME)
+    config = read_if_there(up, refused) if is_url(parent(url)) else None  # never above the host
     if config is not None and basename(url) in NamedSplit(parent(url), None, config).variants():
         return NamedSplit(parent(url), basename(url), config)  # an unfinished variant of that split
+    # a 403 may mean "not there" (which is why it is read as absent) or a missing or expired token: say which
+    forbidden = (f"; the server refused {refused[0]}" + (f" and {len(refused) - 1} more" if len(refused) > 1 else "")
+                 + " (HTTP 401/403): if the URL needs a token or credentials, check them") if refused else ""
     raise RankshardError(f"{url}: no rankshard manifest.json or {CONFIG_NAME} there, and {scheme(url)}:// cannot "
                          "list a folder to find the variants below it; name a variant folder "
-                         "(ROOT/<dataset>/<split>/<variant>) or its split folder (ROOT/<dataset>/<split>)")
+                         f"(ROOT/<dataset>/<split>/<variant>) or its split folder (ROOT/<dataset>/<split>){forbidden}")
