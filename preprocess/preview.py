@@ -8,6 +8,7 @@ checked against its manifest's sha256 and size. The images are written locally: 
 """
 from __future__ import annotations
 
+import functools
 import posixpath
 from pathlib import Path
 
@@ -24,26 +25,30 @@ from rankshard.preprocess.format.tarindex import read_shard
 DEFAULT_NAME = "preview.png"  # in each split's folder; for a URL ROOT, in the current folder
 
 
-def _first_samples(folder: str, count: int) -> list[tuple[str, dict]]:
-    """The first ``count`` samples of a variant, reading only as many shards as that takes."""
+def _first_samples(folder: str, manifest: dict, count: int) -> list[tuple[str, dict]]:
+    """The first ``count`` samples of a variant (``manifest``: its manifest), reading only as many shards as
+    that takes."""
     samples: list[tuple[str, dict]] = []
-    for shard in read_json(join(folder, MANIFEST))["shards"]:
+    for shard in manifest["shards"]:
         if len(samples) >= count:
             break
         samples += read_shard(join(folder, shard["name"]), shard["sha256"], shard.get("bytes"))
     return samples[:count]
 
 
-def _splits(root: str) -> dict[str, tuple[tuple[str, ...], list[str]]]:
-    """Split folder -> (its path below ROOT, the names of its variants that have a manifest)."""
+def _splits(root: str) -> dict[str, tuple[tuple[str, ...], dict[str, dict]]]:
+    """Split folder -> (its path below ROOT, {variant: its manifest} for the variants that have one); each
+    manifest read once (remotely: one request)."""
     if not can_list(root):  # HTTP: ROOT names the split, its configuration names the variants
         split = named_split(root)
-        return {split.url: ((), [n for n, m in split.manifests().items() if m])}
+        return {split.url: ((), {n: m for n, m in split.manifests().items() if m})}
     root, files = split_tree(root)
-    found: dict[str, list[str]] = {}
+    read = functools.lru_cache(maxsize=None)(read_json)  # each manifest read once (remotely: one request)
+    found: dict[str, dict[str, dict]] = {}
     for variant in folders_holding(files, MANIFEST):
-        if is_ours(read_json, join(root, variant, MANIFEST)):  # not another tool's manifest.json beside ours
-            found.setdefault(posixpath.dirname(variant), []).append(posixpath.basename(variant))
+        url = join(root, variant, MANIFEST)
+        if is_ours(read, url):  # not another tool's manifest.json beside ours
+            found.setdefault(posixpath.dirname(variant), {})[posixpath.basename(variant)] = read(url)
     return {join(root, rel): (tuple(rel.split("/")) if rel else (), names) for rel, names in sorted(found.items())}
 
 
@@ -66,8 +71,10 @@ def _title(split: str) -> str:
     return f"{basename(parent(split))}/{basename(split)}"
 
 
-def variant_grid(split: str, variants: list[str], count: int, out: Path, progress: Progress | None = None) -> Path:
-    """The first ``count`` images of each of ``variants`` (folders of ``split``, a path or URL) as one PNG."""
+def variant_grid(split: str, variants: dict[str, dict], count: int, out: Path,
+                 progress: Progress | None = None) -> Path:
+    """The first ``count`` images of each of ``variants`` (``{folder of split: its manifest}``, ``split`` a path
+    or URL) as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +83,7 @@ def variant_grid(split: str, variants: list[str], count: int, out: Path, progres
     names = _grid_variants(variants)
     fig, axes = plt.subplots(count, len(names), figsize=(1.3 * len(names), 1.3 * count + 0.4), squeeze=False)
     for col, name in enumerate(names):
-        for row, (key, members) in enumerate(_first_samples(join(split, name), count)):
+        for row, (key, members) in enumerate(_first_samples(join(split, name), variants[name], count)):
             ax = axes[row, col]
             ax.imshow(_displayable(name, members), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
@@ -94,14 +101,14 @@ def variant_grid(split: str, variants: list[str], count: int, out: Path, progres
     return out
 
 
-def energy_plot(split: str, out: Path) -> Path:
+def energy_plot(split: str, spectra_manifest: dict, out: Path) -> Path:
     """Mean share of squared singular values kept by rank k, per channel, from the split's spectra variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    samples = _first_samples(join(split, "spectra"), 4096)
+    samples = _first_samples(join(split, "spectra"), spectra_manifest, 4096)
     spectra = np.stack([decode_npy(m["s.npy"]).astype(np.float64) for _, m in samples])
     energy = np.cumsum(spectra**2, axis=-1) / np.maximum((spectra**2).sum(-1, keepdims=True), 1e-300)
     mean = energy.mean(axis=0)  # [C, n]
@@ -152,7 +159,7 @@ def write_previews(root: str | Path, count: int = 6, out: Path | None = None,
         base.parent.mkdir(parents=True, exist_ok=True)  # --out into a folder not made yet
         written.append(variant_grid(split, names, count, base, progress))
         if "spectra" in names:
-            written.append(energy_plot(split, base.with_name(base.stem + "-energy.png")))
+            written.append(energy_plot(split, names["spectra"], base.with_name(base.stem + "-energy.png")))
             progress.update(1)
     progress.close()
     return written

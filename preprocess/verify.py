@@ -174,10 +174,11 @@ def _manifest_problem(folder: str, manifest) -> str | None:
 def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:
     """Verify every variant folder (one holding ``manifest.json``) below ``root``; ``show_progress`` draws a
     bar with rate and ETA on stderr (samples of all variants)."""
-    folders = _variant_folders(str(root))  # folder -> the files below it (None: cannot be listed)
-    if not folders:
+    found = _variant_folders(str(root))  # folder -> (the files below it or None, its manifest if already read)
+    if not found:
         raise RankshardError(f"{root}: no manifest.json below it; is this a rankshard output folder?")
-    manifests = {folder: read_json(join(folder, MANIFEST)) for folder in folders}
+    folders = {folder: files for folder, (files, _) in found.items()}
+    manifests = {folder: read_json(join(folder, MANIFEST)) if m is None else m for folder, (_, m) in found.items()}
     unusable = {folder: _manifest_problem(folder, m) for folder, m in manifests.items()}
     checks = [VariantCheck(folder, problems=[problem]) for folder, problem in unusable.items() if problem]
     manifests = {folder: m for folder, m in manifests.items() if not unusable[folder]}
@@ -198,16 +199,17 @@ def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bo
     return VerifyReport(sorted(checks, key=lambda c: c.folder))
 
 
-def _variant_folders(root: str) -> dict[str, dict[str, int] | None]:
+def _variant_folders(root: str) -> dict[str, tuple[dict[str, int] | None, dict | None]]:
     """Every folder holding a manifest.json below ``root`` (a local folder, or a URL; see the module), with the
-    files below it (None over HTTP, where nothing can be listed)."""
+    files below it (None over HTTP, where nothing can be listed) and its manifest where finding the folder
+    already read it (an HTTP split folder: each request once)."""
     if not can_list(root):
         split = named_split(root)  # refuses a URL that names neither a variant nor a split folder
         if split.variant:
-            return {root: None}
-        return {join(split.url, name): None for name, manifest in split.manifests().items() if manifest}
+            return {root: (None, None)}
+        return {join(split.url, name): (None, manifest) for name, manifest in split.manifests().items() if manifest}
     files = files_below(root)
-    return {join(root, rel): within(files, rel) for rel in folders_holding(files, MANIFEST)}
+    return {join(root, rel): (within(files, rel), None) for rel in folders_holding(files, MANIFEST)}
 
 
 def print_report(report: VerifyReport) -> None:

@@ -58,11 +58,8 @@ def s3_root():
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
     from loaders_shards import built_root
-    from remote_servers import s3_server, upload_folder
+    from remote_servers import s3_bucket, upload_folder
 
-    with s3_server():
-        import fsspec
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("rankshard-test")
+    with s3_bucket("rankshard-test"):
         upload_folder(built_root(), "s3://rankshard-test/shards")
         yield "s3://rankshard-test/shards"

@@ -181,6 +181,16 @@ def _restore_client_config(saved_env: dict, saved_conf) -> None:
     s3fs.S3FileSystem.clear_instance_cache()  # the next server has another port
 
 
+@contextlib.contextmanager
+def s3_bucket(name: str):
+    """``s3_server()`` with an empty bucket ``name`` made in it; yields ``(fsspec s3 filesystem, endpoint URL)``."""
+    with s3_server() as endpoint:
+        import fsspec
+        fs = fsspec.filesystem("s3")
+        fs.mkdir(name)
+        yield fs, endpoint
+
+
 def upload_folder(local: Path, url: str) -> None:
     """Copy a local folder tree to ``url`` (an s3:// prefix) with fsspec."""
     import fsspec

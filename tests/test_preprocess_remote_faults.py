@@ -21,7 +21,7 @@ from rankshard.preprocess.cli import main as cli
 from rankshard.preprocess.sources.cifar import write_cifar10_archive
 from rankshard.preprocess.sources.synth import labelled_images
 
-from remote_servers import fault_proxy, s3_server
+from remote_servers import fault_proxy, s3_bucket
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -39,10 +39,7 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3():
-    with s3_server() as endpoint:
-        import fsspec
-        fs = fsspec.filesystem("s3")
-        fs.mkdir(BUCKET)
+    with s3_bucket(BUCKET) as (fs, endpoint):
         yield fs, endpoint
 
 
