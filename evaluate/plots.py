@@ -135,3 +135,26 @@ def plot_side_by_side(panels: dict[str, Sequence], title: str, path: str | os.Pa
         _band_axes(ax, bands, _axis_label(mode), "top-1 accuracy (%)")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_delta_rank(summaries: dict[str, dict], isotropic: Sequence[float], title: str,
+                    path: str | os.PathLike) -> Path:
+    """Rank structure of the attack's perturbation per checkpoint: its own energy retained vs rank k (left) and its
+    share inside the clean image's top-k singular subspaces (right), beside an isotropic perturbation's."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    panels = ((axes[0], "spectrum", "delta's energy kept by\nits own rank-k truncation (%)"),
+              (axes[1], "in_image", "delta's energy inside the clean\nimage's top-k singular subspaces (%)"))
+    for ax, field, label in panels:
+        for name, summary in summaries.items():
+            curve = summary[field]
+            ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=f"{name} (n={summary['samples']})")
+        ax.set_xlabel("rank k")
+        ax.set_ylabel(label)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[1].plot(range(1, len(isotropic) + 1), [100 * v for v in isotropic], "k--", lw=1,
+                 label="isotropic delta (k^2 / HW)")
+    for ax in axes:
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -24,6 +24,7 @@ from torch import nn
 from rankshard.train.attacks import PGDConfig, pgd, random_targets
 
 from rankshard.evaluate.accuracy import predict
+from rankshard.evaluate.perturbation_rank import rank_profile, record_fields
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ def perturbation_size(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Te
 
 
 def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str], num_classes: int,
-                 cfg: PGDEvalConfig) -> dict[str, dict]:
-    """Records ``{key: {"label", "target", "clean", "adv", "delta"}}`` for one batch (target -1 if untargeted)."""
+                 cfg: PGDEvalConfig, delta_rank: bool = False) -> dict[str, dict]:
+    """Records ``{key: {"label", "target", "clean", "adv", "delta"}}`` for one batch (target -1 if untargeted);
+    with ``delta_rank`` also the perturbation's rank profile (``perturbation_rank.record_fields``)."""
     target = keyed_targets(y, keys, num_classes, cfg.seed) if cfg.attack.targeted else None
     starts = sample_generators(cfg.seed, keys, "start", x.device)
     clean = predict(model, x).argmax(1)
@@ -67,16 +69,22 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: Seque
     adv_pred = predict(model, adv).argmax(1)
     delta = perturbation_size(adv, x, cfg.attack.norm)
     targets = target.tolist() if target is not None else [-1] * len(keys)
-    return {k: {"label": lab, "target": t, "clean": c, "adv": a, "delta": d}
-            for k, lab, t, c, a, d in zip(keys, y.tolist(), targets, clean.tolist(), adv_pred.tolist(), delta.tolist())}
+    records = {k: {"label": lab, "target": t, "clean": c, "adv": a, "delta": d}
+               for k, lab, t, c, a, d in zip(keys, y.tolist(), targets, clean.tolist(), adv_pred.tolist(), delta.tolist())}
+    if delta_rank:
+        profile = rank_profile(x, adv)
+        for i, k in enumerate(keys):
+            records[k].update(record_fields(profile, i))
+    return records
 
 
-def pgd_records(model: nn.Module, batches: Iterable, num_classes: int, cfg: PGDEvalConfig, device: str) -> dict[str, dict]:
+def pgd_records(model: nn.Module, batches: Iterable, num_classes: int, cfg: PGDEvalConfig, device: str,
+                delta_rank: bool = False) -> dict[str, dict]:
     """Per-sample PGD records for every sample of ``batches`` (x, y, keys); model parameters stay frozen."""
     records: dict[str, dict] = {}
     for batch in batches:
         x, y = batch.x.to(device, torch.float32), batch.y.to(device)
-        records.update(attack_batch(model, x, y, batch.keys, num_classes, cfg))
+        records.update(attack_batch(model, x, y, batch.keys, num_classes, cfg, delta_rank))
     return records
 
 

@@ -16,7 +16,9 @@ from rankshard.evaluate.accuracy import accuracy_records, summarize_accuracy
 from rankshard.evaluate.checkpoints import LoadedCheckpoint, check_fits
 from rankshard.evaluate.data import EvalData
 from rankshard.evaluate.distributed import DistContext, check_complete, gather_by_key
-from rankshard.evaluate.plots import curve_from_rows, plot_gaps, plot_spectra
+from rankshard.evaluate.perturbation_rank import (SCALARS as DELTA_SCALARS, isotropic_in_image, save_curves,
+                                                  scalar_fields, summarize as delta_summary)
+from rankshard.evaluate.plots import curve_from_rows, plot_delta_rank, plot_gaps, plot_spectra
 from rankshard.evaluate.results import safe_name, write_csv, write_result
 from rankshard.evaluate.robustness import PGDEvalConfig, pgd_records, summarize_pgd
 from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
@@ -116,29 +118,53 @@ def spectrum_figures(results: dict[str, list[dict]], mode: str, data_name: str, 
 
 
 def run_pgd(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: PGDEvalConfig, ctx: DistContext,
-            out: str | Path, allow_size_mismatch: bool = False, quiet: bool = False) -> list[dict] | None:
-    """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0."""
-    out, rows, files = Path(out), [], []
+            out: str | Path, allow_size_mismatch: bool = False, quiet: bool = False,
+            delta_rank: bool = False) -> list[dict] | None:
+    """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0; with
+    ``delta_rank`` the perturbations' rank structure too (``perturbation_rank``)."""
+    out, rows, files, profiles = Path(out), [], [], {}
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
         batches = _batches(data, ctx, f"PGD {ck.name}", quiet)
-        records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device)
+        records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device, delta_rank)
         merged = _gathered(records, data, ctx, f"PGD on {ck.name} with {data.name}")
         if merged is None:
             continue
         rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
                      **summarize_pgd(merged, cfg.attack.targeted)})
+        if delta_rank:
+            profiles[ck.name] = delta_summary(merged)
+            rows[-1] |= {f"delta_{name}": profiles[ck.name][name] for name in DELTA_SCALARS}
+            files.append(save_curves(out / f"pgd-{safe_name(ck.name)}-delta-rank.npz", merged))
         files.append(write_csv(out / f"pgd-{safe_name(ck.name)}-samples.csv",
-                               [{"key": k, **r} for k, r in merged.items()]))
+                               [{"key": k, **scalar_fields(r)} for k, r in merged.items()]))
     if not ctx.is_main:
         return None
     files.append(write_csv(out / "pgd.csv", rows))
     attack = dataclasses.asdict(cfg.attack) | {"alpha": cfg.attack.alpha, "seed": cfg.seed}
+    body, figures = {"attack": attack, "rows": rows}, []
+    if delta_rank:
+        body["delta_rank"], figures, more = _delta_rank_outputs(profiles, data, cfg, out)
+        files += more
     (out / "pgd.md").write_text(markdown_table(pgd_table_rows(rows)) + f"\n\nAttack: {describe_attack(cfg)}\n")
-    write_result(out, "pgd", {"attack": attack, "rows": rows}, device=ctx.device, world_size=ctx.world_size,
-                 config={"checkpoints": _ckpt_config(ckpts), "data": data.name, "attack": attack},
-                 files=files + [out / "pgd.md"])
+    write_result(out, "pgd", body, device=ctx.device, world_size=ctx.world_size,
+                 config={"checkpoints": _ckpt_config(ckpts), "data": data.name, "attack": attack}
+                 | ({"delta_rank": True} if delta_rank else {}),
+                 figures=figures, files=files + [out / "pgd.md"])
     return rows
+
+
+def _delta_rank_outputs(profiles: dict[str, dict], data: EvalData, cfg: PGDEvalConfig,
+                        out: Path) -> tuple[dict, list[Path], list[Path]]:
+    """The perturbations' mean rank curves per checkpoint: JSON body, ``pgd-delta-rank.png`` and ``.csv``."""
+    isotropic = isotropic_in_image(*data.image_size)
+    table = [{"checkpoint": name, "k": k + 1, "spectrum": p["spectrum"][k], "in_image": p["in_image"][k],
+              "isotropic_in_image": float(isotropic[k])}
+             for name, p in profiles.items() for k in range(len(p["spectrum"]))]
+    csv = write_csv(out / "pgd-delta-rank.csv", table)
+    png = plot_delta_rank(profiles, isotropic, f"rank structure of the perturbation: {describe_attack(cfg)}",
+                          out / "pgd-delta-rank.png")
+    return {"isotropic_in_image": isotropic, "checkpoints": profiles}, [png], [csv, png]
 
 
 def describe_attack(cfg: PGDEvalConfig) -> str:

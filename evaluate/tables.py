@@ -38,6 +38,23 @@ def pgd_table_rows(rows: Sequence[dict]) -> list[dict]:
              "Recovery (clean-correct)": pct(r["recovery_clean_correct"]), "n": r["count"]} for r in rows]
 
 
+def delta_rank_table(result: dict) -> Table:
+    """A ``pgd --delta-rank`` result's perturbation rank structure per checkpoint: effective and stable rank and its
+    energy inside the image's top-k subspaces at k = 1 and 1/8, 1/4, 1/2 of min(H, W), beside an isotropic delta."""
+    body = result["delta_rank"]
+    iso = body["isotropic_in_image"]
+    ks = sorted({1, *(max(1, len(iso) * f // 8) for f in (1, 2, 4))})
+    rows = [{"Checkpoint": name, "n": p["samples"], "effective rank": f"{p['effective_rank']:.1f}",
+             "stable rank": f"{p['stable_rank']:.2f}", **{f"in top-{k}": pct(p["in_image"][k - 1]) if p["in_image"]
+                                                           else "n/a" for k in ks}}
+            for name, p in body["checkpoints"].items()]
+    rows.append({"Checkpoint": "isotropic delta", "n": "", "effective rank": "", "stable rank": "",
+                 **{f"in top-{k}": pct(iso[k - 1]) for k in ks}})
+    return Table(rows, "rank structure of delta = x_adv - x (float64, pooled over channels, mean over samples): "
+                       "effective rank (Roy & Vetterli), stable rank, and the share of delta's energy inside the clean "
+                       "image's top-k left and right singular subspaces")
+
+
 def accuracy_table_rows(rows: Sequence[dict]) -> list[dict]:
     """Checkpoint x data variant: top-1, top-5, count."""
     return [{"Checkpoint": r["checkpoint"], "Trained on": r["trained_on"], "Data": r["data"],

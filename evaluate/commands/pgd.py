@@ -41,14 +41,17 @@ def attack_config(norm, eps, steps, step_size, targeted, restarts, seed) -> PGDE
               help="Targeted: a random other class per sample (seeded by --seed and the sample key).")
 @click.option("--restarts", type=int, default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds targets and random starts.")
+@click.option("--delta-rank/--no-delta-rank", default=False, show_default=True,
+              help="Also measure each perturbation's rank structure: its own energy vs rank k and its share inside "
+                   "the clean image's top-k singular subspaces (pgd-delta-rank.png/.csv, per-sample .npz).")
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, quiet, root, dataset, split, variant, limit,
-            batch_size, workers, verify_shards, norm, eps, steps, step_size, targeted, restarts, seed):
+            batch_size, workers, verify_shards, norm, eps, steps, step_size, targeted, restarts, seed, delta_rank):
     """Attack success, recovery, clean top-1 and robust accuracy of each CKPT; per-sample CSVs and a
     Table-2-style pgd.md/pgd.csv across checkpoints."""
     cfg = attack_config(norm, eps, steps, step_size, targeted, restarts, seed)
     data = open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards)
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
-    rows = run_pgd(ckpts, data, cfg, ctx, out, allow_size_mismatch, quiet)
+    rows = run_pgd(ckpts, data, cfg, ctx, out, allow_size_mismatch, quiet, delta_rank)
     finish(ctx, f"{describe_attack(cfg)} on {data.name}\n\n{markdown_table(pgd_table_rows(rows or []))}"
-                f"\n\nwritten to {out}/pgd.md, pgd.csv, pgd.json")
+                f"\n\nwritten to {out}/pgd.md, pgd.csv, pgd.json{', pgd-delta-rank.png/.csv' if delta_rank else ''}")
