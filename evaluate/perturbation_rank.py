@@ -87,11 +87,6 @@ def record_fields(profile: dict[str, np.ndarray], i: int) -> dict:
            {f"delta_{name}": float(profile[name][i]) for name in SCALARS}
 
 
-def scalar_fields(record: Mapping) -> dict:
-    """A record without its per-k curves (what fits a per-sample CSV row); the curves go to the .npz."""
-    return {k: v for k, v in record.items() if k not in {f"delta_{n}" for n in CURVES}}
-
-
 def save_curves(path: Path, records: Mapping[str, dict]) -> Path:
     """Every sample's curves in one ``.npz`` (written whole or not at all): ``keys`` [N], ``spectrum`` and
     ``in_image`` [N, min(H, W)], float64."""

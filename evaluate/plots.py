@@ -158,3 +158,23 @@ def plot_delta_rank(summaries: dict[str, dict], isotropic: Sequence[float], titl
         ax.legend(fontsize="small")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_rank_path(paths: dict[str, Sequence[dict]], targeted: bool, title: str, path: str | os.PathLike) -> Path:
+    """Algorithm 1 on clean and adversarial inputs per checkpoint: top-1 on the clean x_k (solid) and recovery on
+    the adversarial x'_k (dashed) vs k (left); the attack's success on x'_k (right)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for i, (name, rows) in enumerate(paths.items()):
+        ranks, colour = [r["rank"] for r in rows], f"C{i % 10}"
+        axes[0].plot(ranks, [100 * r["clean_top1"] for r in rows], color=colour, label=f"{name}: clean x_k")
+        axes[0].plot(ranks, [100 * r["adv_recovery"] for r in rows], "--", color=colour, label=f"{name}: adversarial x'_k")
+        axes[1].plot(ranks, [100 * r["adv_success"] for r in rows], color=colour, label=name)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    axes[1].set_ylabel(f"{'targeted' if targeted else 'untargeted'} attack success on x'_k (%)")
+    for ax in axes:
+        ax.set_xlabel("rank k of the input (k largest singular values kept)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title + "\n(the attack was made on the full-rank input: not adaptive to the truncation)", fontsize="medium")
+    return _save(fig, path)

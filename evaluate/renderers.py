@@ -16,7 +16,7 @@ from rankshard.evaluate import comparisons as cmp
 from rankshard.evaluate.plots import curve_from_rows, plot_bands, plot_gaps, plot_side_by_side, plot_spectra
 from rankshard.evaluate.results import Skipped, safe_name
 from rankshard.evaluate.tables import (Table, accuracy_table_rows, delta_rank_table, pct, pgd_table_rows,
-                                       robustness_table, spectrum_table)
+                                       rank_path_table, robustness_table, spectrum_table)
 
 
 @dataclass
@@ -139,7 +139,8 @@ def pgd_section(r: dict, figs: Figures) -> Section:
     a = r["attack"]
     what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
             f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
-    tables = [Table(pgd_table_rows(r["rows"]), "Table 2 layout")] + ([delta_rank_table(r)] if "delta_rank" in r else [])
+    tables = [Table(pgd_table_rows(r["rows"]), "Table 2 layout")]
+    tables += [table(r) for key, table in (("delta_rank", delta_rank_table), ("spectrum", rank_path_table)) if key in r]
     return Section("PGD robustness", [what], tables, figs.adopt(r))
 
 

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankshard.preprocess.rank.engine import RankEngine
 from rankshard.train.attacks import PGDConfig, pgd, random_targets
 
 from rankshard.evaluate.accuracy import predict
 from rankshard.evaluate.perturbation_rank import rank_profile, record_fields
+from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_batch
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,21 @@ def perturbation_size(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Te
     return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a PGD evaluation measures beyond the attack's outcome (nothing by default); the attack is the same."""
+
+    delta_rank: bool = False                # ``perturbation_rank.rank_profile`` of each perturbation
+    spectrum: SpectrumConfig | None = None  # Algorithm 1 on the clean AND the adversarial input, same ranks
+    engine: RankEngine | None = None        # the SVD for ``spectrum``
+
+
 def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: Sequence[str], num_classes: int,
-                 cfg: PGDEvalConfig, delta_rank: bool = False) -> dict[str, dict]:
-    """Records ``{key: {"label", "target", "clean", "adv", "delta"}}`` for one batch (target -1 if untargeted);
-    with ``delta_rank`` also the perturbation's rank profile (``perturbation_rank.record_fields``)."""
+                 cfg: PGDEvalConfig, extras: Extras = Extras()) -> dict[str, dict]:
+    """Records ``{key: {"label", "target", "clean", "adv", "delta"}}`` for one batch (target -1 if untargeted),
+    plus what ``extras`` asks for: the perturbation's rank profile (``perturbation_rank.record_fields``) and the
+    predictions on the rank-k truncations of the clean and adversarial inputs (``clean_at_rank``, ``adv_at_rank``,
+    one per ``extras.spectrum.ranks``)."""
     target = keyed_targets(y, keys, num_classes, cfg.seed) if cfg.attack.targeted else None
     starts = sample_generators(cfg.seed, keys, "start", x.device)
     clean = predict(model, x).argmax(1)
@@ -71,21 +84,42 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keys: Seque
     targets = target.tolist() if target is not None else [-1] * len(keys)
     records = {k: {"label": lab, "target": t, "clean": c, "adv": a, "delta": d}
                for k, lab, t, c, a, d in zip(keys, y.tolist(), targets, clean.tolist(), adv_pred.tolist(), delta.tolist())}
-    if delta_rank:
+    if extras.delta_rank:
         profile = rank_profile(x, adv)
         for i, k in enumerate(keys):
             records[k].update(record_fields(profile, i))
+    if extras.spectrum is not None:
+        for name, inputs in (("clean_at_rank", x), ("adv_at_rank", adv)):
+            _, preds = spectrum_batch(model, inputs, extras.engine, extras.spectrum)
+            for k, p in zip(keys, preds.tolist()):
+                records[k][name] = p
     return records
 
 
 def pgd_records(model: nn.Module, batches: Iterable, num_classes: int, cfg: PGDEvalConfig, device: str,
-                delta_rank: bool = False) -> dict[str, dict]:
+                extras: Extras = Extras()) -> dict[str, dict]:
     """Per-sample PGD records for every sample of ``batches`` (x, y, keys); model parameters stay frozen."""
     records: dict[str, dict] = {}
     for batch in batches:
         x, y = batch.x.to(device, torch.float32), batch.y.to(device)
-        records.update(attack_batch(model, x, y, batch.keys, num_classes, cfg, delta_rank))
+        records.update(attack_batch(model, x, y, batch.keys, num_classes, cfg, extras))
     return records
+
+
+def summarize_rank_path(records: Mapping[str, dict], ranks: Sequence[int], targeted: bool) -> list[dict]:
+    """Per rank k: top-1 on the clean x_k, recovery (label) and attack success on the adversarial x'_k, as
+    fractions of ``count`` samples; the attack was made on the full-rank input (not adaptive to truncation)."""
+    rows = list(records.values())
+    n = max(len(rows), 1)
+    out = []
+    for i, k in enumerate(ranks):
+        clean = sum(r["clean_at_rank"][i] == r["label"] for r in rows)
+        recovered = sum(r["adv_at_rank"][i] == r["label"] for r in rows)
+        success = sum((r["adv_at_rank"][i] == r["target"]) if targeted else (r["adv_at_rank"][i] != r["label"])
+                      for r in rows)
+        out.append({"rank": k, "clean_top1": clean / n, "adv_recovery": recovered / n, "adv_success": success / n,
+                    "count": len(rows)})
+    return out
 
 
 def _rate(hits: Sequence[bool]) -> float:

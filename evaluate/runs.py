@@ -8,6 +8,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from rankshard.preprocess.rank.engine import RankEngine
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.rank.lowpass import rank_check
@@ -17,10 +18,10 @@ from rankshard.evaluate.checkpoints import LoadedCheckpoint, check_fits
 from rankshard.evaluate.data import EvalData
 from rankshard.evaluate.distributed import DistContext, check_complete, gather_by_key
 from rankshard.evaluate.perturbation_rank import (SCALARS as DELTA_SCALARS, isotropic_in_image, save_curves,
-                                                  scalar_fields, summarize as delta_summary)
-from rankshard.evaluate.plots import curve_from_rows, plot_delta_rank, plot_gaps, plot_spectra
+                                                  summarize as delta_summary)
+from rankshard.evaluate.plots import curve_from_rows, plot_delta_rank, plot_gaps, plot_rank_path, plot_spectra
 from rankshard.evaluate.results import safe_name, write_csv, write_result
-from rankshard.evaluate.robustness import PGDEvalConfig, pgd_records, summarize_pgd
+from rankshard.evaluate.robustness import Extras, PGDEvalConfig, pgd_records, summarize_pgd, summarize_rank_path
 from rankshard.evaluate.spectrum import SpectrumConfig, spectrum_records, summarize_spectrum
 from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
@@ -119,52 +120,84 @@ def spectrum_figures(results: dict[str, list[dict]], mode: str, data_name: str, 
 
 def run_pgd(ckpts: Sequence[LoadedCheckpoint], data: EvalData, cfg: PGDEvalConfig, ctx: DistContext,
             out: str | Path, allow_size_mismatch: bool = False, quiet: bool = False,
-            delta_rank: bool = False) -> list[dict] | None:
-    """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0; with
-    ``delta_rank`` the perturbations' rank structure too (``perturbation_rank``)."""
-    out, rows, files, profiles = Path(out), [], [], {}
+            extras: Extras = Extras()) -> list[dict] | None:
+    """PGD metrics for every checkpoint; per-sample CSVs, ``pgd.csv``/``pgd.md``/``pgd.json`` on rank 0; and
+    what ``extras`` asks for (the perturbations' rank structure, Algorithm 1 on clean and adversarial inputs)."""
+    out, rows, files, profiles, paths = Path(out), [], [], {}, {}
     for ck in ckpts:
         check_fits(ck, data, allow_size_mismatch)
         batches = _batches(data, ctx, f"PGD {ck.name}", quiet)
-        records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device, delta_rank)
+        records = pgd_records(ck.model, batches, data.num_classes, cfg, ctx.device, extras)
         merged = _gathered(records, data, ctx, f"PGD on {ck.name} with {data.name}")
         if merged is None:
             continue
         rows.append({"checkpoint": ck.name, "trained_on": ck.trained_on, "data": data.name,
                      **summarize_pgd(merged, cfg.attack.targeted)})
-        if delta_rank:
+        stem = f"pgd-{safe_name(ck.name)}"
+        if extras.delta_rank:
             profiles[ck.name] = delta_summary(merged)
             rows[-1] |= {f"delta_{name}": profiles[ck.name][name] for name in DELTA_SCALARS}
-            files.append(save_curves(out / f"pgd-{safe_name(ck.name)}-delta-rank.npz", merged))
-        files.append(write_csv(out / f"pgd-{safe_name(ck.name)}-samples.csv",
-                               [{"key": k, **scalar_fields(r)} for k, r in merged.items()]))
+            files.append(save_curves(out / f"{stem}-delta-rank.npz", merged))
+        if extras.spectrum is not None:
+            ranks = extras.spectrum.ranks
+            paths[ck.name] = summarize_rank_path(merged, ranks, cfg.attack.targeted)
+            files.append(write_csv(out / f"{stem}-spectrum-samples.csv", [
+                {"key": k, "label": r["label"], "target": r["target"],
+                 **{f"{side}_rank_{q}": p for side in ("clean", "adv") for q, p in zip(ranks, r[f"{side}_at_rank"])}}
+                for k, r in merged.items()]))
+        files.append(write_csv(out / f"{stem}-samples.csv", [{"key": k, **per_sample_fields(r)} for k, r in merged.items()]))
     if not ctx.is_main:
         return None
     files.append(write_csv(out / "pgd.csv", rows))
     attack = dataclasses.asdict(cfg.attack) | {"alpha": cfg.attack.alpha, "seed": cfg.seed}
     body, figures = {"attack": attack, "rows": rows}, []
-    if delta_rank:
-        body["delta_rank"], figures, more = _delta_rank_outputs(profiles, data, cfg, out)
-        files += more
+    if extras.delta_rank:
+        body["delta_rank"] = _delta_rank_outputs(profiles, data, cfg, out, figures, files)
+    if extras.spectrum is not None:
+        body["spectrum"] = _rank_path_outputs(paths, extras, cfg, out, figures, files)
     (out / "pgd.md").write_text(markdown_table(pgd_table_rows(rows)) + f"\n\nAttack: {describe_attack(cfg)}\n")
     write_result(out, "pgd", body, device=ctx.device, world_size=ctx.world_size,
-                 config={"checkpoints": _ckpt_config(ckpts), "data": data.name, "attack": attack}
-                 | ({"delta_rank": True} if delta_rank else {}),
+                 config={"checkpoints": _ckpt_config(ckpts), "data": data.name, "attack": attack} | extras_config(extras),
                  figures=figures, files=files + [out / "pgd.md"])
     return rows
 
 
-def _delta_rank_outputs(profiles: dict[str, dict], data: EvalData, cfg: PGDEvalConfig,
-                        out: Path) -> tuple[dict, list[Path], list[Path]]:
-    """The perturbations' mean rank curves per checkpoint: JSON body, ``pgd-delta-rank.png`` and ``.csv``."""
+def per_sample_fields(record: dict) -> dict:
+    """A PGD record as one CSV row: its scalars (per-k lists and curves have their own files)."""
+    return {k: v for k, v in record.items() if not isinstance(v, (list, np.ndarray))}
+
+
+def extras_config(extras: Extras) -> dict:
+    """The measurements asked for, as recorded in the result's ``config`` (absent when none was)."""
+    out: dict = {"delta_rank": True} if extras.delta_rank else {}
+    if extras.spectrum is not None:
+        out["spectrum"] = {"ranks": list(extras.spectrum.ranks), "svd": extras.engine.describe()}
+    return out
+
+
+def _delta_rank_outputs(profiles: dict[str, dict], data: EvalData, cfg: PGDEvalConfig, out: Path,
+                        figures: list[Path], files: list[Path]) -> dict:
+    """The perturbations' mean rank curves per checkpoint: ``pgd-delta-rank.png`` and ``.csv``; the JSON body."""
     isotropic = isotropic_in_image(*data.image_size)
     table = [{"checkpoint": name, "k": k + 1, "spectrum": p["spectrum"][k], "in_image": p["in_image"][k],
               "isotropic_in_image": float(isotropic[k])}
              for name, p in profiles.items() for k in range(len(p["spectrum"]))]
-    csv = write_csv(out / "pgd-delta-rank.csv", table)
-    png = plot_delta_rank(profiles, isotropic, f"rank structure of the perturbation: {describe_attack(cfg)}",
-                          out / "pgd-delta-rank.png")
-    return {"isotropic_in_image": isotropic, "checkpoints": profiles}, [png], [csv, png]
+    files.append(write_csv(out / "pgd-delta-rank.csv", table))
+    figures.append(plot_delta_rank(profiles, isotropic, f"rank structure of the perturbation: {describe_attack(cfg)}",
+                                   out / "pgd-delta-rank.png"))
+    files.append(figures[-1])
+    return {"isotropic_in_image": isotropic, "checkpoints": profiles}
+
+
+def _rank_path_outputs(paths: dict[str, list[dict]], extras: Extras, cfg: PGDEvalConfig, out: Path,
+                       figures: list[Path], files: list[Path]) -> dict:
+    """Algorithm 1 on clean and adversarial inputs per checkpoint: ``pgd-spectrum.png`` and ``.csv``; the JSON body."""
+    files.append(write_csv(out / "pgd-spectrum.csv", [{"checkpoint": name, **row} for name, rows in paths.items()
+                                                       for row in rows]))
+    figures.append(plot_rank_path(paths, cfg.attack.targeted, f"rank-k truncation of clean and adversarial inputs: "
+                                  f"{describe_attack(cfg)}", out / "pgd-spectrum.png"))
+    files.append(figures[-1])
+    return {"ranks": list(extras.spectrum.ranks), "svd": extras.engine.describe(), "checkpoints": paths}
 
 
 def describe_attack(cfg: PGDEvalConfig) -> str:

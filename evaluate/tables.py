@@ -55,6 +55,26 @@ def delta_rank_table(result: dict) -> Table:
                        "image's top-k left and right singular subspaces")
 
 
+def rank_path_table(result: dict, most: int = 12) -> Table:
+    """A ``pgd --spectrum-ranks`` result per rank (at most ``most`` of them, evenly spread, ends included): per
+    checkpoint top-1 on the clean x_k, recovery and attack success on the adversarial x'_k."""
+    body = result["spectrum"]
+    ranks = body["ranks"]
+    count = min(most, len(ranks))
+    shown = sorted({ranks[round(i * (len(ranks) - 1) / max(count - 1, 1))] for i in range(count)})
+    rows = []
+    for k in shown:
+        row: dict = {"rank k": k}
+        for name, per_rank in body["checkpoints"].items():
+            r = next(r for r in per_rank if r["rank"] == k)
+            row |= {f"{name} clean": pct(r["clean_top1"]), f"{name} adv recovery": pct(r["adv_recovery"]),
+                    f"{name} adv success": pct(r["adv_success"])}
+        rows.append(row)
+    return Table(rows, "Algorithm 1 on clean and adversarial inputs: top-1 on the clean x_k, recovery (label) and "
+                       "attack success on the adversarial x'_k; the attack was made on the full-rank input, so this is "
+                       "not an adaptive evaluation of truncation as a defence")
+
+
 def accuracy_table_rows(rows: Sequence[dict]) -> list[dict]:
     """Checkpoint x data variant: top-1, top-5, count."""
     return [{"Checkpoint": r["checkpoint"], "Trained on": r["trained_on"], "Data": r["data"],

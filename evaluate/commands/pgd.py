@@ -6,9 +6,11 @@ import click
 from rankshard.train.attacks import PGDConfig, parse_eps
 
 from rankshard.evaluate.errors import EvaluationError, friendly_errors
-from rankshard.evaluate.options import checkpoint_options, data_options, finish, open_data, setup
-from rankshard.evaluate.robustness import PGDEvalConfig
+from rankshard.evaluate.options import (checkpoint_options, data_options, finish, open_data, rank_engine, setup,
+                                        svd_backend_option)
+from rankshard.evaluate.robustness import Extras, PGDEvalConfig
 from rankshard.evaluate.runs import describe_attack, run_pgd
+from rankshard.evaluate.spectrum import SpectrumConfig, parse_ranks
 from rankshard.evaluate.tables import markdown_table, pgd_table_rows
 
 
@@ -44,14 +46,24 @@ def attack_config(norm, eps, steps, step_size, targeted, restarts, seed) -> PGDE
 @click.option("--delta-rank/--no-delta-rank", default=False, show_default=True,
               help="Also measure each perturbation's rank structure: its own energy vs rank k and its share inside "
                    "the clean image's top-k singular subspaces (pgd-delta-rank.png/.csv, per-sample .npz).")
+@click.option("--spectrum-ranks", default=None, metavar="RANKS",
+              help="Also run Algorithm 1 on the clean and the adversarial inputs at these ranks ('0:32:4', '1,5,10', "
+                   "'all'): top-1 on x_k, recovery and attack success on the truncated adversarial x'_k "
+                   "(pgd-spectrum.png/.csv). The attack is made on the full-rank input, not through the truncation.")
+@svd_backend_option
 @friendly_errors
 def command(checkpoints, out, device, trust_checkpoint, allow_size_mismatch, quiet, root, dataset, split, variant, limit,
-            batch_size, workers, verify_shards, norm, eps, steps, step_size, targeted, restarts, seed, delta_rank):
+            batch_size, workers, verify_shards, norm, eps, steps, step_size, targeted, restarts, seed, delta_rank,
+            spectrum_ranks, svd_backend):
     """Attack success, recovery, clean top-1 and robust accuracy of each CKPT; per-sample CSVs and a
     Table-2-style pgd.md/pgd.csv across checkpoints."""
     cfg = attack_config(norm, eps, steps, step_size, targeted, restarts, seed)
     data = open_data(root, dataset, split, variant, batch_size, workers, limit, verify_shards)
+    spectrum = None if spectrum_ranks is None else SpectrumConfig(parse_ranks(spectrum_ranks, min(data.image_size)))
     ctx, ckpts = setup(checkpoints, device, trust_checkpoint)
-    rows = run_pgd(ckpts, data, cfg, ctx, out, allow_size_mismatch, quiet, delta_rank)
+    extras = Extras(delta_rank, spectrum, rank_engine(svd_backend, ctx.device) if spectrum else None)
+    rows = run_pgd(ckpts, data, cfg, ctx, out, allow_size_mismatch, quiet, extras)
+    more = [name for name, wanted in (("pgd-delta-rank.png/.csv", delta_rank), ("pgd-spectrum.png/.csv", spectrum))
+            if wanted]
     finish(ctx, f"{describe_attack(cfg)} on {data.name}\n\n{markdown_table(pgd_table_rows(rows or []))}"
-                f"\n\nwritten to {out}/pgd.md, pgd.csv, pgd.json{', pgd-delta-rank.png/.csv' if delta_rank else ''}")
+                f"\n\nwritten to {out}/" + ", ".join(["pgd.md", "pgd.csv", "pgd.json", *more]))

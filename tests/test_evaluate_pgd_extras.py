@@ -1,4 +1,6 @@
-"""``pgd --delta-rank``: the perturbation's rank structure, against a literal float64 numpy loop of each definition."""
+"""What ``pgd`` measures beyond the attack: ``--delta-rank`` (the perturbation's rank structure, against a literal
+float64 numpy loop of each definition) and ``--spectrum-ranks`` (Algorithm 1 on clean and adversarial inputs,
+against the float64 reference truncation)."""
 import csv
 import json
 import warnings
@@ -12,6 +14,12 @@ from evaluate_demo import demo_shards, tiny_checkpoint
 from photos import photo_batch
 from rankshard.evaluate.cli import main
 from rankshard.evaluate.perturbation_rank import isotropic_in_image, rank_profile, summarize
+from rankshard.evaluate.robustness import (Extras, PGDEvalConfig, attack_batch, keyed_targets, sample_generators,
+                                           summarize_rank_path)
+from rankshard.evaluate.spectrum import SpectrumConfig
+from rankshard.preprocess.rank.engine import RankEngine, reference_low_rank
+from rankshard.train.attacks import PGDConfig, pgd
+from rankshard.train.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -115,7 +123,8 @@ def test_cli_writes_curves_table_figure_and_report(tmp_path):
               "--eps", "8/255", "--steps", "2"]
     run = lambda *a: CliRunner().invoke(main, [str(v) for v in a])  # noqa: E731
     plain = run("pgd", f"a={ck}", *common, "--out", tmp_path / "plain")
-    result = run("pgd", f"a={ck}", *common, "--out", tmp_path / "pgd", "--delta-rank")
+    result = run("pgd", f"a={ck}", *common, "--out", tmp_path / "pgd", "--delta-rank", "--spectrum-ranks", "0:32:4",
+                 "--svd-backend", "torch")
     assert plain.exit_code == 0 and result.exit_code == 0, result.output
     body = json.loads((tmp_path / "pgd" / "pgd.json").read_text())
     curves = np.load(tmp_path / "pgd" / "pgd-a-delta-rank.npz")
@@ -125,7 +134,16 @@ def test_cli_writes_curves_table_figure_and_report(tmp_path):
     np.testing.assert_allclose(summary["in_image"], curves["in_image"].mean(0), atol=1e-8)
     np.testing.assert_allclose(summary["effective_rank"], np.mean([float(r["delta_effective_rank"]) for r in samples]))
     assert np.all(np.diff(curves["spectrum"]) >= -1e-12) and np.allclose(curves["in_image"][:, -1], 1)
-    assert body["figures"] == ["pgd-delta-rank.png"] and body["config"]["delta_rank"] is True
+    assert body["figures"] == ["pgd-delta-rank.png", "pgd-spectrum.png"] and body["config"]["delta_rank"] is True
+    assert body["config"]["spectrum"]["ranks"] == list(range(0, 33, 4))
+    path = list(csv.DictReader(open(tmp_path / "pgd" / "pgd-a-spectrum-samples.csv")))
+    assert [r["key"] for r in path] == [r["key"] for r in samples]
+    # k = 32 is the image itself: the truncated predictions are the plain clean and adversarial ones
+    assert [(r["clean_rank_32"], r["adv_rank_32"]) for r in path] == [(r["clean"], r["adv"]) for r in samples]
+    full = body["spectrum"]["checkpoints"]["a"][-1]
+    row = body["rows"][0]
+    assert (full["rank"], full["clean_top1"], full["adv_recovery"], full["adv_success"]) == (
+        32, row["clean_top1"], row["recovery"], row["attack_success"])
     # the attack and its metrics are the same with or without the measurement
     plain_rows = json.loads((tmp_path / "plain" / "pgd.json").read_text())["rows"]
     assert [{k: r[k] for k in plain_rows[0]} for r in body["rows"]] == plain_rows
@@ -133,3 +151,44 @@ def test_cli_writes_curves_table_figure_and_report(tmp_path):
     assert report.exit_code == 0, report.output
     md = (tmp_path / "report" / "report.md").read_text()
     assert "isotropic delta" in md and "in top-4" in md and "pgd-delta-rank.png" in md
+    assert "a adv recovery" in md and "pgd-spectrum.png" in md and "not an adaptive evaluation" in md
+    assert all(f"| {k} |" in md for k in range(0, 33, 4))  # every rank up to 12 of them, both ends included
+
+
+def test_truncated_predictions_match_the_float64_reference_truncation():
+    """adv_at_rank / clean_at_rank: the model's prediction on the float64 reference rank-k truncation of the same
+    adversarial (recomputed here from the same keyed seeds) and clean inputs; near-ties (top-2 logit margin
+    below 1e-3, where float32 reconstruction may flip the argmax) are not compared."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", "cifar", 10, 4).eval()
+    x = torch.from_numpy(photos(16, 16)).repeat(2, 1, 1, 1)[:5]
+    y = torch.tensor([0, 1, 2, 3, 4])
+    keys = [f"k{i}" for i in range(5)]
+    cfg = PGDEvalConfig(PGDConfig("linf", 8 / 255, 3, targeted=True), seed=7)
+    ranks = (0, 1, 2, 5, 9, 16)
+    records = attack_batch(model, x, y, keys, 10, cfg, Extras(spectrum=SpectrumConfig(ranks),
+                                                               engine=RankEngine("torch", "cpu")))
+    adv = pgd(model, x, y, cfg.attack, keyed_targets(y, keys, 10, cfg.seed), sample_generators(cfg.seed, keys, "start", "cpu"))
+    compared = 0
+    for side, inputs in (("clean_at_rank", x), ("adv_at_rank", adv)):
+        for i, k in enumerate(ranks):
+            xk = torch.from_numpy(reference_low_rank(inputs.double().numpy(), k)).float()
+            with torch.no_grad():
+                logits = model(xk)
+            top2 = logits.topk(2, dim=1).values
+            for j, key in enumerate(keys):
+                if top2[j, 0] - top2[j, 1] >= 1e-3:
+                    assert records[key][side][i] == int(logits[j].argmax()), (side, k, key)
+                    compared += 1
+    assert compared >= 50  # of 60: the check is not vacuous
+
+
+def test_rank_path_summary_is_the_literal_count():
+    records = {"a": {"label": 1, "target": 2, "clean_at_rank": [0, 1], "adv_at_rank": [2, 1]},
+               "b": {"label": 3, "target": 4, "clean_at_rank": [3, 3], "adv_at_rank": [4, 4]},
+               "c": {"label": 5, "target": 6, "clean_at_rank": [0, 5], "adv_at_rank": [0, 5]}}
+    targeted = summarize_rank_path(records, [1, 7], targeted=True)
+    assert targeted == [{"rank": 1, "clean_top1": 1 / 3, "adv_recovery": 0.0, "adv_success": 2 / 3, "count": 3},
+                        {"rank": 7, "clean_top1": 1.0, "adv_recovery": 2 / 3, "adv_success": 1 / 3, "count": 3}]
+    untargeted = summarize_rank_path(records, [1, 7], targeted=False)
+    assert [r["adv_success"] for r in untargeted] == [1.0, 1 / 3]
