@@ -9,10 +9,15 @@ source, config and index), then publishes each one:
 2. its sidecar record ``.progress/NAME.json``, only after the shard: a record means a whole shard.
 
 Before anything heavy, a tiny probe key is written and deleted under the prefix: a missing bucket, missing
-credentials or a prefix we may not write are named at once (``transport._store_error``).
+credentials or a prefix we may not write are named at once (``transport._store_error``). Probe keys that
+killed runs left (``.rankshard-probe.<pid>-<id>``) are deleted then too.
 
 Resume lists what is there (shard + record objects) and skips those shards, and deletes the temporary keys
-a killed run left for its shards (the finishing rank sweeps any left). The staging folder is in ``TMPDIR``,
+a killed run left for its shards (the finishing rank sweeps any left). On S3 it also aborts the incomplete
+multipart uploads of those same keys (s3fs uploads a file above ~100 MiB in parts; a kill mid-upload leaves
+them, unlisted and billed): one rule for both (``_sweep``). That needs s3:ListBucketMultipartUploads and
+s3:AbortMultipartUpload; a store that refuses is one ``StoreWarning`` per run, not an error (the bucket's
+lifecycle rule ``AbortIncompleteMultipartUpload`` is the alternative). The staging folder is in ``TMPDIR``,
 held by an flock; the next run removes those of killed runs. The manifests are assembled
 from the record objects by whichever rank, on finishing, sees every record (the last one; two ranks that
 both see them write identical manifests). No lock spans the nodes: a flock means nothing on S3. Safety
@@ -33,6 +38,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +47,12 @@ from rankshard.preprocess.locking import flock
 from rankshard.preprocess.format.manifest import finalize_manifests, read_json
 from rankshard.preprocess.format.transport import MissingError, TransportError, fetch, join, transport_for
 from rankshard.preprocess.pipeline import Materializer, _mismatch_message
+
+PROBE = ".rankshard-probe."  # then <pid>-<id>: an empty key written and deleted to test the prefix at the start
+
+
+class StoreWarning(UserWarning):
+    """Object storage housekeeping that could not be done (the run itself is whole)."""
 
 
 @dataclass
@@ -61,18 +73,28 @@ class StoreMaterializer(Materializer):
                                  "writable fsspec URL")
         super().__post_init__()
         self._listing: dict[str, set[str]] = {}
+        self._uploads_refused = False  # the store refused to list or abort multipart uploads: warned, not asked again
         self._probe()
 
     def _probe(self) -> None:
         """Write and delete a tiny key under the prefix: a missing bucket, missing credentials or a prefix we may
         not write are named now, before the engine is built and any shard is computed."""
-        url = join(self.remote, f".rankshard-probe.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        url = join(self.remote, f"{PROBE}{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             self.store.put_bytes(b"", url)
         except TransportError as exc:  # named by the prefix the user gave, not by the probe's key
             raise TransportError(str(exc).replace(url, self.remote)) from None
-        with contextlib.suppress(TransportError):  # a policy may grant writes but not deletes: an empty key stays
+        with contextlib.suppress(TransportError):  # a policy may grant writes but not deletes: empty keys stay
             self.store.delete(url)
+            self._sweep_probes()
+
+    def _sweep_probes(self) -> None:
+        """Delete the probe keys that runs killed between a probe's write and its delete left under the prefix.
+        One that a rank starting this moment has just written may go too: harmless, a probe is never read (its
+        write was the test) and its own delete then finds nothing, which is no error."""
+        for name in self.store.names(self.remote):
+            if name.startswith(PROBE):
+                self.store.delete(join(self.remote, name))
 
     can_overwrite = False
 
@@ -124,14 +146,31 @@ class StoreMaterializer(Materializer):
 
     def _sweep(self, which) -> None:
         """Delete the temporary upload keys (``.NAME.<pid>-<id>.partial``) of the listing that ``which(name)``
-        picks: left by a run killed mid-upload, never a complete object. Should one belong to an upload in
-        flight (another run of this configuration), that upload finds it gone and uploads again."""
+        picks, and abort the incomplete multipart uploads (S3) of such keys: left by a run killed mid-upload,
+        never a complete object. The same rule decides for both: at the start ``which`` picks only this rank's
+        shards (other ranks may be uploading theirs), at the end everything (every shard is published: what
+        is left is a killed run's). Should one belong to an upload in flight (another run of this
+        configuration), that upload finds its key or its upload gone and uploads again (``put_file``)."""
+        def ours(name: str) -> bool:  # a temporary key directly in a variant folder or its .progress
+            where, _, base = name.rpartition("/")
+            return where in ("", ".progress") and base.startswith(".") and base.endswith(".partial") and which(base)
         for v in self.variants:
             folder = self.url_of(self.layout.variant_dir(v))
-            for name in sorted(self._listing.get(v.name, ())):
-                base = name.rsplit("/", 1)[-1]
-                if base.startswith(".") and base.endswith(".partial") and which(base):
-                    self.store.delete(join(folder, name))
+            for name in sorted(filter(ours, self._listing.get(v.name, ()))):
+                self.store.delete(join(folder, name))
+            self._sweep_uploads(folder, ours)
+
+    def _sweep_uploads(self, folder: str, which) -> None:
+        """``store.sweep_uploads``; a refusal (the permissions are separate, often not granted) is one warning
+        per run, not an error: what is left costs money but breaks nothing."""
+        if self._uploads_refused:
+            return
+        try:
+            self.store.sweep_uploads(folder, which)
+        except TransportError as exc:
+            self._uploads_refused = True
+            # named by the split: refused once, the other folders are not asked
+            warnings.warn(f"{str(exc).replace(folder, self.where)}; the run goes on", StoreWarning, stacklevel=2)
 
     # -- publishing ----------------------------------------------------------------------------------
     def _collect(self, result, bar) -> None:

@@ -10,7 +10,7 @@ http://, https://  ``HttpTransport``           GET; a dropped download resumes w
                                                (a server that ignores Range sends it again from 0)
 pipe:CMD           ``PipeTransport``           CMD's stdout, sequential; a failure reruns CMD
 s3:// and any      ``FsspecTransport``         fsspec (``pip install rankshard[remote]``): ranged reads,
-fsspec protocol                                listing, atomic writes (temporary key, then rename)
+fsspec protocol    (s3://: ``S3Transport``)    listing, atomic writes (temporary key, then rename)
 =================  ==========================  ======================================================
 
 A remote shard is fetched whole (one request, resumed where it broke), because the tar index scan reads a
@@ -40,7 +40,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from rankshard.preprocess.errors import RankshardError
 
@@ -151,6 +151,11 @@ class Transport(abc.ABC):
                              "(or another fsspec filesystem)")
 
     put_bytes = delete = put_file
+
+    def sweep_uploads(self, folder: str, which: Callable[[str], bool]) -> None:
+        """Abort the incomplete multipart uploads below ``folder`` whose key, relative to it, ``which`` picks: a
+        process killed mid-upload leaves one, invisible in listings and billed until aborted. Nothing to do
+        where the store has no such thing (every store but S3); TransportError where the store refuses."""
 
 
 def _folder_id(folder: str) -> tuple[int, int] | None:
@@ -415,18 +420,19 @@ class FsspecTransport(Transport):
         # prefix sees the shard only once it is whole (a failed upload leaves at most the temporary key).
         # The key is unique to this process: ranks that publish the same object (the split's config, equal
         # manifests) would otherwise copy or delete each other's upload mid-flight.
-        # A resuming run sweeps temporary keys it finds (``objectstore``): should it take ours between the
-        # upload and the copy, the copy finds nothing and both are tried again.
+        # A resuming run sweeps temporary keys it finds, and their multipart uploads (``objectstore``): should it
+        # take ours mid-upload (NoSuchUpload) or between the upload and the copy, both are tried again.
         fs, path = self._fs(url)
         tmp = join(parent(path), f".{path.rsplit('/', 1)[-1]}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
         def upload_then_copy():
-            fs.put_file(str(local), tmp)
             try:
+                fs.put_file(str(local), tmp)  # S3: a multipart upload above s3fs's chunk size
                 fs.copy(tmp, path)
             except FileNotFoundError as exc:
-                if _store_error(url, exc, "writing") is None:  # the temporary key, gone: not the bucket
-                    raise OSError(f"temporary key {tmp} vanished before its copy") from None
+                # the temporary key or its upload, swept: not the bucket (the store says), nor our staged file
+                if _store_error(url, exc, "writing") is None and Path(local).exists():
+                    raise OSError(f"temporary key {tmp} or its upload vanished before its copy") from None
                 raise
         try:
             self._retried(url, "writing", upload_then_copy)
@@ -464,6 +470,41 @@ class FsspecTransport(Transport):
         fs, path = self._fs(url)
         with contextlib.suppress(FileNotFoundError):
             self._retried(url, "deleting", lambda: fs.rm(path))
+
+
+class S3Transport(FsspecTransport):
+    """s3:// through s3fs, which uploads a file above its chunk size (about 100 MiB: an ImageNet shard) as a
+    multipart upload: one a killed process leaves incomplete is swept here (``sweep_uploads``)."""
+
+    def sweep_uploads(self, folder, which):
+        fs, path = self._fs(folder)
+        bucket, key, _ = fs.split_path(path)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        try:
+            for upload in self._uploads(fs, bucket, prefix):
+                if which(upload["Key"][len(prefix):]):
+                    with contextlib.suppress(FileNotFoundError):  # NoSuchUpload: it ended meanwhile
+                        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                   UploadId=upload["UploadId"])
+        except Exception as exc:  # noqa: BLE001 - refused (permissions of their own, often not granted) or failing
+            _transient(exc)  # anything but the client's or the store's failure is a bug: raised as it is
+            raise TransportError(
+                f"{folder}: incomplete multipart uploads left by killed runs could not be listed or aborted "
+                f"({type(exc).__name__}: {exc}); they stay, invisible in listings and billed, until aborted. Grant "
+                "s3:ListBucketMultipartUploads (on the bucket) and s3:AbortMultipartUpload, or give the bucket a "
+                "lifecycle rule with AbortIncompleteMultipartUpload") from None
+
+    @staticmethod
+    def _uploads(fs, bucket: str, prefix: str) -> Iterator[dict]:
+        """The bucket's incomplete multipart uploads whose key starts with ``prefix``, page by page (the
+        client retries a failing request itself: a sweep is housekeeping, not worth ``_retried``'s backoff)."""
+        page: dict = {}
+        while True:
+            out = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **page)
+            yield from out.get("Uploads") or ()
+            if not out.get("IsTruncated"):
+                return
+            page = {"KeyMarker": out["NextKeyMarker"], "UploadIdMarker": out["NextUploadIdMarker"]}
 
 
 def _client_code(exc: BaseException) -> str | None:
@@ -540,7 +581,7 @@ def transport_for(url) -> Transport:
         if name not in known_implementations and name not in ("s3", "gs", "gcs", "az", "abfs"):
             raise TransportError(f"{url}: unknown scheme {name}://; use a local path, http(s)://, pipe:CMD, "
                                  "or a protocol of fsspec (pip install 'rankshard[remote]')")
-        TRANSPORTS[name] = FsspecTransport(name)
+        TRANSPORTS[name] = (S3Transport if name in ("s3", "s3a") else FsspecTransport)(name)
     return TRANSPORTS[name]
 
 
