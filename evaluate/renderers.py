@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankshard.evaluate import comparisons as cmp
-from rankshard.evaluate.plots import curve_from_rows, plot_bands, plot_gaps, plot_side_by_side, plot_spectra
+from rankshard.evaluate.plots import (curve_from_rows, plot_bands, plot_delta_rank, plot_gaps, plot_rank_path,
+                                      plot_side_by_side, plot_spectra)
 from rankshard.evaluate.results import Skipped, safe_name
 from rankshard.evaluate.tables import (Table, accuracy_table_rows, delta_rank_table, pct, pgd_table_rows,
                                        rank_path_table, robustness_table, spectrum_table)
@@ -139,16 +140,19 @@ def pgd_section(r: dict, figs: Figures) -> Section:
     a = r["attack"]
     what = (f"{'targeted' if a['targeted'] else 'untargeted'} PGD-{a['steps']}, {a['norm']} eps={a['eps']:.5g}, "
             f"step {a['alpha']:.5g}, {a['restarts']} restart(s), seed {a['seed']} ({r['path']})")
-    tables = [Table(pgd_table_rows(r["rows"]), "Table 2 layout")]
-    tables += [table(r) for key, table in (("delta_rank", delta_rank_table), ("spectrum", rank_path_table)) if key in r]
-    return Section("PGD robustness", [what], tables, figs.adopt(r))
+    return Section("PGD robustness", [what], [Table(pgd_table_rows(r["rows"]), "Table 2 layout")])
 
 
-def pgd_comparison_sections(results: list[dict], figs: Figures) -> list[Section]:
-    """Attack success across seeds and paired between checkpoints, per data and attack (results merged)."""
+def _pgd_groups(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Results by (data, attack): their checkpoints share points and targets, so they are compared together."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["rows"][0]["data"] if r["rows"] else "?", json.dumps(r["attack"], sort_keys=True)), []).append(r)
+    return groups
+
+
+def pgd_comparison_sections(groups: dict[tuple[str, str], list[dict]], figs: Figures) -> list[Section]:
+    """Attack success across seeds and paired between checkpoints, per data and attack (results merged)."""
     sections = []
     for (data, attack), members in groups.items():
         rate = {row["checkpoint"]: row["attack_success"] for r in members for row in r["rows"]}
@@ -163,8 +167,37 @@ def pgd_comparison_sections(results: list[dict], figs: Figures) -> list[Section]
     return sections
 
 
+def pgd_rank_section(data: str, attack: dict, members: list[dict], figs: Figures) -> Section | None:
+    """``pgd --delta-rank`` and ``--spectrum-ranks`` of every checkpoint of one data and attack, one table and one
+    figure each, redrawn from the results (a study writes one result per checkpoint)."""
+    sec = Section(f"PGD perturbations and rank on {data}")
+    deltas = [r["delta_rank"] for r in members if "delta_rank" in r]
+    if deltas:
+        merged = {"isotropic_in_image": deltas[0]["isotropic_in_image"],
+                  "checkpoints": {name: p for d in deltas for name, p in d["checkpoints"].items()}}
+        sec.tables.append(delta_rank_table(merged))
+        sec.figures.append(plot_delta_rank(merged["checkpoints"], merged["isotropic_in_image"],
+                                           f"rank structure of the perturbation on {data}",
+                                           figs.new(f"pgd-delta-rank-{data}.png")))
+    paths = [r["spectrum"] for r in members if "spectrum" in r]
+    same = [p for p in paths if p["ranks"] == paths[0]["ranks"]] if paths else []
+    if same:
+        merged = {"ranks": same[0]["ranks"], "checkpoints": {name: rows for p in same for name, rows in p["checkpoints"].items()}}
+        sec.tables.append(rank_path_table(merged))
+        sec.figures.append(plot_rank_path(merged["checkpoints"], attack["targeted"],
+                                          f"rank-k truncation of clean and adversarial inputs on {data}",
+                                          figs.new(f"pgd-spectrum-{data}.png")))
+        if len(same) < len(paths):
+            sec.text.append(f"{len(paths) - len(same)} result(s) evaluated other ranks than {same[0]['ranks']}: "
+                            "not drawn here (their own pgd-spectrum.png has them).")
+    return sec if sec.tables else None
+
+
 def pgd_sections(results: list[dict], figs: Figures) -> list[Section]:
-    return [pgd_section(r, figs) for r in results] + pgd_comparison_sections(results, figs)
+    groups = _pgd_groups(results)
+    sections = [pgd_section(r, figs) for r in results] + pgd_comparison_sections(groups, figs)
+    ranked = (pgd_rank_section(data, json.loads(attack), members, figs) for (data, attack), members in groups.items())
+    return sections + [s for s in ranked if s]  # drawn after the sections above: figures numbered in reading order
 
 
 def _rig_lines(ck: dict) -> list[str]:

@@ -38,10 +38,10 @@ def pgd_table_rows(rows: Sequence[dict]) -> list[dict]:
              "Recovery (clean-correct)": pct(r["recovery_clean_correct"]), "n": r["count"]} for r in rows]
 
 
-def delta_rank_table(result: dict) -> Table:
-    """A ``pgd --delta-rank`` result's perturbation rank structure per checkpoint: effective and stable rank and its
-    energy inside the image's top-k subspaces at k = 1 and 1/8, 1/4, 1/2 of min(H, W), beside an isotropic delta."""
-    body = result["delta_rank"]
+def delta_rank_table(body: dict) -> Table:
+    """``pgd --delta-rank``'s perturbation rank structure (a result's ``delta_rank``) per checkpoint: effective and
+    stable rank and the energy inside the image's top-k subspaces at k = 1 and 1/8, 1/4, 1/2 of min(H, W), beside
+    an isotropic delta."""
     iso = body["isotropic_in_image"]
     ks = sorted({1, *(max(1, len(iso) * f // 8) for f in (1, 2, 4))})
     rows = [{"Checkpoint": name, "n": p["samples"], "effective rank": f"{p['effective_rank']:.1f}",
@@ -55,10 +55,9 @@ def delta_rank_table(result: dict) -> Table:
                        "image's top-k left and right singular subspaces")
 
 
-def rank_path_table(result: dict, most: int = 12) -> Table:
-    """A ``pgd --spectrum-ranks`` result per rank (at most ``most`` of them, evenly spread, ends included): per
-    checkpoint top-1 on the clean x_k, recovery and attack success on the adversarial x'_k."""
-    body = result["spectrum"]
+def rank_path_table(body: dict, most: int = 12) -> Table:
+    """``pgd --spectrum-ranks`` (a result's ``spectrum``) per rank (at most ``most`` of them, evenly spread, ends
+    included): per checkpoint top-1 on the clean x_k, recovery and attack success on the adversarial x'_k."""
     ranks = body["ranks"]
     count = min(most, len(ranks))
     shown = sorted({ranks[round(i * (len(ranks) - 1) / max(count - 1, 1))] for i in range(count)})

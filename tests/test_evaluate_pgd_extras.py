@@ -147,11 +147,18 @@ def test_cli_writes_curves_table_figure_and_report(tmp_path):
     # the attack and its metrics are the same with or without the measurement
     plain_rows = json.loads((tmp_path / "plain" / "pgd.json").read_text())["rows"]
     assert [{k: r[k] for k in plain_rows[0]} for r in body["rows"]] == plain_rows
-    report = run("report", tmp_path / "pgd", "--out", tmp_path / "report")
+    # a second checkpoint evaluated apart (as a study does, one result per checkpoint) joins the same table and figures
+    other = tiny_checkpoint(root / "b.pt", 1)
+    assert run("pgd", f"b={other}", *common, "--out", tmp_path / "pgd-b", "--delta-rank", "--spectrum-ranks", "0:32:4",
+               "--svd-backend", "torch").exit_code == 0
+    report = run("report", tmp_path / "pgd", tmp_path / "pgd-b", "--out", tmp_path / "report")
     assert report.exit_code == 0, report.output
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "isotropic delta" in md and "in top-4" in md and "pgd-delta-rank.png" in md
-    assert "a adv recovery" in md and "pgd-spectrum.png" in md and "not an adaptive evaluation" in md
+    section = md[md.index("## PGD perturbations and rank"):]
+    assert section.count("| a | 6 |") == 1 and section.count("| b | 6 |") == 1  # one delta table, both in it
+    assert "b adv recovery" in section and section.count("![") == 2
+    assert "isotropic delta" in md and "in top-4" in md and "pgd-delta-rank-" in md
+    assert "a adv recovery" in md and "pgd-spectrum-" in md and "not an adaptive evaluation" in md
     assert all(f"| {k} |" in md for k in range(0, 33, 4))  # every rank up to 12 of them, both ends included
 
 
