@@ -127,6 +127,9 @@ class _Scan:
     def _skip(self, header: _Header) -> int:
         """Move past ``header`` and its data; returns the data's absolute offset."""
         data_at = self.pos + BLOCK
+        if header.size < 0:  # octal "-1000" or pax size=-512 would step back onto this header: a scan that never ends
+            raise TarDamage(f"corrupt tar header at byte {self.pos - self.start} (member {header.name} has a negative "
+                            f"size, {header.size})")
         if data_at + header.size > self.end:
             raise TarDamage(f"truncated inside member {header.name} (needs {data_at + header.size - self.start} "
                             f"bytes, the tar has {self.end - self.start})")
