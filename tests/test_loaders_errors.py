@@ -192,6 +192,63 @@ def test_missing_manifest_is_refused_with_the_fix(tmp_path):
         open_variant(folder)
 
 
+
+@pytest.mark.parametrize("old, new", [
+    ('"sha256"', '"sha25v"'),                  # one flipped bit in a key: was a KeyError
+    ('"classes"', '"classEs"'),
+    ('"bytes"', '"byter"'),
+])
+def test_a_manifest_with_a_damaged_field_is_refused_naming_it(tmp_path, old, new):
+    folder = copy_variant(tmp_path)
+    text = (folder / "manifest.json").read_text()
+    assert old in text
+    (folder / "manifest.json").write_text(text.replace(old, new, 1))
+    with pytest.raises(LoaderError, match="manifest.json: incomplete manifest .*delete it and rerun"):
+        open_variant(folder)
+
+def _json_paths(doc, depth=2, prefix=()):
+    """Key paths into ``doc``: every key, and the first item of every list, to ``depth`` levels."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc[:1]) if isinstance(doc, list) else ()
+    for key, value in items:
+        yield prefix + (key,)
+        if depth > 1:
+            yield from _json_paths(value, depth - 1, prefix + (key,))
+
+
+def test_a_damaged_manifest_opens_as_written_or_is_a_loader_error(tmp_path):
+    """Property test: every field of manifest.json (two levels deep) deleted, or given a value of another JSON
+    type: open_variant raises LoaderError, or the field is one the loaders do not read and the first batch is
+    the original's; never a KeyError or TypeError."""
+    import copy
+    import functools
+
+    folder = copy_variant(tmp_path)
+    original = json.loads((folder / "manifest.json").read_text())
+
+    def first_batch():
+        batch = next(iter(eval_loader(open_variant(folder), LoaderConfig(batch_size=8, workers=0))))
+        return batch.x, batch.y.tolist(), batch.keys
+
+    x, y, keys = first_batch()
+    others = {str: [0, None, [], {}], int: ["7", None, [], {}], float: ["0.5", None, []], list: ["x", 0, {}, None],
+              dict: ["x", 0, [], None], type(None): ["x", []], bool: ["x", None]}
+    for path in _json_paths(original):
+        value = functools.reduce(lambda d, k: d[k], path, original)
+        for damaged in [...] + others[type(value)]:  # ...: the field deleted
+            doc = copy.deepcopy(original)
+            where = functools.reduce(lambda d, k: d[k], path[:-1], doc)
+            if damaged is ...:
+                del where[path[-1]]
+            else:
+                where[path[-1]] = damaged
+            (folder / "manifest.json").write_text(json.dumps(doc))
+            try:
+                got_x, got_y, got_keys = first_batch()
+            except LoaderError:
+                continue
+            assert got_keys == keys and got_y == y and bool((got_x == x).all()), (path, damaged)
+
+
 def test_a_misspelt_variant_lists_the_variants_there(tmp_path):
     """`--train-variant rank-007` where only rank-005 exists said 'no manifest.json ... rerun the same
     rankshard-preprocess command', as if a run had been interrupted; it names what the split holds."""

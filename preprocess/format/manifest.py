@@ -37,6 +37,48 @@ def read_json(path: Path | str) -> dict:
         raise RankshardError(f"{path}: unreadable ({exc}); delete it and rerun the command that made it") from exc
 
 
+# What readers take from a manifest.json (loaders, verify, preview) and the JSON type of each: a damaged file (a
+# flipped byte in a key, a hand edit) is named as such, not a KeyError or TypeError where a field is first used
+_FIELDS = {"shards": list, "num_samples": int, "mode": str, "rank": (int, type(None)), "encoding": str,
+           "config": dict, "classes": list, "image_size": list, "dataset": str, "split": str, "variant": str}
+_SHARD_FIELDS = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
+
+
+def _wrong(record: dict, fields: dict) -> list[str]:
+    """The ``fields`` missing from ``record`` or of another JSON type (a count must be a whole number >= 0)."""
+    return [k for k, kind in fields.items() if k not in record or isinstance(record[k], bool)
+            or not isinstance(record[k], kind) or (kind is int and record[k] < 0)]
+
+
+def _unusable(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in _FIELDS if k not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = _wrong(manifest, _FIELDS)
+    if "image_size" not in wrong and not (len(manifest["image_size"]) == 2 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in manifest["image_size"])):
+        wrong.append("image_size")
+    if wrong:
+        return f"{', '.join(wrong)} of another type than rankshard writes"
+    for i, shard in enumerate(manifest["shards"]):
+        wrong = _wrong(shard, _SHARD_FIELDS) if isinstance(shard, dict) else list(_SHARD_FIELDS)
+        if not wrong and (shard["name"] in ("", ".", "..") or "/" in shard["name"]):
+            wrong = ["name (a file in this folder)"]
+        if wrong:
+            return f"shard entry {i} has no usable {', '.join(wrong)}"
+    return None
+
+
+def manifest_problem(path: str, manifest) -> str | None:
+    """Why the parsed manifest.json at ``path`` cannot be read (a field missing or of another type), as the message
+    that names it and the fix; None when it can. Its format tag is the callers' to check."""
+    what = _unusable(manifest)
+    return None if what is None else (f"{path}: incomplete manifest ({what}); delete it and rerun the preprocess "
+                                      "command that made it")
+
+
 def _local_bytes(shard: Path) -> int | None:
     return shard.stat().st_size if shard.exists() else None
 

@@ -311,7 +311,11 @@ def read_shard(path: str | os.PathLike, sha256: str | None = None,
     """Every sample of a whole shard (a path or URL) as ``(key, {extension: bytes})``; RankshardError if it is
     damaged or a sample's members are not contiguous. A URL is fetched checked against ``sha256``/``nbytes``
     (the manifest's), where given."""
-    reader = ShardReader(path, sha256, nbytes)
+    try:
+        reader = ShardReader(path, sha256, nbytes)
+    except OSError as exc:  # a shard listed but gone, or unreadable here (a remote one's failures are TransportErrors)
+        raise RankshardError(f"{path}: cannot be read ({exc.strerror or exc}); rerun the preprocess command to "
+                             "rewrite it, or check all shards with `rankshard-preprocess verify`") from None
     try:
         if reader.index.problem:
             raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "
