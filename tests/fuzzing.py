@@ -12,8 +12,9 @@ import signal
 from typing import Iterator
 
 
-class Hang(Exception):
-    """A parser ran past its deadline on one small input."""
+class Hang(BaseException):
+    """A parser ran past its deadline on one small input (a BaseException: the parsers' own ``except Exception``
+    that turns any failure into their error must not turn a hang into a pass)."""
 
 
 @contextlib.contextmanager

@@ -185,6 +185,58 @@ def test_a_truncated_compressed_meta_mat_element_is_named_as_such():
         devkit_synsets(good[:128] + struct.pack("<II", 15, len(payload)) + payload)
 
 
+
+def _mat_matrix(mclass: int, dims: tuple[int, ...], name: bytes, body: bytes) -> bytes:
+    """One level-5 MAT matrix element (little-endian): flags, dims, name, then ``body`` (its data elements)."""
+    import struct
+
+    def numeric(mtype: int, data: bytes) -> bytes:
+        return struct.pack("<II", mtype, len(data)) + data + b"\0" * (-len(data) % 8)
+
+    inner = numeric(6, struct.pack("<II", mclass, 0)) + numeric(5, struct.pack(f"<{len(dims)}i", *dims)) \
+        + numeric(1, name) + body
+    return struct.pack("<II", 14, len(inner)) + inner
+
+
+def _mat_compressed(element: bytes) -> bytes:
+    import struct
+    import zlib
+
+    packed = zlib.compress(element, 9)
+    return struct.pack("<II", 15, len(packed)) + packed
+
+
+@pytest.mark.parametrize("element, message", [
+    # a 5-character string whose dims say 83886336 rows of none: built 84 million empty rows
+    (_mat_matrix(4, (83886336, 0), b"synsets", b"\x01\x00\x05\x00hello\0\0\0"), "char array holds 5 characters"),
+    # a struct array without fields, of 2^40 elements: appended empty records until memory ran out
+    (_mat_matrix(2, (1 << 20, 1 << 20), b"synsets", b"\x05\x00\x04\x00\x20\0\0\0" + b"\x01\x00\0\0\0\0\0\0"),
+     "struct array of 1,099,511,627,776 elements"),
+    # 100 compressed elements of 1 MB each inside one that inflates to 100 kB: each under the cap, 100 MB held
+    # (2,000 of them, 5 kB of file, held 2 GB)
+    (_mat_compressed(_mat_matrix(1, (100, 1), b"synsets", 100 * _mat_compressed(
+        _mat_matrix(6, (1 << 17, 1), b"", b"\x09\0\0\0\0\0\x10\0" + bytes(1 << 20))))),
+     "inflates to more than"),
+])
+def test_a_meta_mat_whose_sizes_lie_is_refused_quickly(element, message):
+    from fuzzing import deadline
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    with deadline(3), pytest.raises(SourceError, match=message):
+        devkit_synsets(_meta_mat_bytes(True)[:128] + element)
+
+
+def test_an_infinite_class_id_in_meta_mat_is_refused():
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((1, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    recs[0, 0] = (np.array([[np.inf]]), WNIDS[0], NAMES[0], np.array([[0.0]]))  # was int(inf): an OverflowError
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"synsets": recs})
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    with pytest.raises(SourceError, match="lacks a usable ILSVRC2012_ID"):
+        devkit_synsets(buf.getvalue())
+
 def test_two_files_of_one_validation_id_are_refused_naming_both(tmp_path):
     labels = write_flat_val(tmp_path / "val", classes=3, count=6)
     first = tmp_path / "val" / "ILSVRC2012_val_00000002.JPEG"

@@ -83,7 +83,7 @@ def devkit_synsets(meta_mat: bytes, what: str = META) -> dict[int, tuple[str, st
             if not isinstance(wnid, str) or not isinstance(words, str):
                 raise TypeError("WNID and words must be text")
             out[int(rec["ILSVRC2012_ID"].scalar())] = (wnid, words)
-    except (KeyError, AttributeError, TypeError, ValueError) as exc:  # a field missing, empty or of another type
+    except (KeyError, AttributeError, TypeError, ValueError, OverflowError) as exc:  # missing, empty, other type
         raise SourceError(f"{what}: a synsets record lacks a usable ILSVRC2012_ID, WNID or words ({type(exc).__name__}: "
                           f"{exc}); is this the ILSVRC2012 devkit meta.mat?") from None
     return out
