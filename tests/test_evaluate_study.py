@@ -55,6 +55,13 @@ def test_bad_study_files_name_the_key(text, match):
 
 
 
+
+def test_a_study_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_bytes(b'name = "caf\xe9"\n')  # Latin-1: was a UnicodeDecodeError
+    with pytest.raises(StudyConfigError, match=f"{path}: not UTF-8 text"):
+        load_study(path)
+
 def _toml(value) -> str:
     """A TOML value (inline tables and arrays) for the property test below."""
     if isinstance(value, bool):

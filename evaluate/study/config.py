@@ -197,7 +197,11 @@ def load_study(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise StudyConfigError(f"{path}: no such study file; examples: `rankshard-study examples`")
-    return parse_study(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # TOML is UTF-8; a Windows editor may leave a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise StudyConfigError(f"{path}: not UTF-8 text ({exc}); save the study file as UTF-8") from None
+    return parse_study(text, str(path))
 
 
 def plain(value: Any) -> Any:
