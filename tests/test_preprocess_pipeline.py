@@ -213,9 +213,14 @@ def test_a_damaged_split_config_is_named_and_deleting_it_resumes(built, tmp_path
     out, _ = built
     materialize_split(_source(), _spec(), tmp_path, show_progress=False)
     config = tmp_path / "cifar10/train/.rankshard-config.json"
-    config.write_text(config.read_text().replace(damage, damage[:-2] + 'X"', 1))
+    good = config.read_text()
+    config.write_text(good.replace(damage, damage[:-2] + 'X"', 1))
     with pytest.raises(RankshardError, match=r"\.rankshard-config\.json is damaged .*delete that file and rerun"):
         materialize_split(_source(), _spec(), tmp_path, show_progress=False)  # was a KeyError or TypeError
+    if damage == '"config"':  # --overwrite starts again, as it does after a configuration that differs
+        result = materialize_split(_source(), _spec(), tmp_path, overwrite=True, show_progress=False)
+        assert result["stats"]["shards_skipped"] == 0 and _tar_bytes(tmp_path) == _tar_bytes(out)
+        config.write_text(good.replace(damage, damage[:-2] + 'X"', 1))
     config.unlink()
     result = materialize_split(_source(), _spec(), tmp_path, show_progress=False)
     assert result["stats"]["shards_written"] == 0 and _tar_bytes(tmp_path) == _tar_bytes(out)
