@@ -34,6 +34,8 @@ def decode_npy(data: bytes) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             if dtype.hasobject:
                 raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+            if any(n < 0 for n in shape):  # np.load's rule; here a -1 read whatever bytes were there
+                raise ValueError(f"negative dimensions are not allowed (shape {shape})")
             known = (shape, fortran, dtype, math.prod(shape), end)
             if len(_HEADERS) < _HEADERS_MAX:
                 _HEADERS[header] = known
