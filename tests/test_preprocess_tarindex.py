@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from fuzzing import corruptions, deadline
 
-from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.errors import RankshardError, SourceError
 from rankshard.preprocess.format.tar import write_shard
 from rankshard.preprocess.format.tarindex import (BytesBlob, TarDamage, _parse_header, iter_tar, read_shard, scan_shard,
                                                   split_name)
@@ -300,3 +300,14 @@ def test_corrupt_and_hostile_tars_read_back_whole_or_are_damage(tmp_path):
                     except TarDamage:
                         continue
                     assert all(size >= 0 and offset + size <= len(good) for offset, size in members), (name, at, field)
+
+
+def test_a_sample_split_across_a_large_tar_is_found_in_one_pass(tmp_path):
+    """30,000 samples and the first one's second member at the end: finding it compared each key with all the
+    keys before it (some 8 s here); one pass over a set takes a fraction of a second."""
+    from rankshard.preprocess.format.tar import ustar_header
+
+    headers = [ustar_header(f"{i:08d}.cls", 0) for i in range(30_000)] + [ustar_header("00000000.png", 0)]
+    (tmp_path / "split.tar").write_bytes(b"".join(headers) + b"\0" * 1024)
+    with deadline(3), pytest.raises(RankshardError, match="members of sample 00000000 are not contiguous"):
+        read_shard(tmp_path / "split.tar")

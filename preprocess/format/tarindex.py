@@ -320,8 +320,9 @@ def read_shard(path: str | os.PathLike, sha256: str | None = None,
         if reader.index.problem:
             raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "
                                  "command) or check all shards with `rankshard-preprocess verify`")
-        if len(set(reader.index.keys)) != len(reader.index.keys):
-            again = next(k for i, k in enumerate(reader.index.keys) if k in reader.index.keys[:i])
+        seen: set[str] = set()  # one pass: scanning the keys before each one took minutes on a large tar
+        again = next((k for k in reader.index.keys if k in seen or seen.add(k)), None)
+        if again is not None:
             raise RankshardError(f"{path}: members of sample {again} are not contiguous")
         return [reader.read(i) for i in range(len(reader.index))]
     finally:
