@@ -8,8 +8,10 @@ tests pin (atheris, structure-aware mutation) are not part of the suite.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import signal
-from typing import Iterator
+from typing import Any, Iterator
 
 
 class Hang(BaseException):
@@ -44,3 +46,24 @@ def corruptions(data: bytes, cuts: int = 64, flips: int = 256, span: tuple[int, 
         damaged = bytearray(data)
         damaged[bit // 8] ^= 1 << (bit % 8)
         yield bytes(damaged)
+
+
+def field_paths(doc: Any, depth: int, prefix: tuple = ()) -> Iterator[tuple]:
+    """Key paths into parsed JSON or TOML ``doc``: every key, and the first item of every list, ``depth`` levels
+    deep."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc[:1]) if isinstance(doc, list) else ()
+    for key, value in items:
+        yield prefix + (key,)
+        if depth > 1:
+            yield from field_paths(value, depth - 1, prefix + (key,))
+
+
+def with_field(doc: Any, path: tuple, value: Any) -> Any:
+    """A copy of ``doc`` with the field at ``path`` set to ``value``, or deleted where ``value`` is ``...``."""
+    doc = copy.deepcopy(doc)
+    where = functools.reduce(lambda d, k: d[k], path[:-1], doc)
+    if value is ...:
+        del where[path[-1]]
+    else:
+        where[path[-1]] = value
+    return doc

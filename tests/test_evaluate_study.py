@@ -74,28 +74,19 @@ def _toml(value) -> str:
 
 
 def test_a_study_file_with_values_of_other_types_is_refused_naming_the_key(tmp_path):
-    """Property test: every key of the shipped tiny study (sections, their keys, list items) deleted or given a
-    value of each other TOML type: parse_study raises StudyConfigError, or the study plans its first stage;
+    """Property test: every key of the shipped tiny study (sections, their keys, the first list item, three
+    levels deep) deleted or given a value of each other TOML type: parse_study raises StudyConfigError, or the study plans its first stage;
     never a TypeError or AttributeError from deep inside."""
-    import copy
-    import functools
     import tomllib
 
+    from fuzzing import field_paths, with_field
     from rankshard.evaluate.study.jobs import _variant_flags
     from rankshard.evaluate.study.plan import materialize_stage, stage_counts
 
     original = tomllib.loads(TINY.read_text())
-    paths = [(k,) for k in original] + [(k, j) for k, v in original.items() if isinstance(v, dict) for j in v] \
-        + [(k, j, 0) for k, v in original.items() if isinstance(v, dict) for j, w in v.items() if isinstance(w, list)] \
-        + [("evaluate", 0), ("evaluate", 0, "name"), ("evaluate", 0, "command")]
-    for path in paths:
+    for path in field_paths(original, depth=3):
         for value in (..., 3, 1.5, "x", True, [], [1], ["x"], {"a": 1}):  # ...: the key deleted
-            doc = copy.deepcopy(original)
-            where = functools.reduce(lambda d, k: d[k], path[:-1], doc)
-            if value is ...:
-                del where[path[-1]]
-            else:
-                where[path[-1]] = value
+            doc = with_field(original, path, value)
             text = "\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in doc.items())
             try:
                 cfg = parse_study(text)

@@ -206,21 +206,13 @@ def test_a_manifest_with_a_damaged_field_is_refused_naming_it(tmp_path, old, new
     with pytest.raises(LoaderError, match="manifest.json: incomplete manifest .*delete it and rerun"):
         open_variant(folder)
 
-def _json_paths(doc, depth=2, prefix=()):
-    """Key paths into ``doc``: every key, and the first item of every list, to ``depth`` levels."""
-    items = doc.items() if isinstance(doc, dict) else enumerate(doc[:1]) if isinstance(doc, list) else ()
-    for key, value in items:
-        yield prefix + (key,)
-        if depth > 1:
-            yield from _json_paths(value, depth - 1, prefix + (key,))
-
-
 def test_a_damaged_manifest_opens_as_written_or_is_a_loader_error(tmp_path):
     """Property test: every field of manifest.json (two levels deep) deleted, or given a value of another JSON
     type: open_variant raises LoaderError, or the field is one the loaders do not read and the first batch is
     the original's; never a KeyError or TypeError."""
-    import copy
     import functools
+
+    from fuzzing import field_paths, with_field
 
     folder = copy_variant(tmp_path)
     original = json.loads((folder / "manifest.json").read_text())
@@ -232,16 +224,10 @@ def test_a_damaged_manifest_opens_as_written_or_is_a_loader_error(tmp_path):
     x, y, keys = first_batch()
     others = {str: [0, None, [], {}], int: ["7", None, [], {}], float: ["0.5", None, []], list: ["x", 0, {}, None],
               dict: ["x", 0, [], None], type(None): ["x", []], bool: ["x", None]}
-    for path in _json_paths(original):
+    for path in field_paths(original, depth=2):
         value = functools.reduce(lambda d, k: d[k], path, original)
         for damaged in [...] + others[type(value)]:  # ...: the field deleted
-            doc = copy.deepcopy(original)
-            where = functools.reduce(lambda d, k: d[k], path[:-1], doc)
-            if damaged is ...:
-                del where[path[-1]]
-            else:
-                where[path[-1]] = damaged
-            (folder / "manifest.json").write_text(json.dumps(doc))
+            (folder / "manifest.json").write_text(json.dumps(with_field(original, path, damaged)))
             try:
                 got_x, got_y, got_keys = first_batch()
             except LoaderError:
