@@ -30,10 +30,17 @@ def _raw(members: dict[str, bytes], k: int | None) -> np.ndarray:
     return image  # stays uint8, like png: divided by 255 once the batch is on its way to the model
 
 
-def decode_factors(members: dict[str, bytes], k: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The stored float16 ``u [C,H,k]``, ``s [C,k]``, ``v [C,W,k]``: the first ``k`` (default all K) components."""
+def decode_factors(members: dict[str, bytes], k: int | None,
+                   size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stored float16 ``u [C,H,k]``, ``s [C,k]``, ``v [C,W,k]``: the first ``k`` (default all K) components;
+    with ``size`` (H, W), checked to be factors of a 3-channel image of that size."""
     u, s, v = (decode_npy(members[m]) for m in ("u.npy", "s.npy", "v.npy"))
     k = check_factors(u, s, v, k)  # per sample, so a bad one is skipped (on_error) with its key, not a batch
+    if any(t.dtype != np.float16 for t in (u, s, v)):
+        raise ValueError(f"a factors sample holds float16 u, s, v; this one {u.dtype}, {s.dtype}, {v.dtype}")
+    if size is not None and (u.shape[:2], v.shape[:2]) != ((3, size[0]), (3, size[1])):
+        raise ValueError(f"factors u {u.shape}, v {v.shape} are not those of a 3x{size[0]}x{size[1]} image (the "
+                         "manifest's size)")
     return u[..., :k], s[..., :k], v[..., :k]
 
 
@@ -48,11 +55,16 @@ DECODERS: dict[str, Callable[[dict[str, bytes], int | None], np.ndarray]] = {
 
 
 
-def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None,
-                  unreconstructed: bool = False) -> tuple[np.ndarray | tuple[np.ndarray, ...], int]:
+def decode_sample(members: dict[str, bytes], encoding: str, k: int | None = None, unreconstructed: bool = False,
+                  size: tuple[int, int] | None = None) -> tuple[np.ndarray | tuple[np.ndarray, ...], int]:
     """The image (HWC; uint8 for png/raw, float32 otherwise) and the checked integer label of one sample;
-    with ``unreconstructed``, a factors sample's stored ``(u, s, v)`` instead (see ``decode_factors``)."""
+    with ``unreconstructed``, a factors sample's stored ``(u, s, v)`` instead (see ``decode_factors``). With
+    ``size`` (the manifest's H, W), a sample of another shape is refused here: it would otherwise fail the
+    batch's stacking as a bare numpy error, or pass whole batches of a wrong size on."""
     label = sample_label(members)
     if unreconstructed and encoding == "factors":
-        return decode_factors(members, k), label
-    return DECODERS[encoding](members, k), label
+        return decode_factors(members, k, size), label
+    image = DECODERS[encoding](members, k)
+    if size is not None and image.shape != (*size, 3):
+        raise ValueError(f"a {'x'.join(map(str, image.shape))} image where the manifest says {size[0]}x{size[1]}x3")
+    return image, label

@@ -172,7 +172,7 @@ def collate(samples: list[tuple], encoding: str, k: int | None, on_error: str, s
     for url, key, members, reason in samples:
         if reason is None:
             try:
-                image, label = decode_sample(members, encoding, k, unreconstructed=factors)
+                image, label = decode_sample(members, encoding, k, unreconstructed=factors, size=stored)
             except LabelMismatch as exc:
                 reason = str(exc)
             except Exception as exc:  # any decode failure (PIL, numpy, int) is a bad sample

@@ -21,6 +21,7 @@ from typing import Sequence
 
 from braceexpand import braceexpand
 
+from rankshard.preprocess.format.manifest import manifest_problem
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.transport import (
     MissingError, TransportError, basename, is_url, join, parent, read_text, scheme, transport_for,
@@ -141,10 +142,13 @@ def _read_manifest(folder, location: str | None = None) -> dict:
                           "<root>/<dataset>/<split>/<variant>") from None
     except (OSError, TransportError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LoaderError(f"{location}: unreadable ({exc}); delete it and {REBUILD}") from exc
-    if manifest.get("format") != FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
         raise LoaderError(f"{location}: format {manifest.get('format')!r}, expected {FORMAT!r}; rewrite the shards "
                           "with this version of rankshard-preprocess")
-    if manifest.get("encoding") not in IMAGE_ENCODINGS:
+    problem = manifest_problem(location, manifest)
+    if problem:
+        raise LoaderError(problem)
+    if manifest["encoding"] not in IMAGE_ENCODINGS:
         raise LoaderError(f"{folder}: variant {manifest.get('variant')!r} holds no images "
                           f"(encoding {manifest.get('encoding')!r}); open a full, rank-, high-, lowpass-, highpass- or factors- variant")
     return manifest

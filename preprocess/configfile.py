@@ -49,6 +49,8 @@ def _as_text(option: click.Option, value, where: str) -> str:
         if not is_bool:
             raise click.BadParameter(f"{where}: true/false for an option that takes a value")
         return "true" if value else "false"
+    if isinstance(value, str) and "\0" in value:  # a path holding one made os.stat raise a bare ValueError
+        raise click.BadParameter(f"{where}: a NUL character, which no command line can carry")
     if isinstance(value, str) or (isinstance(value, int) and not is_bool) or (isinstance(value, float) and is_float):
         return str(value)
     what = "a float for a whole number" if isinstance(value, float) else f"a {type(value).__name__}"

@@ -198,11 +198,9 @@ class StoreMaterializer(Materializer):
                         f"{self.url_of(self.layout.shard_path(v, i))} was made with configuration {found}, this run "
                         f"with {digest}: another run with other options wrote into {self.remote} at the same time. "
                         "Delete the prefix and rerun one of them, or give each its own --out")
-        records = [read_json(self.layout.record_path(self.variants[0], i)) for i in range(self.num_shards)]
         manifests = finalize_manifests(
             self.layout, self.variants, self.num_shards, self.source, cfg, digest, self._svd(engine),
-            self.stats.as_dict(), sum(r["num_samples"] for r in records), self.image_size,
-            [e for r in records for e in r.get("errors", [])], shard_bytes=self._remote_bytes)
+            self.stats.as_dict(), self.image_size, shard_bytes=self._remote_bytes)
         for v in self.variants:  # the manifest last: its presence means the variant is complete
             folder = self.layout.variant_dir(v)
             for f in sorted(folder.iterdir(), key=lambda p: p.name == "manifest.json"):

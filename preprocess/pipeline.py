@@ -41,10 +41,11 @@ from rankshard.preprocess.devices import Placement, process_cores, torch_threads
 from rankshard.preprocess.diskspace import SpaceCheck
 from rankshard.preprocess.errors import ConfigMismatchError, RankshardError, check_on_error
 from rankshard.preprocess.payloads import make_engine
+from rankshard.preprocess.rank.engine import BACKENDS
 from rankshard.preprocess.shardtask import ShardContext, ShardDone, ShardTask, decompose, make_shard, shard_job
 from rankshard.preprocess.sources.listing import Loaded, run_job
 from rankshard.preprocess.locking import RunLock
-from rankshard.preprocess.format.manifest import finalize_manifests, read_json, write_json
+from rankshard.preprocess.format.manifest import finalize_manifests, read_json, shard_record, write_json
 from rankshard.preprocess.format.transport import is_url
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.spec import Layout, ShardSpec, config_hash
@@ -194,6 +195,7 @@ class Materializer:
         self.stats.rank, self.stats.world = self.rank, self.world
         self.space: SpaceCheck | None = None  # set by run()
         self.recorded_svd: dict | None = None  # set when resuming an ``auto`` run (see _engine_and_config)
+        self.digest: str | None = None  # the configuration's hash, set by run(): records must carry it
         self.spec.check_image_size(*self.source.image_size)  # before any folder or lock file is made
 
     # -- setup ------------------------------------------------------------------------------------
@@ -214,6 +216,15 @@ class Materializer:
     def _engine_and_config(self):
         """Resolve the SVD backend, then check the folder holds nothing made with another config."""
         recorded = read_json(self.layout.config_path) if self.layout.config_path.exists() else None
+        if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("config_hash"), str)
+                                         and isinstance(recorded.get("config"), dict)
+                                         and recorded["config"].get("backend") in (*BACKENDS, "none")):
+            if not self.overwrite:  # the records say which shards are done: they survive the config file
+                raise RankshardError(f"{self.where}: its {self.layout.config_path.name} is damaged (no config, "
+                                     "config_hash or known backend); delete that file and rerun the same command, "
+                                     "which keeps the shards already written")
+            self._clear()
+            recorded = None
         backend = self.spec.backend
         if recorded and backend == "auto" and not self.overwrite:
             backend = recorded["config"]["backend"]  # resume (or join other ranks) with the recorded backend
@@ -255,7 +266,8 @@ class Materializer:
         return self.recorded_svd or engine.describe()
 
     def _done(self, index: int) -> bool:
-        return all(self.layout.shard_path(v, index).exists() and self.layout.record_path(v, index).exists()
+        """Shard ``index`` exists for every variant with a record that stands for it (``manifest.shard_record``)."""
+        return all(shard_record(self.layout, v, index, self.digest, len(self.source.classes)) is not None
                    for v in self.variants)
 
     # -- the run ----------------------------------------------------------------------------------
@@ -272,6 +284,7 @@ class Materializer:
                 self._pool() as pool:  # opened first: the workers start up while this process sets up
             with lock.gate():  # one rank at a time resolves the backend and writes the config
                 engine, cfg, digest = self._engine_and_config()
+                self.digest = digest
                 self._prepare_dirs(engine, cfg, digest)
             todo = [i for i in range(self.num_shards) if self._mine(i) and not self._done(i)]
             self.stats.shards_skipped = sum(self._mine(i) for i in range(self.num_shards)) - len(todo)
@@ -290,11 +303,8 @@ class Materializer:
     def _finalize(self, engine, cfg: dict, digest: str) -> dict | None:
         if not all(self._done(i) for i in range(self.num_shards)):
             return None
-        records = [read_json(self.layout.record_path(self.variants[0], i)) for i in range(self.num_shards)]
-        errors = [e for r in records for e in r.get("errors", [])]
-        num_samples = sum(r["num_samples"] for r in records)
         return finalize_manifests(self.layout, self.variants, self.num_shards, self.source, cfg, digest,
-                                  self._svd(engine), self.stats.as_dict(), num_samples, self.image_size, errors)
+                                  self._svd(engine), self.stats.as_dict(), self.image_size)
 
     def _shard_len(self, index: int) -> int:
         return min(self.spec.shard_size, len(self.order) - index * self.spec.shard_size)

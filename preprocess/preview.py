@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rankshard.preprocess.format.codec import decode_image, decode_npy
+from rankshard.preprocess.format.codec import decode_image, decode_npy, decoded
 from rankshard.preprocess.errors import RankshardError
-from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.manifest import manifest_problem, read_json
 from rankshard.preprocess.format.transport import basename, is_url, join, parent
 from rankshard.preprocess.format.tree import MANIFEST, can_list, folders_holding, is_ours, named_split, split_tree
 from rankshard.preprocess.progress import Progress
@@ -28,6 +28,9 @@ DEFAULT_NAME = "preview.png"  # in each split's folder; for a URL ROOT, in the c
 def _first_samples(folder: str, manifest: dict, count: int) -> list[tuple[str, dict]]:
     """The first ``count`` samples of a variant (``manifest``: its manifest), reading only as many shards as
     that takes."""
+    problem = manifest_problem(join(folder, MANIFEST), manifest)
+    if problem:
+        raise RankshardError(problem)
     samples: list[tuple[str, dict]] = []
     for shard in manifest["shards"]:
         if len(samples) >= count:
@@ -85,7 +88,8 @@ def variant_grid(split: str, variants: dict[str, dict], count: int, out: Path,
     for col, name in enumerate(names):
         for row, (key, members) in enumerate(_first_samples(join(split, name), variants[name], count)):
             ax = axes[row, col]
-            ax.imshow(_displayable(name, members), interpolation="nearest")
+            ax.imshow(decoded(functools.partial(_displayable, name), members, join(split, name), key),
+                      interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if row == 0:
                 ax.set_title(name, fontsize=8)
@@ -109,7 +113,15 @@ def energy_plot(split: str, spectra_manifest: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     samples = _first_samples(join(split, "spectra"), spectra_manifest, 4096)
-    spectra = np.stack([decode_npy(m["s.npy"]).astype(np.float64) for _, m in samples])
+    values = min(spectra_manifest["image_size"])  # singular values per channel
+
+    def spectrum(members: dict) -> np.ndarray:
+        s = decode_npy(members["s.npy"])
+        if s.shape != (3, values):  # one damaged header would otherwise fail the stacking below
+            raise ValueError(f"spectrum of shape {s.shape}, the manifest's images give (3, {values})")
+        return s.astype(np.float64)
+
+    spectra = np.stack([decoded(spectrum, m, join(split, "spectra"), key) for key, m in samples])
     energy = np.cumsum(spectra**2, axis=-1) / np.maximum((spectra**2).sum(-1, keepdims=True), 1e-300)
     mean = energy.mean(axis=0)  # [C, n]
     ranks = np.arange(1, mean.shape[-1] + 1)

@@ -18,7 +18,7 @@ from rankshard.preprocess.format.codec import decode_image, decode_npy, sample_l
 from rankshard.preprocess.rank.engine import reference_low_rank
 from rankshard.preprocess.rank.lowpass import lowpass_matrix
 from rankshard.preprocess.errors import RankshardError
-from rankshard.preprocess.format.manifest import read_json
+from rankshard.preprocess.format.manifest import manifest_problem, read_json
 from rankshard.preprocess.progress import Progress
 from rankshard.preprocess.format.tar import sha256_file
 from rankshard.preprocess.format.tarindex import read_shard
@@ -151,24 +151,15 @@ def _reference_check(manifest: dict, head: dict, full: dict, count: int, check: 
                               f"reference exceeds {tol:.1e}")
 
 
-# what verify reads from a manifest; a manifest.json without them (another tool's, or a hand-edited one) is
-# reported as a problem of its folder instead of ending the whole run with a KeyError
-MANIFEST_KEYS = ("shards", "num_samples", "mode", "rank", "encoding", "config")
-
-
 def _manifest_problem(folder: str, manifest) -> str | None:
+    """A manifest.json that is not ours (another tool's) or is damaged, as a problem of its folder instead of
+    an error ending the whole run."""
     path = join(folder, "manifest.json")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         return (f"{path}: not a rankshard manifest (format {found!r}, expected {FORMAT!r}); move it out of the "
                 "tree or rerun the preprocess command that made this folder")
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    shards_ok = isinstance(manifest.get("shards"), list) and all(
-        isinstance(s, dict) and {"name", "num_samples", "sha256"} <= s.keys() for s in manifest["shards"])
-    if missing or not shards_ok:
-        what = f"no {', '.join(missing)}" if missing else "a shard entry without name, num_samples or sha256"
-        return f"{path}: incomplete manifest ({what}); delete it and rerun the preprocess command that made it"
-    return None
+    return manifest_problem(path, manifest)
 
 
 def verify_tree(root: str | Path, reference_samples: int = 16, show_progress: bool = False) -> VerifyReport:

@@ -69,6 +69,7 @@ def test_a_flag_on_the_command_line_wins(tree, tmp_path):
     ("resize = [1, 2]\n", "a list for an option that takes one value"),
     ("shard-size = 3\nshard_size = 4\n", "given twice"),
     ("ranks = 2\nranks = 3\n", "not a readable UTF-8 TOML"),          # TOML itself refuses a repeated key
+    ('source = "a\\u0000b"\n', "a NUL character"),                     # was os.stat's ValueError, a traceback
 ])
 def test_a_wrong_key_or_a_broken_file_is_refused(tree, tmp_path, text, needle):
     config = tmp_path / "job.toml"

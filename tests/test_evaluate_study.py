@@ -38,11 +38,64 @@ def test_examples_ship_and_parse():
     ("[data]\nsource = 'cifar10'", "needs path"),
     ("[train]\nseeds = [0, 0]", "list each seed once"),
     ("name = ", "not valid TOML"),
+    # values of another type: were TypeErrors, AttributeErrors and ValueErrors from parsing or planning
+    ("data = 5", "data = 5: expected a table"),
+    ("[train]\nseeds = 3", r"\[train\] seeds = 3: expected a list of a whole number"),
+    ("[materialize]\nranks = [1, 'x']", r"\[materialize\] ranks = \[1, 'x'\]: expected a list"),
+    ("[data]\ndataset = 10", r"\[data\] dataset = 10: expected text"),
+    ("[train]\noverrides = 'x'", "expected a table"),
+    ("evaluate = 3", "write each evaluation as an \\[\\[evaluate\\]\\] section"),
+    ("evaluate = ['pgd']", r"\[\[evaluate\]\] #1 = 'pgd': expected a table"),
+    ("[[evaluate]]\ncommand = 'pgd'\nname = ['a']", r"#1 name = \['a'\]: expected text"),
+    ("report = 'yes'", "report = 'yes': expected true or false"),
 ])
 def test_bad_study_files_name_the_key(text, match):
     with pytest.raises(StudyConfigError, match=match):
         parse_study(text)
 
+
+
+
+def test_a_study_file_that_is_not_utf8_is_refused(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_bytes(b'name = "caf\xe9"\n')  # Latin-1: was a UnicodeDecodeError
+    with pytest.raises(StudyConfigError, match=f"{path}: not UTF-8 text"):
+        load_study(path)
+
+def _toml(value) -> str:
+    """A TOML value (inline tables and arrays) for the property test below."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def test_a_study_file_with_values_of_other_types_is_refused_naming_the_key(tmp_path):
+    """Property test: every key of the shipped tiny study (sections, their keys, the first list item, three
+    levels deep) deleted or given a value of each other TOML type: parse_study raises StudyConfigError, or the study plans its first stage;
+    never a TypeError or AttributeError from deep inside."""
+    import tomllib
+
+    from fuzzing import field_paths, with_field
+    from rankshard.evaluate.study.jobs import _variant_flags
+    from rankshard.evaluate.study.plan import materialize_stage, stage_counts
+
+    original = tomllib.loads(TINY.read_text())
+    for path in field_paths(original, depth=3):
+        for value in (..., 3, 1.5, "x", True, [], [1], ["x"], {"a": 1}):  # ...: the key deleted
+            doc = with_field(original, path, value)
+            text = "\n".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in doc.items())
+            try:
+                cfg = parse_study(text)
+            except StudyConfigError:
+                continue
+            stage_counts(cfg)
+            _variant_flags(materialize_stage(Study(cfg, tmp_path, device="cpu", workers=0)).job["materialize"])
+            for evaluation in cfg.evaluations:
+                flags(plain(evaluation.options) or {})
 
 def test_flags_follow_the_commands_option_names():
     assert flags({"eps": "4/255", "targeted": True, "verify_shards": False, "variant": ["full", "rank-004"],

@@ -69,6 +69,56 @@ def test_a_zeroed_manifest_hash_is_caught(tmp_path):
         open_variant(folder)
 
 
+
+@pytest.mark.parametrize("variant, ext, truth, lie", [
+    ("high-002", "npy", b"(32, 32, 3)", b"(32, 22, 3)"),   # fewer pixels: the bytes suffice, the batch would not stack
+    ("high-002", "npy", b"(32, 32, 3)", b"(32, 32, 1)"),
+    ("factors-006", "u.npy", b"(3, 32, 6)", b"(3, 22, 6)"),
+    ("factors-006", "u.npy", b"'<f2'", b"'|V2'"),          # raw bytes: numpy's DTypePromotionError when stacked
+])
+def test_an_npy_header_that_lies_about_the_array_is_a_shard_error(tmp_path, variant, ext, truth, lie):
+    """A damaged shape or dtype in a sample's .npy header (the tar checksum does not cover member data): the
+    sample is named, not a bare numpy error ('all input arrays must have the same shape') from the batch."""
+    folder = copy_variant(tmp_path, variant=variant)
+    path = folder / "train-000002.tar"
+    index = scan_shard(str(path))
+    offset, _ = index.members[3][ext]
+    _flip(path, offset + path.read_bytes()[offset:offset + 128].index(truth), lie)
+    with pytest.raises(ShardReadError, match=f"sample {index.keys[3]}: does not decode .*(manifest|float16)"):
+        list(eval_loader(open_variant(folder, verify_shards=False), LoaderConfig(batch_size=32, workers=0)))
+
+
+@pytest.mark.parametrize("variant, encoding, k", [("rank-005", "png", None), ("high-002", "npy", None),
+                                                  ("factors-006", "factors", 6)])
+def test_corrupt_members_decode_as_stored_or_are_a_shard_error(variant, encoding, k):
+    """Property test: each member of a sample (png, npy, u/s/v.npy, cls, json) cut at 16 lengths and flipped at
+    127 bits (every bit of an .npy header), batched with a whole sample: the batch keeps the stored labels, shape and dtype, or raises
+    ShardReadError; never another exception or a hang. Pixel values may differ (a flip inside PNG's deflate data
+    that PIL does not checksum, '<f2' read as '>f2' in an .npy header, whose payload is not flipped here): the
+    shard's sha256, checked when a variant opens, is what sees those. A damaged .cls or .json changes nothing."""
+    from fuzzing import corruptions, deadline
+    from rankshard.loaders.pipeline import collate
+    from rankshard.preprocess.format.tarindex import read_shard
+
+    folder = built_root() / "cifar10" / "train" / variant
+    (key, members), other = read_shard(folder / "train-000000.tar")[:2]
+
+    def batch(sample):
+        return collate([("s.tar", key, sample, None), ("s.tar", other[0], other[1], None)], encoding, k, "raise",
+                       (32, 32))[:2]
+
+    x, y = batch(members)
+    for ext, data in members.items():
+        header = data.index(b"\n") + 1 if ext.endswith("npy") else None  # every bit of an .npy header is flipped
+        for damaged in corruptions(data, cuts=16, flips=header * 8 if header else 127, span=header and (0, header)):
+            with deadline(2):
+                try:
+                    got_x, got_y = batch({**members, ext: damaged})
+                except ShardReadError:
+                    continue
+            assert got_y.tolist() == y.tolist() and got_x.shape == x.shape and got_x.dtype == x.dtype, (ext, damaged)
+            assert ext not in ("cls", "json") or bool((got_x == x).all()), (ext, damaged)
+
 def _relabel(folder, shard_index=1, sample=2):
     """Change one sample's .cls digit (same length), as a flipped byte would: returns (path, key, old label)."""
     path = folder / f"train-{shard_index:06d}.tar"
@@ -140,6 +190,49 @@ def test_missing_manifest_is_refused_with_the_fix(tmp_path):
     (folder / "manifest.json").unlink()
     with pytest.raises(LoaderError, match="no manifest.json.*rerun the same `rankshard-preprocess` command"):
         open_variant(folder)
+
+
+
+@pytest.mark.parametrize("old, new", [
+    ('"sha256"', '"sha25v"'),                  # one flipped bit in a key: was a KeyError
+    ('"classes"', '"classEs"'),
+    ('"bytes"', '"byter"'),
+])
+def test_a_manifest_with_a_damaged_field_is_refused_naming_it(tmp_path, old, new):
+    folder = copy_variant(tmp_path)
+    text = (folder / "manifest.json").read_text()
+    assert old in text
+    (folder / "manifest.json").write_text(text.replace(old, new, 1))
+    with pytest.raises(LoaderError, match="manifest.json: incomplete manifest .*delete it and rerun"):
+        open_variant(folder)
+
+def test_a_damaged_manifest_opens_as_written_or_is_a_loader_error(tmp_path):
+    """Property test: every field of manifest.json (two levels deep) deleted, or given a value of another JSON
+    type: open_variant raises LoaderError, or the field is one the loaders do not read and the first batch is
+    the original's; never a KeyError or TypeError."""
+    import functools
+
+    from fuzzing import field_paths, with_field
+
+    folder = copy_variant(tmp_path)
+    original = json.loads((folder / "manifest.json").read_text())
+
+    def first_batch():
+        batch = next(iter(eval_loader(open_variant(folder), LoaderConfig(batch_size=8, workers=0))))
+        return batch.x, batch.y.tolist(), batch.keys
+
+    x, y, keys = first_batch()
+    others = {str: [0, None, [], {}], int: ["7", None, [], {}], float: ["0.5", None, []], list: ["x", 0, {}, None],
+              dict: ["x", 0, [], None], type(None): ["x", []], bool: ["x", None]}
+    for path in field_paths(original, depth=2):
+        value = functools.reduce(lambda d, k: d[k], path, original)
+        for damaged in [...] + others[type(value)]:  # ...: the field deleted
+            (folder / "manifest.json").write_text(json.dumps(with_field(original, path, damaged)))
+            try:
+                got_x, got_y, got_keys = first_batch()
+            except LoaderError:
+                continue
+            assert got_keys == keys and got_y == y and bool((got_x == x).all()), (path, damaged)
 
 
 def test_a_misspelt_variant_lists_the_variants_there(tmp_path):

@@ -104,3 +104,65 @@ def test_oversized_members_are_refused_before_they_are_read(tmp_path, name):
     assert bomb.stat().st_size < 200_000
     with pytest.raises(SourceError, match=f"declares {size:,} bytes, more than a genuine CIFAR-10 {name}"):
         load_cifar10(bomb, "train")
+
+
+class _Uninitialized:
+    """Pickles as numpy's own reconstruction of an empty array of ``shape``: a few bytes that allocate it all."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def __reduce__(self):
+        return np.zeros(0).__reduce__()[0], (np.ndarray, self.shape, self.dtype)  # numpy's _reconstruct
+
+
+def _extracted(archive, tmp_path):
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    return tmp_path / FOLDER
+
+
+@pytest.mark.parametrize("name, batch", [
+    ("test_batch", {b"data": ["a"] * 3072, b"labels": [1]}),              # was a ValueError (int('a'))
+    ("test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": 5}),  # was a TypeError (len of 0-d)
+    ("test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 99]}),  # an IndexError when written
+    ("test_batch", {b"data": _Uninitialized((20_000, 3072), "u1"), b"labels": _Uninitialized((20_000,), "i8")}),
+    ("batches.meta", {b"num_cases_per_batch": 10}),                      # was a KeyError (label_names)
+    ("batches.meta", {b"label_names": [b"\xff\xfe"]}),
+])
+def test_a_batch_that_is_no_cifar_batch_is_refused(archive, tmp_path, name, batch):
+    """With --no-verify-md5 a modified copy is accepted deliberately; one that does not hold what a CIFAR-10
+    batch holds is still a SourceError (a 300-byte pickle of a 60 MB array is refused before it is copied)."""
+    folder = _extracted(archive, tmp_path)
+    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(SourceError, match=f"{name}: |labels 0..99"):
+        load_cifar10(tmp_path, "test", verify_md5=False)
+
+
+def test_a_key_that_is_not_text_is_ignored_not_a_unicode_error(archive, tmp_path):
+    folder = _extracted(archive, tmp_path)
+    batch = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    (folder / "test_batch").write_bytes(pickle.dumps({**batch, b"\xff\xfe": 1}, protocol=2))
+    assert len(load_cifar10(tmp_path, "test", verify_md5=False).labels) == 20
+
+
+def test_damaged_batches_load_whole_or_are_a_source_error(archive, tmp_path):
+    """Property test (--no-verify-md5): the test batch and batches.meta cut at 32 lengths and flipped at 256
+    bits each load as arrays of the stored shapes, with labels of the classes, or raise SourceError; never
+    another exception or a hang. (With the md5 check, the default, every one of them is an md5 mismatch.)"""
+    from fuzzing import corruptions, deadline
+
+    folder = _extracted(archive, tmp_path)
+    good = load_cifar10(tmp_path, "test", verify_md5=False)
+    for name in ("test_batch", "batches.meta"):
+        original = (folder / name).read_bytes()
+        for damaged in corruptions(original, cuts=32, flips=256):
+            (folder / name).write_bytes(damaged)
+            with deadline(5):
+                try:
+                    got = load_cifar10(tmp_path, "test", verify_md5=False)
+                except SourceError:
+                    continue
+            assert got.images.shape == good.images.shape and got.images.dtype == np.uint8, name
+            assert got.labels.shape == good.labels.shape and 0 <= got.labels.min() <= got.labels.max() < len(got.classes)
+        (folder / name).write_bytes(original)

@@ -97,3 +97,5 @@ def test_decode_npy_refuses_objects_and_truncation():
             decode_npy(cut)
     with pytest.raises(ValueError):
         decode_npy(b"not an npy member")
+    with pytest.raises(ValueError, match="negative dimensions"):  # as np.load; was read as (4, 6) from the bytes
+        decode_npy(data.replace(b"(4, 4)", b"(4,-4)"))

@@ -76,6 +76,22 @@ def test_damaged_kaggle_files_are_refused_naming_the_problem(tmp_path, damage, m
     assert result.exit_code == 2 and f"error: {tmp_path / name}" in result.output, result.output
 
 
+
+@pytest.mark.parametrize("name, old, new, message", [
+    ("LOC_synset_mapping.txt", b"n01440764", b"n\xb01440764", "not UTF-8 text"),   # were UnicodeDecodeErrors
+    ("LOC_val_solution.csv", b"ImageId", b"I\xedageId", "not UTF-8 text"),
+    ("LOC_val_solution.csv", b"ILSVRC2012_val_00000001,", b'"' + b"x" * 200_000 + b'",', "field larger than field limit"),
+    ("LOC_val_solution.csv", b"ImageId,PredictionString", b"PredictionString,ImageId\nn01440764 1 2 3 4",
+     "has no ImageId"),                                                              # was an AttributeError
+])
+def test_kaggle_files_that_are_not_text_or_csv_are_refused(tmp_path, name, old, new, message):
+    _kaggle_root(tmp_path)
+    data = (tmp_path / name).read_bytes()
+    assert old in data
+    (tmp_path / name).write_bytes(data.replace(old, new, 1))
+    with pytest.raises(SourceError, match=f"{tmp_path / name}: .*{message}"):
+        imagenet_source(tmp_path, "val", GEOMETRY, None)
+
 def _devkit_tar_gz(path: Path, labels: list[int]) -> None:
     """ILSVRC2012_devkit_t12.tar.gz with meta.mat (IDs not in sorted-wnid order) and the ground truth."""
     scipy_io = pytest.importorskip("scipy.io")
@@ -91,6 +107,45 @@ def _devkit_tar_gz(path: Path, labels: list[int]) -> None:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
 
+
+
+def test_a_truncated_devkit_archive_is_refused_naming_it(tmp_path):
+    labels = write_flat_val(tmp_path / "val", classes=3, count=6)
+    archive = tmp_path / "ILSVRC2012_devkit_t12.tar.gz"
+    _devkit_tar_gz(archive, labels)
+    archive.write_bytes(archive.read_bytes()[:-40])  # was gzip's EOFError
+    with pytest.raises(SourceError, match=f"{archive}: the archive is truncated or corrupt"):
+        imagenet_source(tmp_path / "val", "val", GEOMETRY, None, devkit=tmp_path)
+
+
+def test_damaged_label_files_read_or_are_a_source_error(tmp_path):
+    """Property test: Kaggle's two label files and the devkit archive cut at 32 lengths and flipped at 256 bits
+    each: the damaged archive reads as the original or is a SourceError (gzip checks its bytes); text files
+    have no checksum, so they give labels of listed wnids (a flipped digit is another image id) or a
+    SourceError. Never another exception or a hang."""
+    from fuzzing import corruptions, deadline
+    from rankshard.preprocess.sources.imagenet import find_val_labels
+
+    _kaggle_root(tmp_path / "kaggle")
+    labels = write_flat_val(tmp_path / "devkit" / "val", classes=3, count=6)
+    _devkit_tar_gz(tmp_path / "devkit" / "ILSVRC2012_devkit_t12.tar.gz", labels)
+    for folder, name in (("kaggle", "LOC_val_solution.csv"), ("kaggle", "LOC_synset_mapping.txt"),
+                         ("devkit", "ILSVRC2012_devkit_t12.tar.gz")):
+        path = tmp_path / folder / name
+        good = path.read_bytes()
+        original = find_val_labels([tmp_path / folder])
+        for damaged in corruptions(good, cuts=32, flips=256):
+            path.write_bytes(damaged)
+            with deadline(5):
+                try:
+                    got = find_val_labels([tmp_path / folder])
+                except SourceError:
+                    continue
+            if name.endswith(".gz"):
+                assert got == original
+            else:
+                assert got is not None and set(got.by_stem.values()) <= set(got.wnids), name
+        path.write_bytes(good)
 
 def test_devkit_option_may_name_the_devkit_archive_itself(tmp_path):
     labels = write_flat_val(tmp_path / "images" / "val", classes=3, count=6)
@@ -184,6 +239,58 @@ def test_a_truncated_compressed_meta_mat_element_is_named_as_such():
     with pytest.raises(SourceError, match="compressed element is truncated"):
         devkit_synsets(good[:128] + struct.pack("<II", 15, len(payload)) + payload)
 
+
+
+def _mat_matrix(mclass: int, dims: tuple[int, ...], name: bytes, body: bytes) -> bytes:
+    """One level-5 MAT matrix element (little-endian): flags, dims, name, then ``body`` (its data elements)."""
+    import struct
+
+    def numeric(mtype: int, data: bytes) -> bytes:
+        return struct.pack("<II", mtype, len(data)) + data + b"\0" * (-len(data) % 8)
+
+    inner = numeric(6, struct.pack("<II", mclass, 0)) + numeric(5, struct.pack(f"<{len(dims)}i", *dims)) \
+        + numeric(1, name) + body
+    return struct.pack("<II", 14, len(inner)) + inner
+
+
+def _mat_compressed(element: bytes) -> bytes:
+    import struct
+    import zlib
+
+    packed = zlib.compress(element, 9)
+    return struct.pack("<II", 15, len(packed)) + packed
+
+
+@pytest.mark.parametrize("element, message", [
+    # a 5-character string whose dims say 83886336 rows of none: built 84 million empty rows
+    (_mat_matrix(4, (83886336, 0), b"synsets", b"\x01\x00\x05\x00hello\0\0\0"), "char array holds 5 characters"),
+    # a struct array without fields, of 2^40 elements: appended empty records until memory ran out
+    (_mat_matrix(2, (1 << 20, 1 << 20), b"synsets", b"\x05\x00\x04\x00\x20\0\0\0" + b"\x01\x00\0\0\0\0\0\0"),
+     "struct array of 1,099,511,627,776 elements"),
+    # 100 compressed elements of 1 MB each inside one that inflates to 100 kB: each under the cap, 100 MB held
+    # (2,000 of them, 5 kB of file, held 2 GB)
+    (_mat_compressed(_mat_matrix(1, (100, 1), b"synsets", 100 * _mat_compressed(
+        _mat_matrix(6, (1 << 17, 1), b"", b"\x09\0\0\0\0\0\x10\0" + bytes(1 << 20))))),
+     "inflates to more than"),
+])
+def test_a_meta_mat_whose_sizes_lie_is_refused_quickly(element, message):
+    from fuzzing import deadline
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    with deadline(3), pytest.raises(SourceError, match=message):
+        devkit_synsets(_meta_mat_bytes(True)[:128] + element)
+
+
+def test_an_infinite_class_id_in_meta_mat_is_refused():
+    scipy_io = pytest.importorskip("scipy.io")
+    recs = np.zeros((1, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    recs[0, 0] = (np.array([[np.inf]]), WNIDS[0], NAMES[0], np.array([[0.0]]))  # was int(inf): an OverflowError
+    buf = io.BytesIO()
+    scipy_io.savemat(buf, {"synsets": recs})
+    from rankshard.preprocess.sources.imagenet import devkit_synsets
+
+    with pytest.raises(SourceError, match="lacks a usable ILSVRC2012_ID"):
+        devkit_synsets(buf.getvalue())
 
 def test_two_files_of_one_validation_id_are_refused_naming_both(tmp_path):
     labels = write_flat_val(tmp_path / "val", classes=3, count=6)

@@ -192,6 +192,39 @@ def test_resume_after_partial_run_with_stale_files(built, tmp_path):
     assert not list(folder.glob(".*.partial"))
 
 
+
+@pytest.mark.parametrize("old, new", [
+    ('"stats"', '"statr"'),       # one flipped bit in a key: a KeyError when the manifests were written
+    ('"bytes": ', '"bytes": 1'),  # a record that does not match its shard: "rerun the same command" said so forever
+    (None, "[]"),                 # valid JSON of another shape: an AttributeError
+])
+def test_a_damaged_shard_record_means_the_shard_is_written_again(built, tmp_path, old, new):
+    out, _ = built
+    materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    record = tmp_path / "cifar10/train/rank-005/.progress/train-000001.tar.json"
+    record.write_text(new if old is None else record.read_text().replace(old, new, 1))
+    result = materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    assert result["stats"]["shards_written"] == 1 and _tar_bytes(tmp_path) == _tar_bytes(out)
+    assert json.loads(record.read_text())["name"] == "train-000001.tar"
+
+
+@pytest.mark.parametrize("damage", ['"config_hash"', '"config"', '"backend"'])  # each key's last letter flipped
+def test_a_damaged_split_config_is_named_and_deleting_it_resumes(built, tmp_path, damage):
+    out, _ = built
+    materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    config = tmp_path / "cifar10/train/.rankshard-config.json"
+    good = config.read_text()
+    config.write_text(good.replace(damage, damage[:-2] + 'X"', 1))
+    with pytest.raises(RankshardError, match=r"\.rankshard-config\.json is damaged .*delete that file and rerun"):
+        materialize_split(_source(), _spec(), tmp_path, show_progress=False)  # was a KeyError or TypeError
+    if damage == '"config"':  # --overwrite starts again, as it does after a configuration that differs
+        result = materialize_split(_source(), _spec(), tmp_path, overwrite=True, show_progress=False)
+        assert result["stats"]["shards_skipped"] == 0 and _tar_bytes(tmp_path) == _tar_bytes(out)
+        config.write_text(good.replace(damage, damage[:-2] + 'X"', 1))
+    config.unlink()
+    result = materialize_split(_source(), _spec(), tmp_path, show_progress=False)
+    assert result["stats"]["shards_written"] == 0 and _tar_bytes(tmp_path) == _tar_bytes(out)
+
 def test_different_config_is_refused_then_overwritten(built, tmp_path):
     materialize_split(_source(), _spec(), tmp_path, show_progress=False)
     with pytest.raises(ConfigMismatchError, match=r"(?s)ranks: \[1, 5\] -> \[1, 7\].*--overwrite"):

@@ -88,3 +88,40 @@ def test_another_tools_manifest_beside_ours_is_not_taken_for_a_split(shards, tmp
     wrote = _preview(root, tmp_path / "out" / "p.png")
     assert wrote == [tmp_path / "out" / "p.png", tmp_path / "out" / "p-energy.png"]  # one split: ours
     _assert_pngs(wrote)
+
+
+def _damage(split: Path, damage: str) -> str:
+    """Damage one thing in ``split``; returns the message preview must give."""
+    from rankshard.preprocess.format.tarindex import scan_shard
+
+    full = split / "full"
+    if damage == "missing shard":
+        (full / "test-000000.tar").unlink()
+        return f"{full / 'test-000000.tar'}: cannot be read (No such file or directory)"
+    if damage == "manifest key":  # one flipped bit in a key
+        (full / "manifest.json").write_text((full / "manifest.json").read_text().replace('"sha256"', '"sha25v"', 1))
+        return f"{full / 'manifest.json'}: incomplete manifest (shard entry 0 has no usable sha256)"
+    folder = split / ("spectra" if damage == "spectrum header" else "full")
+    shard = folder / "test-000000.tar"
+    index = scan_shard(shard)
+    ext, truth, lie = ("s.npy", b"(3, 32)", b"(3, 22)") if damage == "spectrum header" else ("png", b"IHDR", b"IHDS")
+    offset, size = index.members[3][ext]
+    data = bytearray(shard.read_bytes())
+    at = offset + data[offset:offset + size].index(truth)
+    data[at:at + len(lie)] = lie
+    shard.write_bytes(bytes(data))
+    return f"{folder}: sample {index.keys[3]} does not decode"
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "manifest key", "sample", "spectrum header"])
+def test_a_damaged_split_is_named_not_a_traceback(shards, tmp_path, damage):
+    """preview reads the shards without their sha256 (verify does that): a damaged one was a FileNotFoundError,
+    a KeyError, PIL's UnidentifiedImageError or numpy's 'all input arrays must have the same shape'."""
+    import shutil
+
+    split = tmp_path / "data" / "cifar10" / "test"
+    shutil.copytree(shards / "cifar10" / "test", split)
+    message = _damage(split, damage)
+    result = CliRunner().invoke(main, ["preview", str(split), "--out", str(tmp_path / "p.png"), "--count", "4",
+                                       "--quiet"])
+    assert result.exit_code == 2 and f"error: {message}" in result.output.replace("\n", ""), result.output

@@ -6,8 +6,9 @@ import os
 import tarfile
 
 import pytest
+from fuzzing import corruptions, deadline
 
-from rankshard.preprocess.errors import SourceError
+from rankshard.preprocess.errors import RankshardError, SourceError
 from rankshard.preprocess.format.tar import write_shard
 from rankshard.preprocess.format.tarindex import (BytesBlob, TarDamage, _parse_header, iter_tar, read_shard, scan_shard,
                                                   split_name)
@@ -240,3 +241,73 @@ def test_a_hard_link_is_read_as_the_data_it_names(tmp_path, fmt):
     with tarfile.open(path) as tar:
         assert tar.extractfile("b.jpg").read() == b"image"  # the reference
     assert got == {target: b"image", "a.cls": b"3", "b.jpg": b"image", "b.cls": b"4"}
+
+
+def _with_size_field(tar: bytes, at: int, field: bytes) -> bytes:
+    """``tar`` with the size field of the header at byte ``at`` replaced by ``field`` and its checksum redone."""
+    block = bytearray(tar[at:at + 512])
+    block[124:136] = field.ljust(12, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return tar[:at] + bytes(block) + tar[at + 512:]
+
+
+@pytest.mark.parametrize("field", [b"-0000001000", b"-0000002000"])  # -512: back onto itself; -1024: one before
+def test_a_negative_member_size_is_damage_not_an_endless_scan(tmp_path, field):
+    write_shard(tmp_path / "s.tar", [(f"{i:08d}", {"cls": b"1", "png": b"x" * 600}) for i in range(2)])
+    bad = _with_size_field((tmp_path / "s.tar").read_bytes(), 1024, field)  # the png header (the first: cls)
+    with deadline(5), pytest.raises(TarDamage, match="negative size"):
+        list(iter_tar(BytesBlob(bad)))
+    pax = io.BytesIO()
+    with tarfile.open(fileobj=pax, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = _info("a.png", 3)
+        info.pax_headers = {"size": "-512"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with deadline(5), pytest.raises(TarDamage, match="negative size"):
+        list(iter_tar(BytesBlob(pax.getvalue())))
+
+
+def _members(data: bytes):
+    return [(m.offset, m.size) for m in iter_tar(BytesBlob(data))]
+
+
+def test_corrupt_and_hostile_tars_read_back_whole_or_are_damage(tmp_path):
+    """Property test: our shard and GNU and pax tars with long names and links, cut at 64 lengths and bit-flipped
+    at 256 places each (the same members at the same offsets, or TarDamage; a flip inside a long name's text
+    renames that member only: it carries no checksum), then every header's size field set to hostile numbers
+    with its checksum redone (members inside the file, or TarDamage); never a hang."""
+    write_shard(tmp_path / "own.tar", [(f"{i:08d}", {"cls": b"1", "png": b"x" * 700}) for i in range(2)])
+    _write(tmp_path / "gnu.tar", tarfile.GNU_FORMAT, {LONG: b"j" * 600, NON_ASCII: b"k" * 30})
+    _write(tmp_path / "pax.tar", tarfile.PAX_FORMAT, {LONG: b"j" * 600, NON_ASCII: b"k" * 30})
+    hostile = [b"-0000001000", b"-1", b"-0", b"\x80" + b"\xff" * 11, b"\xff" * 12, b"77777777777", b"8", b"1_0",
+               b" -7 ", b"\x80" + (1 << 40).to_bytes(11, "big")]
+    for name in ("own.tar", "gnu.tar", "pax.tar"):
+        good = (tmp_path / name).read_bytes()
+        original = _members(good)
+        end = max(offset + size for offset, size in original) + 1024  # headers and data, and the end-of-archive marker
+        for data in corruptions(good, span=(0, end)):
+            with deadline(2):
+                try:
+                    assert _members(data) == original
+                except TarDamage:
+                    pass
+        headers = [at for at in range(0, end, 512) if good[at + 257:at + 262] == b"ustar"]
+        for at in headers:
+            for field in hostile:
+                with deadline(2):
+                    try:
+                        members = _members(_with_size_field(good, at, field))
+                    except TarDamage:
+                        continue
+                    assert all(size >= 0 and offset + size <= len(good) for offset, size in members), (name, at, field)
+
+
+def test_a_sample_split_across_a_large_tar_is_found_in_one_pass(tmp_path):
+    """30,000 samples and the first one's second member at the end: finding it compared each key with all the
+    keys before it (some 8 s here); one pass over a set takes a fraction of a second."""
+    from rankshard.preprocess.format.tar import ustar_header
+
+    headers = [ustar_header(f"{i:08d}.cls", 0) for i in range(30_000)] + [ustar_header("00000000.png", 0)]
+    (tmp_path / "split.tar").write_bytes(b"".join(headers) + b"\0" * 1024)
+    with deadline(3), pytest.raises(RankshardError, match="members of sample 00000000 are not contiguous"):
+        read_shard(tmp_path / "split.tar")

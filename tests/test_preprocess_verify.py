@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from rankshard.preprocess.cli import main
@@ -36,6 +37,19 @@ def test_a_foreign_or_incomplete_manifest_is_a_finding_not_a_crash(tmp_path):
     assert f"{root / 'cifar10' / 'test' / 'odd' / 'manifest.json'}: incomplete manifest (no shards" in result.output
     assert result.output.count("\nok ") + result.output.startswith("ok ") == 2  # the real variants still checked
 
+
+
+@pytest.mark.parametrize("field, value", [("num_samples", "29"), ("name", None), ("sha256", 0)])
+def test_a_shard_entry_of_another_type_is_a_finding_not_a_crash(tmp_path, field, value):
+    """A hand-edited (or damaged) manifest: was a TypeError, or an IsADirectoryError reading the folder itself."""
+    root = _tree(tmp_path)
+    path = root / "cifar10" / "test" / "full" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0][field] = value
+    path.write_text(json.dumps(manifest))
+    result = _verify(root)
+    assert result.exit_code == 1 and isinstance(result.exception, (SystemExit, type(None)))
+    assert f"{path}: incomplete manifest (shard entry 0 has no usable {field})" in result.output
 
 def test_a_sample_with_a_non_numeric_key_or_no_index_is_a_finding(tmp_path):
     """A shard whose manifest hash was rewritten over it (so the sha256 matches): its odd samples are named."""

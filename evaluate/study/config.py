@@ -7,6 +7,7 @@ loudly with the allowed ones, like the other stages' configs (STYLE: config is a
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -44,12 +45,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_KINDS = {str: "text", int: "a whole number", bool: "true or false"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))  # true is no number
+
+
+def _check(value: Any, hint: Any, where: str) -> None:
+    """``value`` as read from TOML against a field's type: ``str``, ``int``, ``bool``, ``tuple[X, ...]`` (a list of
+    X) or a bare ``tuple`` (a table); anything else is refused naming the key, before it fails somewhere later."""
+    if hint is tuple:
+        ok, what = isinstance(value, dict), "a table, e.g. { epochs = 1 }"
+    elif typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        ok, what = isinstance(value, list) and all(_is(v, item) for v in value), f"a list of {_KINDS[item]}"
+    else:
+        ok, what = _is(value, hint), _KINDS[hint]
+    if not ok:
+        raise StudyConfigError(f"{where} = {value!r}: expected {what}")
+
+
 def _build(cls, table: dict, where: str):
-    """``cls(**table)`` with unknown keys refused and list/table values frozen."""
+    """``cls(**table)`` with unknown keys and values of another type refused, and list/table values frozen."""
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"{where} = {table!r}: expected a table, a [{where}] section of key = value lines")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - known)
     if unknown:
         raise StudyConfigError(f"[{where}]: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        _check(value, hints[key], f"[{where}] {key}")
     return cls(**{k: _items(v) for k, v in table.items()})
 
 
@@ -127,9 +154,14 @@ class StudyConfig:
 
 
 def _evaluation(table: dict, i: int) -> Evaluation:
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"[[evaluate]] #{i + 1} = {table!r}: expected a table, an [[evaluate]] section")
     table = dict(table)
     if "command" not in table:
         raise StudyConfigError(f"[[evaluate]] #{i + 1}: command = accuracy | spectrum | pgd | rig | weights ...")
+    for key in ("name", "command", "split"):
+        if key in table:
+            _check(table[key], str, f"[[evaluate]] #{i + 1} {key}")
     name = table.pop("name", table["command"])
     fixed = {k: table.pop(k) for k in ("command", "split") if k in table}
     return Evaluation(name=name, options=_items(table), **fixed)
@@ -145,6 +177,12 @@ def parse_study(text: str, where: str = "study") -> StudyConfig:
     unknown = sorted(set(doc) - top)
     if unknown:
         raise StudyConfigError(f"{where}: unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(top))}")
+    for key, kind in (("name", str), ("device", str), ("report", bool)):
+        if key in doc:
+            _check(doc[key], kind, key)
+    if not isinstance(doc.get("evaluate", []), list):
+        raise StudyConfigError(f"{where}: evaluate = {doc['evaluate']!r}; write each evaluation as an [[evaluate]] "
+                               "section")
     evals = tuple(_evaluation(t, i) for i, t in enumerate(doc.get("evaluate", [])))
     names = [e.name for e in evals]
     if len(set(names)) != len(names):
@@ -159,7 +197,11 @@ def load_study(path: str | Path) -> StudyConfig:
     path = Path(path)
     if not path.is_file():
         raise StudyConfigError(f"{path}: no such study file; examples: `rankshard-study examples`")
-    return parse_study(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # TOML is UTF-8; a Windows editor may leave a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise StudyConfigError(f"{path}: not UTF-8 text ({exc}); save the study file as UTF-8") from None
+    return parse_study(text, str(path))
 
 
 def plain(value: Any) -> Any:

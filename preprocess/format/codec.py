@@ -8,6 +8,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from rankshard.preprocess.errors import RankshardError
+
 
 _NPY_V1 = b"\x93NUMPY\x01\x00"
 _HEADERS: dict[bytes, tuple] = {}  # header bytes -> (shape, fortran order, dtype, item count, data offset)
@@ -32,6 +34,8 @@ def decode_npy(data: bytes) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
             if dtype.hasobject:
                 raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+            if any(n < 0 for n in shape):  # np.load's rule; here a -1 read whatever bytes were there
+                raise ValueError(f"negative dimensions are not allowed (shape {shape})")
             known = (shape, fortran, dtype, math.prod(shape), end)
             if len(_HEADERS) < _HEADERS_MAX:
                 _HEADERS[header] = known
@@ -59,6 +63,17 @@ def decode_image(members: dict[str, bytes]) -> np.ndarray:
         return reconstruct_numpy(*(decode_npy(members[k]) for k in ("u.npy", "s.npy", "v.npy"))).transpose(1, 2, 0)
     raise KeyError(f"sample has no image member (found {sorted(members)})")
 
+
+def decoded(decode, members: dict[str, bytes], where: str, key: str):
+    """``decode(members)`` for a tool that stops at a damaged sample (preview; the loaders skip or name it, and
+    ``verify`` reports it): any failure becomes a RankshardError naming ``where`` (its shard or variant folder),
+    the key, and how to find the others."""
+    try:
+        return decode(members)
+    except Exception as exc:  # PIL, numpy, a missing member: every way a damaged sample fails to decode
+        raise RankshardError(f"{where}: sample {key} does not decode ({type(exc).__name__}: {exc}); "
+                             "`rankshard-preprocess verify` names every damaged shard: delete those and rerun the "
+                             "preprocess command") from None
 
 class LabelMismatch(ValueError):
     """The sample's ``.cls`` and ``.json`` disagree: one of them was damaged after materialization."""

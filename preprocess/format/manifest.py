@@ -37,21 +37,97 @@ def read_json(path: Path | str) -> dict:
         raise RankshardError(f"{path}: unreadable ({exc}); delete it and rerun the command that made it") from exc
 
 
+# What readers take from a manifest.json (loaders, verify, preview) and the JSON type of each: a damaged file (a
+# flipped byte in a key, a hand edit) is named as such, not a KeyError or TypeError where a field is first used
+_FIELDS = {"shards": list, "num_samples": int, "mode": str, "rank": (int, type(None)), "encoding": str,
+           "config": dict, "classes": list, "image_size": list, "dataset": str, "split": str, "variant": str}
+_SHARD_FIELDS = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
+
+
+def _is(value, kind) -> bool:
+    """Whether ``value`` is of JSON type ``kind`` (true is no number, and no count is below zero)."""
+    return isinstance(value, kind) and not isinstance(value, bool) and not (kind is int and value < 0)
+
+
+def _wrong(record: dict, fields: dict) -> list[str]:
+    """The ``fields`` missing from ``record`` or of another JSON type."""
+    return [k for k, kind in fields.items() if k not in record or not _is(record[k], kind)]
+
+
+def _unusable(manifest) -> str | None:
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    missing = [k for k in _FIELDS if k not in manifest]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = _wrong(manifest, _FIELDS)
+    if "image_size" not in wrong and not (len(manifest["image_size"]) == 2 and all(
+            _is(n, int) and n > 0 for n in manifest["image_size"])):
+        wrong.append("image_size")
+    if wrong:
+        return f"{', '.join(wrong)} of another type than rankshard writes"
+    for i, shard in enumerate(manifest["shards"]):
+        wrong = _wrong(shard, _SHARD_FIELDS) if isinstance(shard, dict) else list(_SHARD_FIELDS)
+        if not wrong and (shard["name"] in ("", ".", "..") or "/" in shard["name"]):
+            wrong = ["name (a file in this folder)"]
+        if wrong:
+            return f"shard entry {i} has no usable {', '.join(wrong)}"
+    return None
+
+
+def manifest_problem(path: str, manifest) -> str | None:
+    """Why the parsed manifest.json at ``path`` cannot be read (a field missing or of another type), as the message
+    that names it and the fix; None when it can. Its format tag is the callers' to check."""
+    what = _unusable(manifest)
+    return None if what is None else (f"{path}: incomplete manifest ({what}); delete it and rerun the preprocess "
+                                      "command that made it")
+
+
 def _local_bytes(shard: Path) -> int | None:
     return shard.stat().st_size if shard.exists() else None
 
 
-def _shard_record(layout: Layout, variant: Variant, index: int, digest: str, shard_bytes=_local_bytes) -> dict:
+# a per-shard record (``.progress/<shard>.json``): what the manifest takes from it, and of which JSON type
+_RECORD_FIELDS = {**_SHARD_FIELDS, "config_hash": str, "stats": dict}
+_STATS_FIELDS = {"class_counts": list, "energy_sum": list, "clip_fraction_sum": (int, float), "leak_sum": (int, float),
+                 "leak_max": (int, float)}
+
+
+def _record_fits(record, digest: str, size: int, num_classes: int) -> bool:
+    if not isinstance(record, dict) or _wrong(record, _RECORD_FIELDS) or _wrong(record["stats"], _STATS_FIELDS) \
+            or not isinstance(record.get("errors", []), list):
+        return False
+    counts, energy = record["stats"]["class_counts"], record["stats"]["energy_sum"]
+    return record["config_hash"] == digest and record["bytes"] == size and len(counts) == num_classes and \
+        len(energy) == 3 and all(_is(c, int) for c in counts) and all(_is(e, (int, float)) for e in energy)
+
+
+def shard_record(layout: Layout, variant: Variant, index: int, digest: str, num_classes: int,
+                 shard_bytes=_local_bytes) -> dict | None:
+    """The record of shard ``index`` of ``variant`` where the shard exists and the record stands for it (made with
+    this configuration, ``digest``, of the shard's size, every field the manifest takes in place); else None, and
+    the shard is written again: a damaged record is not reported forever by a rerun that skips its shard."""
     path = layout.record_path(variant, index)
-    shard = layout.shard_path(variant, index)
-    size = shard_bytes(shard)
-    if size is None:
-        raise RankshardError(f"{shard}: missing; rerun the same command to write it")
-    if path.exists():
+    size = shard_bytes(layout.shard_path(variant, index))
+    if size is None or not path.exists():
+        return None
+    try:
         record = read_json(path)
-        if record.get("config_hash") == digest and record["bytes"] == size:
-            return record
-    raise RankshardError(f"{shard}: no matching record in {path.parent}; rerun the same command to rewrite it")
+    except RankshardError:
+        return None
+    return record if _record_fits(record, digest, size, num_classes) else None
+
+
+def _shard_record(layout: Layout, variant: Variant, index: int, digest: str, num_classes: int,
+                  shard_bytes=_local_bytes) -> dict:
+    shard = layout.shard_path(variant, index)
+    record = shard_record(layout, variant, index, digest, num_classes, shard_bytes)
+    if record is None:
+        if shard_bytes(shard) is None:
+            raise RankshardError(f"{shard}: missing; rerun the same command to write it")
+        raise RankshardError(f"{shard}: no matching record in {layout.record_path(variant, index).parent}; rerun "
+                             "the same command to rewrite it")
+    return record
 
 
 def _aggregate(records: list[dict], num_classes: int, n: int) -> dict:
@@ -67,14 +143,18 @@ def _aggregate(records: list[dict], num_classes: int, n: int) -> dict:
 
 
 def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int, source, cfg: dict, digest: str,
-                       svd: dict, stats: dict, num_samples: int, image_size: tuple[int, int],
-                       errors: list | None = None, shard_bytes=_local_bytes) -> dict[str, dict]:
+                       svd: dict, stats: dict, image_size: tuple[int, int],
+                       shard_bytes=_local_bytes) -> dict[str, dict]:
     """Write ``manifest.json`` into every variant folder (idempotent; any process may call it), and beside it
     the ecosystem files (wids index, dataset card). ``shard_bytes(path)``: a shard's size, None if it is
-    missing (object storage checks its objects, not the local staging folder)."""
-    manifests = {}
+    missing (object storage checks its objects, not the local staging folder). The sample count and the
+    inputs skipped (``errors``) are the first variant's records'."""
+    manifests, num_samples, errors = {}, None, []
     for v in variants:
-        records = [_shard_record(layout, v, i, digest, shard_bytes) for i in range(num_shards)]
+        records = [_shard_record(layout, v, i, digest, len(source.classes), shard_bytes) for i in range(num_shards)]
+        if num_samples is None:
+            num_samples = sum(r["num_samples"] for r in records)
+            errors = [e for r in records for e in r.get("errors", [])]
         agg = _aggregate(records, len(source.classes), num_samples)
         if sum(r["num_samples"] for r in records) != num_samples:
             raise RankshardError(f"{layout.variant_dir(v)}: shard sample counts do not add up to {num_samples}")
@@ -86,7 +166,7 @@ def finalize_manifests(layout: Layout, variants: list[Variant], num_shards: int,
             "class_counts": agg.pop("class_counts"),
             "shards": [{k: r[k] for k in ("name", "num_samples", "bytes", "sha256")} for r in records],
             "source": dict(source.info), "config": cfg, "config_hash": digest, "svd": svd,
-            "quantization": agg, "errors": list(errors or []), "stats": stats, "version": VERSION,
+            "quantization": agg, "errors": list(errors), "stats": stats, "version": VERSION,
             "host": {"python": platform.python_version(), "machine": platform.machine()},
         }
         for name, data in ecosystem_files(manifest).items():  # wids index, HF card: deterministic bytes

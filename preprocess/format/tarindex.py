@@ -127,6 +127,9 @@ class _Scan:
     def _skip(self, header: _Header) -> int:
         """Move past ``header`` and its data; returns the data's absolute offset."""
         data_at = self.pos + BLOCK
+        if header.size < 0:  # octal "-1000" or pax size=-512 would step back onto this header: a scan that never ends
+            raise TarDamage(f"corrupt tar header at byte {self.pos - self.start} (member {header.name} has a negative "
+                            f"size, {header.size})")
         if data_at + header.size > self.end:
             raise TarDamage(f"truncated inside member {header.name} (needs {data_at + header.size - self.start} "
                             f"bytes, the tar has {self.end - self.start})")
@@ -308,13 +311,18 @@ def read_shard(path: str | os.PathLike, sha256: str | None = None,
     """Every sample of a whole shard (a path or URL) as ``(key, {extension: bytes})``; RankshardError if it is
     damaged or a sample's members are not contiguous. A URL is fetched checked against ``sha256``/``nbytes``
     (the manifest's), where given."""
-    reader = ShardReader(path, sha256, nbytes)
+    try:
+        reader = ShardReader(path, sha256, nbytes)
+    except OSError as exc:  # a shard listed but gone, or unreadable here (a remote one's failures are TransportErrors)
+        raise RankshardError(f"{path}: cannot be read ({exc.strerror or exc}); rerun the preprocess command to "
+                             "rewrite it, or check all shards with `rankshard-preprocess verify`") from None
     try:
         if reader.index.problem:
             raise RankshardError(f"{path}: {reader.index.problem}; rewrite it (delete it and rerun the preprocess "
                                  "command) or check all shards with `rankshard-preprocess verify`")
-        if len(set(reader.index.keys)) != len(reader.index.keys):
-            again = next(k for i, k in enumerate(reader.index.keys) if k in reader.index.keys[:i])
+        seen: set[str] = set()  # one pass: scanning the keys before each one took minutes on a large tar
+        again = next((k for k in reader.index.keys if k in seen or seen.add(k)), None)
+        if again is not None:
             raise RankshardError(f"{path}: members of sample {again} are not contiguous")
         return [reader.read(i) for i in range(len(reader.index))]
     finally:

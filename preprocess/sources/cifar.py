@@ -74,7 +74,8 @@ def safe_unpickle(data: bytes, what: str) -> dict:
         raise SourceError(f"{what}: not a readable CIFAR-10 batch ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict):
         raise SourceError(f"{what}: expected a dict, found {type(obj).__name__}")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    # latin-1 reads any bytes: a key that is not ASCII is no key of a batch (and was a UnicodeDecodeError)
+    return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 @dataclass(frozen=True)
@@ -174,22 +175,43 @@ def load_cifar10(path: str | os.PathLike, split: str, verify_md5: bool = True) -
         images.append(x)
         labels.append(y)
         ids += [f"{name}:{i}" for i in range(len(y))]
-    meta = safe_unpickle(members.read(META_FILE[0]), f"{members.path}/{META_FILE[0]}")
-    classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in meta["label_names"])
-    return CifarSplit(np.concatenate(images), np.concatenate(labels), ids, classes,
-                      fingerprint=digest.hexdigest(), checksum_verified=verify_md5)
+    classes = _class_names(safe_unpickle(members.read(META_FILE[0]), f"{members.path}/{META_FILE[0]}"))
+    labels = np.concatenate(labels)
+    if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+        raise SourceError(f"{members.path}: labels {labels.min()}..{labels.max()}, but {META_FILE[0]} names "
+                          f"{len(classes)} classes (0..{len(classes) - 1}); the copy is damaged or not CIFAR-10: "
+                          f"download it again ({URL})")
+    return CifarSplit(np.concatenate(images), labels, ids, classes, fingerprint=digest.hexdigest(),
+                      checksum_verified=verify_md5)
+
+
+def _class_names(meta: dict) -> tuple[str, ...]:
+    names = meta.get("label_names")
+    try:
+        if not isinstance(names, list) or not names:
+            raise TypeError(f"label_names is {type(names).__name__}")
+        return tuple(c.decode() if isinstance(c, bytes) else str(c) for c in names)
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{META_FILE[0]}: expected label_names, a list of the class names ({exc}); is this "
+                          f"CIFAR-10's batches.meta? Download it again ({URL})") from None
 
 
 def _batch_arrays(batch: dict, name: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch["labels"], dtype=np.int64)
+    try:  # an array as it was unpickled, not copied: a crafted 300-byte pickle can declare gigabytes
+        data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"])
     except KeyError as exc:
         raise SourceError(f"{name}: batch has no {exc} entry; is this CIFAR-10 (not CIFAR-100)?") from exc
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise SourceError(f"{name}: expected data [N, 3072] and N labels, found {data.shape} and {len(labels)}")
+    except ValueError as exc:  # ragged lists
+        raise SourceError(f"{name}: batch data or labels are not arrays ({exc})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1] or data.size > MAX_BATCH_BYTES:
+        raise SourceError(f"{name}: expected data [N, 3072] and N labels (N up to {MAX_BATCH_BYTES // 3072:,}), "
+                          f"found {data.shape} and {labels.shape}")
+    pixels = data.dtype.kind in "iu" and (not data.size or 0 <= data.min() <= data.max() <= 255)
+    if not pixels or labels.dtype.kind not in "iu":
+        raise SourceError(f"{name}: expected uint8 pixels and integer labels, found {data.dtype} and {labels.dtype}")
     # Stored channel-major (1024 red, 1024 green, 1024 blue, row-major): turn into HWC.
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+    images = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return images, labels.astype(np.int64)
 
 
 def download_cifar10(dest_dir: str | os.PathLike, url: str = URL, md5: str | None = ARCHIVE_MD5,

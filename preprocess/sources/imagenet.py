@@ -13,15 +13,17 @@ readable class name is the devkit's / synset mapping's ``words`` when found.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from rankshard.preprocess.errors import SourceError
 from rankshard.preprocess.sources.listing import Listing
-from rankshard.preprocess.sources.matfile import read_mat
+from rankshard.preprocess.sources.matfile import MAX_INFLATED, read_mat
 from rankshard.preprocess.sources.folders import IMG_EXTENSIONS, _listing, class_dirs, file_md5, folder_signature, list_folder, tar_members
 
 TRAIN_TAR, VAL_TAR, DEVKIT_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -59,10 +61,18 @@ def _devkit_files(folder: Path) -> dict[str, bytes] | None:
     archive = folder / DEVKIT_TAR
     if archive.is_file():
         found = {"origin": str(archive), "files": (archive,)}
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar:
-                if m.isfile() and os.path.basename(m.name) in (META, GROUND_TRUTH):
-                    found[os.path.basename(m.name)] = tar.extractfile(m).read()
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for m in tar:
+                    if m.isfile() and os.path.basename(m.name) in (META, GROUND_TRUTH):
+                        if m.size > MAX_INFLATED:  # before it is read: a gzip bomb is not a label file
+                            raise tarfile.TarError(f"member {m.name} declares {m.size:,} bytes")
+                        found[os.path.basename(m.name)] = tar.extractfile(m).read()
+                while tar.fileobj.read(1 << 20):  # to gzip's end, where it checks its CRC: tar stops at its marker
+                    pass
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+            raise SourceError(f"{archive}: the archive is truncated or corrupt ({exc}); download "
+                              f"{DEVKIT_TAR} again, or extract its data/ folder beside the images") from None
         if META in found and GROUND_TRUTH in found:
             return found
     return None
@@ -83,7 +93,7 @@ def devkit_synsets(meta_mat: bytes, what: str = META) -> dict[int, tuple[str, st
             if not isinstance(wnid, str) or not isinstance(words, str):
                 raise TypeError("WNID and words must be text")
             out[int(rec["ILSVRC2012_ID"].scalar())] = (wnid, words)
-    except (KeyError, AttributeError, TypeError, ValueError) as exc:  # a field missing, empty or of another type
+    except (KeyError, AttributeError, TypeError, ValueError, OverflowError) as exc:  # missing, empty, other type
         raise SourceError(f"{what}: a synsets record lacks a usable ILSVRC2012_ID, WNID or words ({type(exc).__name__}: "
                           f"{exc}); is this the ILSVRC2012 devkit meta.mat?") from None
     return out
@@ -112,7 +122,7 @@ def _kaggle_labels(folder: Path) -> ValLabels | None:
     # utf-8-sig throughout: a BOM (a file re-saved by a Windows editor) would otherwise glue itself to the
     # first wnid or to the CSV header; it moved the first class to the end of the sorted wnids
     names = {}
-    for number, line in enumerate(mapping.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in enumerate(_text(mapping).splitlines(), 1):
         if line.strip():
             wnid, _, words = line.strip().partition(" ")
             if not _WNID.fullmatch(wnid):
@@ -120,8 +130,8 @@ def _kaggle_labels(folder: Path) -> ValLabels | None:
                                   "'n01440764 tench, Tinca tinca' per line (Kaggle's file)")
             names[wnid] = words
     by_stem = {}
-    with open(solution, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_text(solution), newline=""))
+    try:
         if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
             raise SourceError(f"{solution}: expected the header 'ImageId,PredictionString' (Kaggle's file), found "
                               f"{reader.fieldnames}")
@@ -133,8 +143,22 @@ def _kaggle_labels(folder: Path) -> ValLabels | None:
                 raise SourceError(f"{solution}: line {reader.line_num} ({row['ImageId']}) has PredictionString "
                                   f"{(row['PredictionString'] or '')[:60]!r}; expected boxes 'wnid x0 y0 x1 y1' of "
                                   f"one wnid listed in {KAGGLE_SYNSETS}. Are the two files from the same download?")
+            if not (row["ImageId"] or "").strip():  # a row of one field under a header in the other order
+                raise SourceError(f"{solution}: line {reader.line_num} has no ImageId; expected rows "
+                                  "'ILSVRC2012_val_00000001,n01751748 ...' (Kaggle's file)")
             by_stem[row["ImageId"].strip()] = wnids.pop()
+    except csv.Error as exc:  # a field past csv's limit (131072 characters), a quote left open
+        raise SourceError(f"{solution}: line {reader.line_num}: {exc}; expected Kaggle's "
+                          "'ImageId,PredictionString' file") from None
     return ValLabels(by_stem, tuple(sorted(names)), names, "kaggle", (solution, mapping))
+
+
+def _text(path: Path) -> str:
+    """A Kaggle label file's text: UTF-8 (a BOM left by a Windows editor is dropped), else a SourceError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text ({exc}); use the file from Kaggle's download") from None
 
 
 def find_val_labels(places: list[Path]) -> ValLabels | None:

@@ -41,8 +41,11 @@ class MatArray:
 
 
 class _Reader:
-    def __init__(self, data: bytes, order: str, what: str):
+    def __init__(self, data: bytes, order: str, what: str, budget: list[int] | None = None):
         self.data, self.order, self.what = data, order, what
+        # what the file's compressed elements may still inflate to, shared with the readers of nested ones: an
+        # element of small compressed elements (each under the cap) held gigabytes from a 5 kB file
+        self.budget = [MAX_INFLATED] if budget is None else budget
 
     def fail(self, message: str):
         raise SourceError(f"{self.what}: not a readable MAT-file ({message})")
@@ -72,16 +75,18 @@ def _element(reader: _Reader, pos: int) -> tuple[str | None, MatArray | None, in
     """Decode the top-level or nested element at ``pos``: (name, array, next position)."""
     mtype, nbytes, start, end = reader.tag(pos)
     if mtype == MI_COMPRESSED:
+        left = reader.budget[0]
         try:
             unpacker = zlib.decompressobj()
-            inner = unpacker.decompress(reader.data[start:start + nbytes], MAX_INFLATED)
+            inner = unpacker.decompress(reader.data[start:start + nbytes], max(left, 1))  # 0 would be no limit
         except zlib.error as exc:
             reader.fail(f"bad compressed element: {exc}")
-        if unpacker.unconsumed_tail:  # more to inflate than any devkit holds: a zip bomb, not metadata
-            reader.fail(f"a compressed element inflates to more than {MAX_INFLATED:,} bytes")
+        if unpacker.unconsumed_tail or len(inner) > left:  # more than any devkit holds: a zip bomb, not metadata
+            reader.fail(f"a compressed element inflates to more than {MAX_INFLATED:,} bytes (all of them together)")
         if not unpacker.eof:  # zlib.decompress raised on this; a decompressobj just stops
             reader.fail("a compressed element is truncated")
-        name, array, _ = _element(_Reader(inner, reader.order, reader.what), 0)
+        reader.budget[0] -= len(inner)
+        name, array, _ = _element(_Reader(inner, reader.order, reader.what, reader.budget), 0)
         return name, array, end
     if mtype != MI_MATRIX:
         return None, None, end
@@ -117,6 +122,8 @@ def _matrix(reader: _Reader, pos: int) -> tuple[str, MatArray]:
 
 
 def _struct(reader: _Reader, pos: int, count: int) -> tuple[list[str], list[dict]]:
+    if count > len(reader.data):  # a field takes 8 bytes or more: dims that lie (a struct without fields looped on)
+        reader.fail(f"a struct array of {count:,} elements in {len(reader.data):,} bytes")
     name_len_arr, _, pos = reader.numeric(pos)
     name_len = int(name_len_arr[0])
     raw, _, pos = reader.numeric(pos)
@@ -134,10 +141,12 @@ def _struct(reader: _Reader, pos: int, count: int) -> tuple[list[str], list[dict
 
 def _char_rows(text: str, dims: tuple[int, ...]) -> str:
     """A char matrix is stored column-major: read it back row by row, rows joined by newlines."""
-    if len(dims) != 2 or dims[0] <= 1:
+    if len(dims) != 2 or dims[0] <= 1 or not text:
         return text
     rows, cols = dims
-    return "\n".join("".join(text[c * rows + r] for c in range(cols)) for r in range(rows))
+    if rows * cols != len(text):  # dims (83886336, 0) built 84 million empty rows from 5 characters
+        raise ValueError(f"a {rows}x{cols} char array holds {len(text)} characters")
+    return "\n".join(text[r::rows] for r in range(rows))
 
 
 def read_mat(data: bytes, what: str = "MAT-file") -> dict[str, MatArray]:
